@@ -1,0 +1,47 @@
+# streambus_consensus: every target runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-fast lint typecheck check bench bench-quick chaos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: start a three-node cluster on loopback, kill its leader, watch it recover
+demo: $(STAMP)
+	$(PY) examples/three_node_cluster.py
+
+## test: the whole suite (unit, property and multi-process cluster tests)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## test-fast: unit and property tests only, no node processes
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not cluster"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check streambus_consensus tests examples
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+check: lint typecheck test
+
+## bench: benchmark scripts; QUICK=1 for a smoke run
+bench: $(STAMP)
+	$(PY) -m streambus_consensus.bench $(if $(QUICK),--quick,)
+
+bench-quick:
+	$(MAKE) bench QUICK=1
+
+## chaos: long fault-injection soak; DURATION (seconds) and SEED are optional
+chaos: $(STAMP)
+	$(PY) -m streambus_consensus.testing.chaos --duration $(or $(DURATION),900) $(if $(SEED),--seed $(SEED),)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

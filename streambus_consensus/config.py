@@ -1,0 +1,294 @@
+"""Node configuration: one dataclass, documented defaults, explicit validation.
+
+Validation never uses ``assert`` (``python -O`` strips it): every rule raises
+:class:`~streambus_consensus.errors.ConfigError` naming the field, quoting the
+bad value and stating the rule, cross-field rules included.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["NodeConfig", "parse_address"]
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_SECRET_LENGTH = 16
+
+
+def parse_address(address: str, *, field_name: str = "address") -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[v6]:port"`` for IPv6) into host and port.
+
+    Raises :class:`ConfigError` when it is not of that form or the port is not
+    in 1..65535.
+    """
+    if not isinstance(address, str) or ":" not in address:
+        raise ConfigError(field_name, address, "must be 'host:port'")
+    host, _, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(field_name, address, "host part is empty")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(field_name, address, "port must be an integer") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(field_name, address, "port must be in 1..65535")
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(kw_only=True)
+class NodeConfig:
+    """Everything a consensus node needs to know. Build it with keywords,
+    from a TOML file (:meth:`from_toml`), or from a dict (:meth:`from_dict`),
+    then call :meth:`validate` (nodes call it for you).
+
+    Times are in seconds.
+    """
+
+    node_id: str
+    """This node's id: 1-64 characters of ``[A-Za-z0-9_.-]``, starting with a
+    letter or digit. Must be a key of ``cluster``."""
+
+    cluster: dict[str, str]
+    """Every voting member at first start, ``{node_id: "host:port"}``, this
+    node included. After a membership change the log is authoritative."""
+
+    bind_address: str | None = None
+    """Where to listen for cluster traffic. ``None`` (default) binds this
+    node's own address from ``cluster``; never an implicit ``0.0.0.0``."""
+
+    data_dir: str | None = None
+    """Directory for the log, term/vote and snapshots. ``None`` (default)
+    keeps everything in memory: state is lost when the process exits."""
+
+    cluster_secret: str | None = None
+    """Shared secret that authenticates all cluster traffic (HMAC-SHA256),
+    at least 16 characters. Required when any address is not loopback."""
+
+    election_timeout_min: float = 0.4
+    """Lower bound of the randomized election timeout."""
+
+    election_timeout_max: float = 0.8
+    """Upper bound of the randomized election timeout."""
+
+    heartbeat_interval: float = 0.1
+    """How often a leader sends heartbeats; also the transport ping interval."""
+
+    leader_stepdown_timeout: float | None = None
+    """A leader that has heard from no majority for this long steps down.
+    ``None`` (default) means ``election_timeout_max``."""
+
+    tick_interval: float = 0.05
+    """Longest the Raft thread waits for network events between ticks."""
+
+    batch_appends: bool = False
+    """``False`` (default): send each proposal to followers at once (lowest
+    latency). ``True``: wait for the next heartbeat and send them together."""
+
+    max_append_bytes: int = 1 << 20
+    """Most bytes of entries sent in one append message."""
+
+    max_pending_proposals: int = 100_000
+    """Proposals queued on this node before new ones fail with QueueFullError."""
+
+    proposal_timeout: float = 5.0
+    """Default timeout of a blocking proposal."""
+
+    snapshot_interval_entries: int = 10_000
+    """Take a snapshot and compact the log after this many entries."""
+
+    snapshot_interval_seconds: float = 3600.0
+    """...or after this long, whichever comes first."""
+
+    snapshot_chunk_bytes: int = 1 << 20
+    """Size of the pieces a snapshot is sent to a lagging follower in."""
+
+    max_message_bytes: int = 64 << 20
+    """Largest frame accepted on the cluster port; larger ones drop the connection."""
+
+    connect_retry_interval: float = 0.2
+    """Wait between attempts to (re)connect to a peer."""
+
+    fsync: bool = True
+    """Make the log durable before acknowledging (default). ``False`` keeps
+    writes in the page cache: survives a process crash, not a power loss."""
+
+    api_address: str | None = None
+    """Where this node serves its HTTP API (JSON, authenticated with the
+    cluster secret) and Prometheus ``/metrics``, e.g. ``"127.0.0.1:9101"``.
+    ``None`` (default) serves nothing. Binding a non-loopback address needs
+    a cluster secret, like the cluster port."""
+
+    def __post_init__(self) -> None:
+        self.cluster = dict(self.cluster)
+
+    @property
+    def effective_stepdown_timeout(self) -> float:
+        """``leader_stepdown_timeout``, with its default resolved."""
+        if self.leader_stepdown_timeout is None:
+            return self.election_timeout_max
+        return self.leader_stepdown_timeout
+
+    @property
+    def effective_bind_address(self) -> str:
+        """``bind_address``, with its default resolved."""
+        return self.bind_address or self.cluster[self.node_id]
+
+    def clone(self, **changes: Any) -> NodeConfig:
+        """A deep copy, with ``changes`` applied."""
+        twin = copy.deepcopy(self)
+        for name, value in changes.items():
+            if name not in _FIELD_NAMES:
+                raise ConfigError(name, value, "unknown config field")
+            setattr(twin, name, value)
+        return twin
+
+    def validate(self) -> NodeConfig:
+        """Check every rule; raise :class:`ConfigError` on the first broken one."""
+        if not isinstance(self.node_id, str) or not _NODE_ID.match(self.node_id):
+            raise ConfigError(
+                "node_id", self.node_id,
+                "must be 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit",
+            )
+        if not isinstance(self.cluster, dict) or not self.cluster:
+            raise ConfigError("cluster", self.cluster, "must map at least one node id to host:port")
+        seen: dict[tuple[str, int], str] = {}
+        for member, address in self.cluster.items():
+            if not isinstance(member, str) or not _NODE_ID.match(member):
+                raise ConfigError(f"cluster[{member!r}]", member, "member id is not a valid node id")
+            key = parse_address(address, field_name=f"cluster[{member!r}]")
+            if key in seen:
+                raise ConfigError(
+                    f"cluster[{member!r}]", address, f"same address as member {seen[key]!r}"
+                )
+            seen[key] = member
+        if self.node_id not in self.cluster:
+            raise ConfigError(
+                "node_id + cluster", self.node_id,
+                f"node_id must be one of the cluster members {sorted(self.cluster)}",
+            )
+        bind_host, _ = parse_address(self.effective_bind_address, field_name="bind_address")
+        if self.cluster_secret is not None and (
+            not isinstance(self.cluster_secret, str) or len(self.cluster_secret) < MIN_SECRET_LENGTH
+        ):
+            raise ConfigError(
+                "cluster_secret", "<redacted>",
+                f"must be a string of at least {MIN_SECRET_LENGTH} characters",
+            )
+        if self.cluster_secret is None:
+            exposed = [a for a in [self.effective_bind_address, *self.cluster.values()]
+                       if not _is_loopback(parse_address(a)[0])]
+            if exposed or not _is_loopback(bind_host):
+                raise ConfigError(
+                    "cluster_secret + addresses", exposed[0] if exposed else bind_host,
+                    "a cluster_secret is required when any address is not loopback",
+                )
+        self._check_positive("election_timeout_min", "election_timeout_max",
+                             "heartbeat_interval", "tick_interval", "proposal_timeout",
+                             "snapshot_interval_seconds", "connect_retry_interval")
+        if self.election_timeout_min <= 3 * self.heartbeat_interval:
+            raise ConfigError(
+                "election_timeout_min + heartbeat_interval",
+                (self.election_timeout_min, self.heartbeat_interval),
+                "election_timeout_min must exceed 3 x heartbeat_interval",
+            )
+        if self.election_timeout_max <= self.election_timeout_min:
+            raise ConfigError(
+                "election_timeout_max + election_timeout_min",
+                (self.election_timeout_max, self.election_timeout_min),
+                "election_timeout_max must exceed election_timeout_min",
+            )
+        if self.tick_interval > self.heartbeat_interval:
+            raise ConfigError(
+                "tick_interval + heartbeat_interval", (self.tick_interval, self.heartbeat_interval),
+                "tick_interval must not exceed heartbeat_interval",
+            )
+        stepdown = self.effective_stepdown_timeout
+        if not (2 * self.heartbeat_interval <= stepdown <= 2 * self.election_timeout_max):
+            raise ConfigError(
+                "leader_stepdown_timeout", stepdown,
+                "must be between 2 x heartbeat_interval and 2 x election_timeout_max",
+            )
+        for name, low in (("max_append_bytes", 1024), ("max_pending_proposals", 1),
+                          ("snapshot_interval_entries", 2), ("snapshot_chunk_bytes", 1024),
+                          ("max_message_bytes", 64 * 1024)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(name, value, f"must be an integer >= {low}")
+        if self.max_message_bytes < 2 * max(self.max_append_bytes, self.snapshot_chunk_bytes):
+            raise ConfigError(
+                "max_message_bytes", self.max_message_bytes,
+                "must be at least twice max_append_bytes and snapshot_chunk_bytes",
+            )
+        if self.api_address is not None:
+            api_host, _ = parse_address(self.api_address, field_name="api_address")
+            if self.cluster_secret is None and not _is_loopback(api_host):
+                raise ConfigError("cluster_secret + api_address", self.api_address,
+                                  "a cluster_secret is required to serve the API off loopback")
+        return self
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(name, value, "must be a number > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
+        """Build from a mapping with the field names as keys; unknown keys are refused."""
+        unknown = sorted(set(data) - _FIELD_NAMES)
+        if unknown:
+            raise ConfigError(unknown[0], data[unknown[0]], "unknown config field")
+        for required in ("node_id", "cluster"):
+            if required not in data:
+                raise ConfigError(required, None, "is required")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NodeConfig:
+        """Load from a TOML file: top-level keys are field names, ``[cluster]``
+        is a table of ``node_id = "host:port"``. Relative ``data_dir`` is
+        resolved against the file's directory. Also accepts
+        ``cluster_secret_file`` (a path whose stripped contents are the secret).
+        """
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("config file", str(path), f"cannot be read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config file", str(path), f"is not valid TOML: {exc}") from None
+        secret_file = data.pop("cluster_secret_file", None)
+        if secret_file is not None:
+            secret_path = path.parent / secret_file
+            try:
+                data["cluster_secret"] = secret_path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    "cluster_secret_file", str(secret_path), f"cannot be read: {exc.strerror}"
+                ) from None
+        if isinstance(data.get("data_dir"), str):
+            data["data_dir"] = str((path.parent / data["data_dir"]).resolve())
+        return cls.from_dict(data)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(NodeConfig))

@@ -1,0 +1,171 @@
+"""The one exception tree of streambus_consensus.
+
+Every error raised by this package derives from :class:`ConsensusError`. Each
+carries a ``retriable`` flag: ``True`` means the same call may succeed if made
+again (after a short wait, or on the node named by ``leader_hint``), ``False``
+means that repeating it unchanged will fail the same way.
+
+Proposal failures are split by what the caller knows about the outcome:
+
+- :class:`ProposalRejectedError` and its subclasses: the command was **not**
+  applied. Retrying is safe even for non-idempotent commands.
+- :class:`OutcomeUnknownError` and its subclasses: the command may or may not
+  have been applied. Retry only with an idempotent command (the metadata
+  commands carry a request id for exactly this).
+
+Refusals by the state machine itself (for example "topic already exists") are
+:class:`CommandRefusedError`: the command *was* committed and applied, and the
+state machine answered no.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CodecError",
+    "CommandRefusedError",
+    "ConfigError",
+    "ConsensusError",
+    "CorruptStorageError",
+    "LeadershipLostError",
+    "NoLeaderError",
+    "NodeStoppedError",
+    "NotLeaderError",
+    "OutcomeUnknownError",
+    "ProposalDiscardedError",
+    "ProposalRejectedError",
+    "ProposalTimeoutError",
+    "QueueFullError",
+    "RequestDeniedError",
+    "StorageError",
+    "TransportError",
+]
+
+
+class ConsensusError(Exception):
+    """Base of every error raised by streambus_consensus.
+
+    Attributes:
+        retriable: whether the same call may succeed if repeated.
+        node_id: the node that raised it, when known.
+    """
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+
+
+class ConfigError(ConsensusError, ValueError):
+    """A configuration value, or a combination of values, is invalid.
+
+    Attributes:
+        field: the offending field name (``"a + b"`` for a cross-field rule).
+        value: the offending value, quoted in the message.
+    """
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        super().__init__(f"invalid config {field}={value!r}: {rule}")
+        self.field = field
+        self.value = value
+        self.rule = rule
+
+
+class CodecError(ConsensusError, ValueError):
+    """Bytes could not be decoded (malformed, truncated, too large, unknown version)."""
+
+
+class StorageError(ConsensusError):
+    """The data directory could not be read or written."""
+
+
+class CorruptStorageError(StorageError):
+    """A file in the data directory is damaged. The node refuses to start.
+
+    Attributes:
+        path: the damaged file.
+        offset: byte offset of the damage, when known.
+    """
+
+    def __init__(self, path: str, detail: str, *, offset: int | None = None) -> None:
+        where = f" at byte {offset}" if offset is not None else ""
+        super().__init__(f"{path}: {detail}{where}; refusing to start on a damaged data dir")
+        self.path = path
+        self.offset = offset
+        self.detail = detail
+
+
+class TransportError(ConsensusError):
+    """The cluster transport could not bind, or was misconfigured."""
+
+
+class NodeStoppedError(ConsensusError):
+    """The node is not running (never started, or already stopped)."""
+
+
+class ProposalRejectedError(ConsensusError):
+    """The proposal was not applied. Retrying is safe."""
+
+    retriable = True
+
+
+class NotLeaderError(ProposalRejectedError):
+    """This node is not the leader and could not forward the proposal.
+
+    Attributes:
+        leader_hint: id of the node believed to lead, or ``None``.
+    """
+
+    def __init__(
+        self, message: str, *, leader_hint: str | None = None, node_id: str | None = None
+    ) -> None:
+        super().__init__(message, node_id=node_id)
+        self.leader_hint = leader_hint
+
+
+class NoLeaderError(ProposalRejectedError):
+    """No leader is known (an election is in progress or the quorum is lost)."""
+
+
+class QueueFullError(ProposalRejectedError):
+    """The node's proposal queue is full; back off and retry."""
+
+
+class ProposalDiscardedError(ProposalRejectedError):
+    """The entry was overwritten by a new leader before it committed."""
+
+
+class RequestDeniedError(ConsensusError):
+    """The engine refused the request (for example a second membership change
+    while one is in flight, or removing the node itself)."""
+
+    retriable = True
+
+
+class OutcomeUnknownError(ConsensusError):
+    """The proposal may or may not have been applied.
+
+    Retry only with an idempotent command (same request id).
+    """
+
+    retriable = True
+
+
+class ProposalTimeoutError(OutcomeUnknownError):
+    """No outcome arrived within the timeout."""
+
+
+class LeadershipLostError(OutcomeUnknownError):
+    """Leadership changed while the proposal was in flight."""
+
+
+class CommandRefusedError(ConsensusError):
+    """The state machine applied the command and refused it.
+
+    Attributes:
+        code: a stable machine-readable reason, e.g. ``"topic_exists"``.
+    """
+
+    def __init__(self, code: str, message: str, *, node_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}", node_id=node_id)
+        self.code = code

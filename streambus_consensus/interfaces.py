@@ -1,0 +1,296 @@
+"""The pluggable parts of a consensus node, as small ``typing.Protocol`` s.
+
+- :class:`StateMachine`: what the Raft log drives. Deterministic.
+- :class:`Storage`: where the Raft log, term/vote and snapshots live.
+- :class:`Transport`: how nodes reach each other.
+- :class:`Node`: what an application holds to propose and observe.
+
+Optional capabilities are separate small protocols
+(:class:`ConsistentSnapshotter`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "ConsistentSnapshotter",
+    "LogEntry",
+    "Node",
+    "NodeState",
+    "NodeStatus",
+    "PeerStatus",
+    "RecoveredState",
+    "StateMachine",
+    "Storage",
+    "Transport",
+]
+
+
+class NodeState(enum.Enum):
+    """The Raft role of a node, with readable names (``str(NodeState.LEADER) == "leader"``)."""
+
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@runtime_checkable
+class StateMachine(Protocol):
+    """The replicated state, driven by committed log entries.
+
+    ``apply`` must be deterministic: the same commands in the same order give
+    the same state and results on every node. It runs on the Raft thread and
+    must be quick; it must not raise for a command it refuses (return the
+    refusal as a value instead). The node that proposed a command receives
+    ``apply``'s return value as the proposal's result.
+    """
+
+    def apply(self, command: bytes) -> Any:
+        """Apply one committed command and return its result."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """Serialize the whole state."""
+        ...
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with one produced by :meth:`snapshot`."""
+        ...
+
+
+@runtime_checkable
+class ConsistentSnapshotter(Protocol):
+    """Optional: a state machine that can capture its state cheaply.
+
+    ``prepare_snapshot`` runs on the Raft thread and must be fast (for example
+    grab references to immutable maps); the returned function runs on a
+    background thread and produces the same bytes ``snapshot()`` would have
+    produced at the moment of the capture. Large states implement this so that
+    snapshots never stall heartbeats.
+    """
+
+    def prepare_snapshot(self) -> Callable[[], bytes]:
+        """Capture the current state; return a function that serializes it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One Raft log entry: its position, the term it was created in, and its bytes."""
+
+    index: int
+    term: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredState:
+    """What a :class:`Storage` holds when it is opened."""
+
+    entries: list[LogEntry]
+    """The log, in index order (empty for a new node)."""
+    term: int
+    """The latest term this node has seen."""
+    voted_for: str | None
+    """Who this node voted for in ``term``."""
+    commit_index: int
+    """The highest index known committed when last persisted (a hint; may lag)."""
+
+
+class Storage(Protocol):
+    """Durable home of the Raft log, term/vote and the latest snapshot.
+
+    Mutations may be buffered; :meth:`sync` makes every earlier mutation
+    durable, and the node calls it before it reports anything that depends on
+    them (a vote, an append acknowledgement, a commit). One ``sync`` covers
+    all mutations since the previous one, so fsyncs are grouped.
+    """
+
+    snapshot_path: str
+    """File through which the engine stages snapshot transfers."""
+
+    def open(self) -> RecoveredState:
+        """Load and verify what is stored. Raises ``CorruptStorageError``."""
+        ...
+
+    def append(self, entry: LogEntry) -> None:
+        """Append one entry after the current last entry."""
+        ...
+
+    def truncate_suffix(self, from_index: int) -> None:
+        """Remove every entry with ``index >= from_index``."""
+        ...
+
+    def compact(self, first_index: int) -> None:
+        """Remove every entry with ``index < first_index`` (covered by a snapshot)."""
+        ...
+
+    def set_term(self, term: int, voted_for: str | None) -> None:
+        """Record the current term and vote."""
+        ...
+
+    def set_commit_index(self, index: int) -> None:
+        """Record the commit index (a restart hint; may be persisted lazily)."""
+        ...
+
+    def sync(self) -> None:
+        """Make every earlier mutation durable."""
+        ...
+
+    def save_snapshot(self, data: bytes) -> None:
+        """Atomically and durably replace the snapshot file with ``data``."""
+        ...
+
+    def load_snapshot(self) -> bytes | None:
+        """The snapshot file's bytes, or ``None`` when there is none."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release files. Idempotent."""
+        ...
+
+
+class Transport(Protocol):
+    """How a node reaches its peers.
+
+    Messages are plain data (see :mod:`streambus_consensus.codec`). Messages
+    passed to :meth:`send` are held until :meth:`release`, which the node calls
+    after :meth:`Storage.sync`, so no peer ever sees a vote or acknowledgement
+    that is not yet durable.
+    """
+
+    def start(
+        self,
+        on_message: Callable[[str, Mapping[str, Any]], None],
+        on_connected: Callable[[str], None],
+        on_disconnected: Callable[[str], None],
+    ) -> None:
+        """Bind and begin connecting; deliver events through the callbacks."""
+        ...
+
+    def add_peer(self, node_id: str, address: str) -> None:
+        """Start talking to a new peer."""
+        ...
+
+    def remove_peer(self, node_id: str) -> None:
+        """Stop talking to a peer and drop its connections."""
+        ...
+
+    def send(self, node_id: str, message: Mapping[str, Any]) -> bool:
+        """Queue a message; ``False`` when the peer is not connected."""
+        ...
+
+    def release(self) -> None:
+        """Let every queued message go out."""
+        ...
+
+    def connected_peers(self) -> frozenset[str]:
+        """Peers with a live outgoing connection."""
+        ...
+
+    def close(self) -> None:
+        """Close every socket. Idempotent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What a node knows about one peer."""
+
+    node_id: str
+    address: str
+    connected: bool
+    match_index: int | None
+    """Highest entry known replicated there (leader only)."""
+    next_index: int | None
+    """Next entry the leader will send there (leader only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A consistent-enough picture of a node, for status pages and tests."""
+
+    node_id: str
+    state: NodeState
+    leader_id: str | None
+    term: int
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    log_entries: int
+    has_quorum: bool
+    peers: tuple[PeerStatus, ...] = field(default=())
+    members: tuple[str, ...] = field(default=())
+
+
+class Node(Protocol):
+    """A consensus node as the application sees it."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        ...
+
+    def start(self) -> None:
+        """Open storage, bind the transport and start the Raft thread."""
+        ...
+
+    def stop(self) -> None:
+        """Stop gracefully: finish the current tick, sync, close. Idempotent."""
+        ...
+
+    def propose(self, command: bytes, timeout: float | None = None) -> Any:
+        """Replicate ``command`` and return the state machine's result."""
+        ...
+
+    def propose_async(self, command: bytes) -> Future[Any]:
+        """Like :meth:`propose`, returning a future instead of blocking."""
+        ...
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node currently believes it leads."""
+        ...
+
+    @property
+    def leader_id(self) -> str | None:
+        """The node this node believes leads, or ``None``."""
+        ...
+
+    @property
+    def state(self) -> NodeState:
+        """This node's Raft role."""
+        ...
+
+    @property
+    def term(self) -> int:
+        """The current Raft term."""
+        ...
+
+    @property
+    def commit_index(self) -> int:
+        """Highest log index known committed."""
+        ...
+
+    @property
+    def applied_index(self) -> int:
+        """Highest log index applied to the state machine."""
+        ...
+
+    def wait_for_leader(self, timeout: float) -> str:
+        """Block until a leader is known; return its id."""
+        ...
+
+    def status(self) -> NodeStatus:
+        """A snapshot of this node's Raft status."""
+        ...
+

@@ -1,0 +1,623 @@
+"""The metadata commands that travel through the Raft log, and their codec.
+
+Each command is a frozen, keyword-only dataclass. Everything the state machine
+needs to decide is inside the command (ids, placement offsets): the state
+machine reads no clock and draws no random numbers.
+
+Wire format (version :data:`FORMAT_VERSION`), encoded with
+:mod:`streambus_consensus.codec`::
+
+    (format_version: int, command_type: str, fields: dict[str, plain data])
+
+``fields`` holds exactly the command's fields; ``request_id`` is
+``(client_id, seq)``. :func:`decode_command` checks the version, the type, the
+set of field names, each field's type and range, and raises
+:class:`~streambus_consensus.errors.CodecError` on any mismatch. Whether a
+well-formed command makes sense (does the topic exist, is the name valid) is
+the state machine's business: it answers with a refusal code, not an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, ClassVar, Final, Literal, TypeAlias
+
+from .. import codec
+from ..errors import CodecError
+
+__all__ = [
+    "ELECTION_KINDS",
+    "FORMAT_VERSION",
+    "AddPartitions",
+    "AlterIsr",
+    "AlterTopicConfig",
+    "BeginControlledShutdown",
+    "Command",
+    "CreateTopic",
+    "DeleteTopic",
+    "ElectLeaders",
+    "ElectionKind",
+    "FenceBroker",
+    "NoOp",
+    "Read",
+    "ReassignReplicas",
+    "RegisterBroker",
+    "RequestId",
+    "UnfenceBroker",
+    "UnregisterBroker",
+    "command_type",
+    "decode_command",
+    "encode_command",
+]
+
+FORMAT_VERSION: Final = 1
+"""Version of the command wire format written by :func:`encode_command`."""
+
+ElectionKind: TypeAlias = Literal["preferred", "isr", "unclean"]
+"""How :class:`ElectLeaders` chooses a leader."""
+
+ELECTION_KINDS: Final = ("isr", "preferred", "unclean")
+"""Every :data:`ElectionKind`, sorted."""
+
+_INT32_MAX: Final = 2**31 - 1
+_INT64_MAX: Final = 2**63 - 1
+_MAX_TEXT: Final = 4096  # longest accepted string field, in characters
+_MAX_ITEMS: Final = 4096  # longest accepted tuple or mapping
+
+
+@dataclass(frozen=True, slots=True)
+class RequestId:
+    """Identifies one request of one client, to make retries idempotent.
+
+    A client uses a new ``seq`` for every new request, increasing, and the same
+    ``RequestId`` when it retries. The state machine remembers the results of
+    recent requests per client and answers a retry with the original result.
+    """
+
+    client_id: str
+    """Who sends it: 1-256 characters, stable across the client's retries."""
+    seq: int
+    """The request's sequence number within the client, ``0 <= seq < 2**63``."""
+
+
+# --------------------------------------------------------------------------
+# Commands
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegisterBroker:
+    """Register a broker, or a new incarnation of it.
+
+    A new incarnation gets a new ``broker_epoch`` (the entry's log offset) and
+    is treated as a restart: it leaves every ISR it is not the last member of
+    and leads nothing until elected again. The same incarnation again is an
+    idempotent no-op (a conflicting endpoint or rack is refused).
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    broker_id: int
+    """The broker's id, ``0 <= broker_id < 2**31``."""
+    endpoint: str
+    """``"host:port"``."""
+    rack: str | None = None
+    """Failure domain, or ``None``."""
+    incarnation_id: str
+    """UUID text of the registering process."""
+    fenced: bool = True
+    """Register as ``FENCED`` (default, as KRaft does: the controller unfences
+    the broker once it has caught up) or directly as ``ACTIVE``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnregisterBroker:
+    """Remove a broker's registration (it leaves ISRs and leadership as when fenced)."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    broker_id: int
+    """The broker to remove."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FenceBroker:
+    """Fence a broker: it leaves every ISR (unless last member) and leads nothing."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    broker_id: int
+    """The broker to fence."""
+    broker_epoch: int | None = None
+    """When set, refuse unless it is the broker's current epoch (so a decision
+    about an older incarnation cannot fence a newer one)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnfenceBroker:
+    """Make a broker ``ACTIVE``; offline partitions it can lead get a leader."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    broker_id: int
+    """The broker to unfence."""
+    broker_epoch: int | None = None
+    """When set, refuse unless it is the broker's current epoch."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BeginControlledShutdown:
+    """Start a broker's controlled shutdown: leadership and ISR membership move away."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    broker_id: int
+    """The broker shutting down."""
+    broker_epoch: int | None = None
+    """When set, refuse unless it is the broker's current epoch."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateTopic:
+    """Create a topic and place its partitions on the active brokers."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    name: str
+    """Topic name (validated by the state machine)."""
+    topic_id: str
+    """UUID text chosen by the proposer."""
+    partitions: int
+    """Number of partitions, at least 1."""
+    replication_factor: int
+    """Replicas per partition, at least 1 and at most the active brokers."""
+    config: Mapping[str, str | int] = field(default_factory=dict)
+    """Overrides of the default :class:`~.records.TopicConfig`, by Kafka key."""
+    placement_offset: int = 0
+    """Where the striped placement starts; the proposer picks it (at random)."""
+
+    def __post_init__(self) -> None:
+        _freeze_mapping(self, "config")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeleteTopic:
+    """Delete a topic and all its partitions."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    name: str
+    """The topic to delete."""
+    topic_id: str | None = None
+    """When set, refuse unless the topic still has this id (guards against
+    deleting a topic re-created under the same name)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlterTopicConfig:
+    """Change some of a topic's settings; deleted keys return to their defaults."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    name: str
+    """The topic to change."""
+    set_configs: Mapping[str, str | int] = field(default_factory=dict)
+    """Settings to set, by Kafka key."""
+    delete_configs: tuple[str, ...] = ()
+    """Kafka keys to reset to their defaults."""
+
+    def __post_init__(self) -> None:
+        _freeze_mapping(self, "set_configs")
+        _freeze_tuple(self, "delete_configs")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddPartitions:
+    """Grow a topic to ``new_total`` partitions (never fewer)."""
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    name: str
+    """The topic to grow."""
+    new_total: int
+    """The partition count afterwards; more than the current count."""
+    placement_offset: int = 0
+    """Where the striped placement of the new partitions starts."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ElectLeaders:
+    """Elect leaders for one partition or all partitions of a topic.
+
+    - ``"preferred"``: move leadership to the first replica when it is active
+      and in the ISR.
+    - ``"isr"``: give an offline partition a leader from its ISR.
+    - ``"unclean"``: like ``"isr"``, and when no ISR member is active, elect
+      any active replica (ISR becomes ``[leader]``, marked recovering; records
+      may be lost). Only ever done when asked.
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    topic: str
+    """The topic."""
+    partition: int | None = None
+    """One partition, or ``None`` for every partition of the topic."""
+    kind: ElectionKind = "preferred"
+    """The kind of election."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlterIsr:
+    """A partition leader's request to change its ISR (KRaft's AlterPartition).
+
+    Refused when ``leader_epoch`` or ``partition_epoch`` is not current, so a
+    deposed leader or a stale request cannot undo a newer change.
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    topic: str
+    """The topic."""
+    partition: int
+    """The partition index."""
+    leader: int
+    """The broker sending the request; must be the current leader."""
+    leader_epoch: int
+    """The leader epoch the sender leads in."""
+    new_isr: tuple[int, ...]
+    """The ISR wanted: replicas only, the leader included."""
+    partition_epoch: int
+    """The partition epoch the sender last saw."""
+
+    def __post_init__(self) -> None:
+        _freeze_tuple(self, "new_isr")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReassignReplicas:
+    """Replace a partition's replica set at once.
+
+    The new ISR is the old ISR restricted to the new replicas (refused when
+    that is empty); new replicas join the ISR through :class:`AlterIsr` once
+    caught up. The leader moves only when it is no longer a replica.
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    topic: str
+    """The topic."""
+    partition: int
+    """The partition index."""
+    replicas: tuple[int, ...]
+    """The new replicas, preferred leader first; as many as the topic's
+    replication factor."""
+
+    def __post_init__(self) -> None:
+        _freeze_tuple(self, "replicas")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Read:
+    """A linearizable read through the log: changes nothing, answers the
+    state as of its own log position. Not remembered for retries (re-reading
+    is itself idempotent)."""
+
+    read_only: ClassVar[bool] = True
+    request_id: RequestId
+    """Request id (not remembered)."""
+    name: str | None = None
+    """A topic, answered as ``(Topic, partitions)`` or ``None``; ``None``
+    answers the whole :class:`~.fsm.MetadataImage`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoOp:
+    """A barrier: once applied, every earlier entry is applied too."""
+
+    read_only: ClassVar[bool] = True
+    request_id: RequestId
+    """Request id (not remembered)."""
+
+
+Command: TypeAlias = (
+    RegisterBroker
+    | UnregisterBroker
+    | FenceBroker
+    | UnfenceBroker
+    | BeginControlledShutdown
+    | CreateTopic
+    | DeleteTopic
+    | AlterTopicConfig
+    | AddPartitions
+    | ElectLeaders
+    | AlterIsr
+    | ReassignReplicas
+    | Read
+    | NoOp
+)
+"""Any metadata command."""
+
+
+def _freeze_mapping(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, Mapping) and not isinstance(value, MappingProxyType):
+        object.__setattr__(obj, name, MappingProxyType(dict(value)))
+
+
+def _freeze_tuple(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, list):
+        object.__setattr__(obj, name, tuple(value))
+
+
+# --------------------------------------------------------------------------
+# Field kinds: each checks a value in its wire form and converts both ways.
+
+
+class _Kind:
+    """A field kind: validates plain data and converts to and from the wire."""
+
+    def check(self, value: Any, where: str) -> Any:
+        """Return ``value`` in wire form, or raise CodecError."""
+        raise NotImplementedError
+
+    def to_wire(self, value: Any, where: str) -> Any:
+        """Turn an attribute into plain data."""
+        return self.check(value, where)
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        """Turn plain data into an attribute."""
+        return self.check(value, where)
+
+
+class _Int(_Kind):
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not int:
+            raise CodecError(f"{where}: expected an integer, got {type(value).__name__}")
+        if not self.lo <= value <= self.hi:
+            raise CodecError(f"{where}: {value} is out of range {self.lo}..{self.hi}")
+        return value
+
+
+class _Str(_Kind):
+    def __init__(self, min_len: int = 0, max_len: int = _MAX_TEXT) -> None:
+        self.min_len, self.max_len = min_len, max_len
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not str:
+            raise CodecError(f"{where}: expected a string, got {type(value).__name__}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise CodecError(
+                f"{where}: length {len(value)} is out of range {self.min_len}..{self.max_len}"
+            )
+        return value
+
+
+class _Bool(_Kind):
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not bool:
+            raise CodecError(f"{where}: expected a bool, got {type(value).__name__}")
+        return value
+
+
+class _Choice(_Kind):
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not str or value not in self.choices:
+            raise CodecError(f"{where}: {value!r} is not one of {list(self.choices)}")
+        return value
+
+
+class _Optional(_Kind):
+    def __init__(self, inner: _Kind) -> None:
+        self.inner = inner
+
+    def check(self, value: Any, where: str) -> Any:
+        return None if value is None else self.inner.check(value, where)
+
+    def to_wire(self, value: Any, where: str) -> Any:
+        return None if value is None else self.inner.to_wire(value, where)
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        return None if value is None else self.inner.from_wire(value, where)
+
+
+class _Tuple(_Kind):
+    def __init__(self, item: _Kind, max_items: int = _MAX_ITEMS) -> None:
+        self.item, self.max_items = item, max_items
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not tuple:
+            raise CodecError(f"{where}: expected a tuple, got {type(value).__name__}")
+        if len(value) > self.max_items:
+            raise CodecError(f"{where}: {len(value)} items, at most {self.max_items} allowed")
+        return tuple(self.item.check(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+class _ConfigMap(_Kind):
+    """``{key: str | int}``; sorted by key on the wire so equal maps encode equally."""
+
+    _key = _Str(1, 255)
+    _text = _Str(0, _MAX_TEXT)
+    _number = _Int(-_INT64_MAX - 1, _INT64_MAX)
+
+    def check(self, value: Any, where: str) -> Any:
+        if not isinstance(value, Mapping):
+            raise CodecError(f"{where}: expected a mapping, got {type(value).__name__}")
+        if len(value) > _MAX_ITEMS:
+            raise CodecError(f"{where}: {len(value)} items, at most {_MAX_ITEMS} allowed")
+        out: dict[str, str | int] = {}
+        for key in value:
+            self._key.check(key, f"{where} key")
+        for key in sorted(value):
+            item = value[key]
+            kind = self._number if type(item) is int else self._text
+            out[key] = kind.check(item, f"{where}[{key!r}]")
+        return out
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        if type(value) is not dict:
+            raise CodecError(f"{where}: expected a dict, got {type(value).__name__}")
+        return MappingProxyType(self.check(value, where))
+
+
+class _RequestIdKind(_Kind):
+    _client = _Str(1, 256)
+    _seq = _Int(0, _INT64_MAX)
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not tuple or len(value) != 2:
+            raise CodecError(f"{where}: expected (client_id, seq)")
+        return (self._client.check(value[0], f"{where}.client_id"),
+                self._seq.check(value[1], f"{where}.seq"))
+
+    def to_wire(self, value: Any, where: str) -> Any:
+        if type(value) is not RequestId:
+            raise CodecError(f"{where}: expected a RequestId, got {type(value).__name__}")
+        return self.check((value.client_id, value.seq), where)
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        client_id, seq = self.check(value, where)
+        return RequestId(client_id, seq)
+
+
+_BROKER_ID = _Int(0, _INT32_MAX)
+_EPOCH = _Int(0, _INT64_MAX)
+_INDEX = _Int(0, _INT32_MAX)
+_COUNT = _Int(-_INT32_MAX - 1, _INT32_MAX)  # range judged by the state machine
+_OFFSET = _Int(0, _INT64_MAX)
+_NAME = _Str(0, _MAX_TEXT)
+_REQUEST_ID = _RequestIdKind()
+_BROKER_IDS = _Tuple(_BROKER_ID, 32767)
+
+_SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
+    RegisterBroker: ("register_broker", {
+        "request_id": _REQUEST_ID, "broker_id": _BROKER_ID, "endpoint": _Str(0, 1024),
+        "rack": _Optional(_Str(0, 255)), "incarnation_id": _Str(0, 64), "fenced": _Bool(),
+    }),
+    UnregisterBroker: ("unregister_broker", {"request_id": _REQUEST_ID, "broker_id": _BROKER_ID}),
+    FenceBroker: ("fence_broker", {
+        "request_id": _REQUEST_ID, "broker_id": _BROKER_ID, "broker_epoch": _Optional(_EPOCH),
+    }),
+    UnfenceBroker: ("unfence_broker", {
+        "request_id": _REQUEST_ID, "broker_id": _BROKER_ID, "broker_epoch": _Optional(_EPOCH),
+    }),
+    BeginControlledShutdown: ("begin_controlled_shutdown", {
+        "request_id": _REQUEST_ID, "broker_id": _BROKER_ID, "broker_epoch": _Optional(_EPOCH),
+    }),
+    CreateTopic: ("create_topic", {
+        "request_id": _REQUEST_ID, "name": _NAME, "topic_id": _Str(0, 64),
+        "partitions": _COUNT, "replication_factor": _COUNT, "config": _ConfigMap(),
+        "placement_offset": _OFFSET,
+    }),
+    DeleteTopic: ("delete_topic", {
+        "request_id": _REQUEST_ID, "name": _NAME, "topic_id": _Optional(_Str(0, 64)),
+    }),
+    AlterTopicConfig: ("alter_topic_config", {
+        "request_id": _REQUEST_ID, "name": _NAME, "set_configs": _ConfigMap(),
+        "delete_configs": _Tuple(_Str(1, 255)),
+    }),
+    AddPartitions: ("add_partitions", {
+        "request_id": _REQUEST_ID, "name": _NAME, "new_total": _COUNT,
+        "placement_offset": _OFFSET,
+    }),
+    ElectLeaders: ("elect_leaders", {
+        "request_id": _REQUEST_ID, "topic": _NAME, "partition": _Optional(_INDEX),
+        "kind": _Choice(ELECTION_KINDS),
+    }),
+    AlterIsr: ("alter_isr", {
+        "request_id": _REQUEST_ID, "topic": _NAME, "partition": _INDEX, "leader": _BROKER_ID,
+        "leader_epoch": _EPOCH, "new_isr": _BROKER_IDS, "partition_epoch": _EPOCH,
+    }),
+    ReassignReplicas: ("reassign_replicas", {
+        "request_id": _REQUEST_ID, "topic": _NAME, "partition": _INDEX,
+        "replicas": _BROKER_IDS,
+    }),
+    Read: ("read", {"request_id": _REQUEST_ID, "name": _Optional(_NAME)}),
+    NoOp: ("no_op", {"request_id": _REQUEST_ID}),
+}
+
+_BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA.items()}
+
+
+def _check_schema_matches_classes() -> None:
+    # Keeps the schema table and the dataclasses from drifting apart.
+    for cls, (name, kinds) in _SCHEMA.items():
+        names = [f.name for f in fields(cls)]
+        if sorted(names) != sorted(kinds):
+            raise TypeError(f"schema of {name} lists {sorted(kinds)}, class has {sorted(names)}")
+
+
+_check_schema_matches_classes()
+
+
+def command_type(command: Command) -> str:
+    """The wire name of a command's type, e.g. ``"create_topic"``."""
+    spec = _SCHEMA.get(type(command))
+    if spec is None:
+        raise CodecError(f"not a metadata command: {type(command).__name__}")
+    return spec[0]
+
+
+def encode_command(command: Command) -> bytes:
+    """Encode a command for the log.
+
+    Raises :class:`~streambus_consensus.errors.CodecError` when it is not a
+    command or a field has the wrong type or is out of range, so a command
+    that could not be decoded is never proposed.
+    """
+    spec = _SCHEMA.get(type(command))
+    if spec is None:
+        raise CodecError(f"not a metadata command: {type(command).__name__}")
+    name, kinds = spec
+    body = {key: kind.to_wire(getattr(command, key), f"{name}.{key}") for key, kind in kinds.items()}
+    return codec.encode((FORMAT_VERSION, name, body))
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode bytes made by :func:`encode_command`.
+
+    Raises :class:`~streambus_consensus.errors.CodecError` for malformed
+    bytes, an unknown format version or command type, a missing, extra or
+    mistyped field, or an out-of-range value.
+    """
+    value = codec.decode(data)
+    if type(value) is not tuple or len(value) != 3:
+        raise CodecError("a command is a (version, type, fields) tuple")
+    version, name, body = value
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise CodecError(f"unknown command format version {version!r}; this build reads "
+                         f"{FORMAT_VERSION}")
+    if type(name) is not str or name not in _BY_NAME:
+        raise CodecError(f"unknown command type {name!r}")
+    if type(body) is not dict:
+        raise CodecError(f"{name}: fields must be a dict")
+    cls = _BY_NAME[name]
+    kinds = _SCHEMA[cls][1]
+    missing = sorted(set(kinds) - set(body))
+    extra = sorted(str(k) for k in set(body) - set(kinds))
+    if missing or extra:
+        raise CodecError(f"{name}: missing fields {missing}, unexpected fields {extra}")
+    kwargs = {key: kind.from_wire(body[key], f"{name}.{key}") for key, kind in kinds.items()}
+    command: Command = cls(**kwargs)
+    return command
+

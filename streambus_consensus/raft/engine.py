@@ -1,0 +1,500 @@
+"""The one module that talks to PySyncObj.
+
+Everything PySyncObj-shaped (camelCase, integer failure codes, ``Node``
+objects, its ``Journal`` and ``Transport`` base classes) stays in here; the
+rest of the package sees :class:`Engine`, a small snake_case wrapper.
+
+How we plug into PySyncObj 0.3.17 without forking it:
+
+- **No tick thread of its own.** ``SyncObj`` is built with ``autoTick=False``
+  and :class:`Engine.tick` is driven by :class:`~.node.RaftNode`'s thread, so
+  the state machine and journal exist before the first tick (trap 5) and
+  every call into the engine happens on that one thread.
+- **Journal.** ``SyncObj.__init__`` creates its journal through the module
+  function ``pysyncobj.syncobj.createJournal``; during construction (under a
+  lock) we point it at :class:`_Journal`, which writes through our
+  :class:`~streambus_consensus.interfaces.Storage`. Storage buffers the writes
+  and the node syncs once per tick before any message leaves (group commit).
+- **Transport.** :class:`_EngineTransport` adapts our
+  :class:`~streambus_consensus.interfaces.Transport`; it is where incoming
+  messages pass through :class:`~.safety.MessageGuard` before the engine
+  sees them.
+- **Snapshots.** A custom ``serializer`` / ``deserializer`` /
+  ``serializeChecker`` write our checksummed snapshot format (no pickle) on a
+  background thread, so compaction never stalls heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pysyncobj.syncobj as _syncobj_module
+from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
+from pysyncobj.journal import Journal
+from pysyncobj.node import Node as _PsoNode
+from pysyncobj.transport import Transport as _PsoTransport
+
+from ..config import NodeConfig
+from ..errors import (
+    ConsensusError,
+    LeadershipLostError,
+    NoLeaderError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProposalDiscardedError,
+    QueueFullError,
+    RequestDeniedError,
+)
+from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
+from .safety import MessageGuard
+from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
+
+__all__ = ["Engine", "Member", "error_for"]
+
+logger = logging.getLogger(__name__)
+
+_CONSTRUCT_LOCK = threading.Lock()
+# A snapshot file's prefix holds its length and CRC: enough to tell two apart.
+_SNAPSHOT_ID_BYTES = 24
+_STATES = {0: NodeState.FOLLOWER, 1: NodeState.CANDIDATE, 2: NodeState.LEADER}
+
+
+class Member(_PsoNode):  # type: ignore[misc]
+    """A cluster member as PySyncObj sees it: id plus ``address``."""
+
+    def __init__(self, node_id: str, address: str) -> None:
+        super().__init__(node_id, address=address)
+
+
+def error_for(code: int, *, node_id: str, leader_hint: str | None) -> ConsensusError:
+    """Translate a PySyncObj ``FAIL_REASON`` into our error. The only place that does."""
+    if code == FAIL_REASON.QUEUE_FULL:
+        return QueueFullError("proposal queue is full", node_id=node_id)
+    if code == FAIL_REASON.MISSING_LEADER:
+        return NoLeaderError("no leader is known; election in progress?", node_id=node_id)
+    if code == FAIL_REASON.DISCARDED:
+        return ProposalDiscardedError(
+            "entry was overwritten by a new leader before it committed", node_id=node_id
+        )
+    if code == FAIL_REASON.NOT_LEADER:
+        return NotLeaderError(
+            f"not the leader (leader: {leader_hint or 'unknown'})",
+            leader_hint=leader_hint, node_id=node_id,
+        )
+    if code == FAIL_REASON.LEADER_CHANGED:
+        return LeadershipLostError(
+            "leadership changed while the proposal was in flight; outcome unknown",
+            node_id=node_id,
+        )
+    if code == FAIL_REASON.REQUEST_DENIED:
+        return RequestDeniedError("request denied by the Raft engine", node_id=node_id)
+    return OutcomeUnknownError(f"outcome unknown (engine code {code})", node_id=node_id)
+
+
+class _Journal(Journal):  # type: ignore[misc]
+    """PySyncObj's journal interface over our Storage. Entries are (command, index, term)."""
+
+    def __init__(self, storage: Storage, recovered: RecoveredState) -> None:
+        self._storage = storage
+        self._entries: list[tuple[bytes, int, int]] = [
+            (e.data, e.index, e.term) for e in recovered.entries
+        ]
+        self._term = recovered.term
+        self._voted_for = recovered.voted_for
+        self._commit = recovered.commit_index
+
+    def align_with_snapshot(self, header: SnapshotHeader) -> None:
+        """Drop entries the snapshot covers, as compaction would have.
+
+        A crash between writing a snapshot and compacting the log leaves a log
+        that starts before the snapshot. PySyncObj then finds a first entry
+        that differs from the snapshot's and clears the whole journal, losing
+        the entries *after* the snapshot. Compacting here first avoids that.
+        """
+        prev_index = header.prev_entry[1]
+        if self._entries and self._entries[0][1] < prev_index <= self._entries[-1][1]:
+            drop = prev_index - self._entries[0][1]
+            if self._entries[drop][2] == header.prev_entry[2]:
+                del self._entries[:drop]
+                self._storage.compact(prev_index)
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        command = bytes(command)
+        self._entries.append((command, idx, term))
+        self._storage.append(LogEntry(idx, term, command))
+
+    def clear(self) -> None:
+        self._entries = []
+        self._storage.truncate_suffix(0)
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        if entryFrom < len(self._entries):
+            index = self._entries[entryFrom][1]
+            del self._entries[entryFrom:]
+            self._storage.truncate_suffix(index)
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        if 0 < entryTo <= len(self._entries):
+            first = (self._entries[entryTo][1] if entryTo < len(self._entries)
+                     else self._entries[-1][1] + 1)
+            del self._entries[:entryTo]
+            self._storage.compact(first)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _destroy(self) -> None:
+        pass  # the node closes storage itself, after its last sync
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        if raftCommitIndex != self._commit:
+            self._commit = raftCommitIndex
+            self._storage.set_commit_index(raftCommitIndex)
+
+    def getRaftCommitIndex(self) -> int:
+        return max(self._commit, 1)
+
+    def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
+        self._term, self._voted_for = term, votedForNodeId
+        self._storage.set_term(term, votedForNodeId)
+
+    def getCurrentTerm(self) -> int:
+        return self._term
+
+    def getVotedForNodeId(self) -> str | None:
+        return self._voted_for
+
+    def onOneSecondTimer(self) -> None:
+        pass
+
+
+class _EngineTransport(_PsoTransport):  # type: ignore[misc]
+    """PySyncObj's transport interface over ours, with the message guard in front."""
+
+    def __init__(self, transport: Transport, members: dict[str, Member], guard: MessageGuard):
+        super().__init__(None, None, [])
+        self._transport = transport
+        self._members = members
+        self._guard = guard
+
+    def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
+        node = self._members.get(peer_id)
+        if node is None:
+            return
+        filtered = self._guard.inspect(node, dict(message))
+        if filtered is not None:
+            try:
+                self._onMessageReceived(node, filtered)
+            except Exception:
+                logger.exception("engine failed on a %r message from %s; message dropped",
+                                 message.get("type"), peer_id)
+
+    def connected(self, peer_id: str) -> None:
+        node = self._members.get(peer_id)
+        if node is not None:
+            self._onNodeConnected(node)
+
+    def disconnected(self, peer_id: str) -> None:
+        node = self._members.get(peer_id)
+        if node is not None:
+            self._onNodeDisconnected(node)
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def tryGetReady(self) -> None:
+        pass
+
+    def waitReady(self) -> None:
+        pass
+
+    def addNode(self, node: Member) -> None:
+        self._members[node.id] = node
+        self._transport.add_peer(node.id, node.address)
+
+    def dropNode(self, node: Member) -> None:
+        self._members.pop(node.id, None)
+        self._transport.remove_peer(node.id)
+
+    def send(self, node: Member, message: Any) -> bool:
+        return self._transport.send(node.id, message)
+
+    def destroy(self) -> None:
+        pass  # the node closes the transport itself
+
+
+class _Consumer(SyncObjConsumer):  # type: ignore[misc]
+    """Holds the one replicated method; method names are part of the log format."""
+
+    def __init__(self, apply: Callable[[bytes], Any]) -> None:
+        self._apply = apply
+        super().__init__()
+
+    @replicated  # type: ignore[misc]
+    def apply(self, command: bytes) -> Any:
+        return self._apply(command)
+
+
+class Engine:
+    """A PySyncObj node, wired to our storage, transport and state machine.
+
+    Every method must be called on the node's Raft thread, except the
+    read-only properties, which read single attributes.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        storage: Storage,
+        transport: Transport,
+        apply: Callable[[int, bytes], Any],
+        snapshot_capture: Callable[[], Callable[[], bytes]],
+        restore: Callable[[bytes], None],
+        guard: MessageGuard,
+        on_snapshot: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._storage = storage
+        self._transport = transport
+        self._apply_at = apply
+        self._capture = snapshot_capture
+        self._restore = restore
+        self._on_snapshot = on_snapshot
+        self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
+        self._snapshot_lock = threading.Lock()
+        self.snapshot_error: BaseException | None = None
+
+        recovered = storage.open()
+        journal = _Journal(storage, recovered)
+        existing = storage.load_snapshot()
+        self._stored_snapshot_id = b"" if existing is None else existing[:_SNAPSHOT_ID_BYTES]
+        if existing is not None:
+            header, _ = unpack_snapshot(existing, storage.snapshot_path)
+            journal.align_with_snapshot(header)
+            storage.sync()
+        self._journal = journal
+
+        members = {m: Member(m, a) for m, a in config.cluster.items()}
+        self._self = members.pop(config.node_id)
+        self._members = members
+        self.guard = guard
+        self._pso_transport = _EngineTransport(transport, members, guard)
+        self._consumer = _Consumer(self._apply_entry)
+        conf = SyncObjConf(
+            autoTick=False,
+            raftMinTimeout=config.election_timeout_min,
+            raftMaxTimeout=config.election_timeout_max,
+            appendEntriesPeriod=config.heartbeat_interval,
+            leaderFallbackTimeout=config.effective_stepdown_timeout,
+            connectionTimeout=max(config.election_timeout_max, 1.0),
+            connectionRetryTime=config.connect_retry_interval,
+            commandsQueueSize=config.max_pending_proposals,
+            appendEntriesUseBatch=config.batch_appends,
+            appendEntriesBatchSizeBytes=config.max_append_bytes,
+            logCompactionMinEntries=config.snapshot_interval_entries,
+            logCompactionMinTime=config.snapshot_interval_seconds,
+            logCompactionBatchSize=config.snapshot_chunk_bytes,
+            fullDumpFile=storage.snapshot_path,
+            journalFile=None,
+            dynamicMembershipChange=True,
+            useFork=False,
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            serializeChecker=self._serialize_checker,
+            tcp_keepalive=None,
+        )
+        with _CONSTRUCT_LOCK:
+            original = _syncobj_module.createJournal
+            _syncobj_module.createJournal = lambda _path: journal
+            try:
+                self._obj = SyncObj(
+                    self._self, list(members.values()), conf,
+                    consumers=[self._consumer], transport=self._pso_transport,
+                )
+            finally:
+                _syncobj_module.createJournal = original
+        guard.attach(self)
+
+    # -- driving ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Run one engine tick without waiting (network waits happen in the transport)."""
+        self._obj.doTick(0.0)
+
+    def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
+        """Hand an incoming message to the engine (through the guard)."""
+        self._pso_transport.deliver(peer_id, message)
+
+    def peer_connected(self, peer_id: str) -> None:
+        """Tell the engine a peer is reachable."""
+        self._pso_transport.connected(peer_id)
+
+    def peer_disconnected(self, peer_id: str) -> None:
+        """Tell the engine a peer is unreachable."""
+        self._pso_transport.disconnected(peer_id)
+
+    def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Queue a command (any thread). ``callback(result, fail_code)`` runs on the Raft thread."""
+        self._consumer.apply(command, callback=callback)
+
+    def destroy(self) -> None:
+        """Release the engine (Raft thread, after the last tick)."""
+        self._obj.destroy()
+
+    # -- membership and leadership (Raft thread) ---------------------------------
+
+    def add_member(self, node_id: str, address: str, callback: Callable[[Any, int], None]) -> None:
+        """Propose adding a voting member."""
+        self._obj.addNodeToCluster(Member(node_id, address), callback=callback)
+
+    def remove_member(self, node_id: str, callback: Callable[[Any, int], None]) -> None:
+        """Propose removing a voting member."""
+        node = self._members.get(node_id)
+        if node is None or node_id == self._self.id:
+            callback(None, FAIL_REASON.REQUEST_DENIED)
+            return
+        self._obj.removeNodeFromCluster(node, callback=callback)
+
+    def transfer_leadership(self, node_id: str | None, callback: Callable[[Any, int], None]) -> None:
+        """Ask a caught-up follower to start an election now."""
+        target = self._members.get(node_id) if node_id is not None else None
+        if node_id is not None and target is None:
+            callback(None, FAIL_REASON.REQUEST_DENIED)
+            return
+        self._obj.transferLeadership(target, callback=callback)
+
+    def force_snapshot(self) -> None:
+        """Take a snapshot and compact at the next opportunity."""
+        self._obj.forceLogCompaction()
+
+    def send(self, peer_id: str, message: dict[str, Any]) -> bool:
+        """Queue a message to a peer (used by the guard to answer on the engine's behalf)."""
+        return self._transport.send(peer_id, message)
+
+    # -- reading state -----------------------------------------------------------
+
+    @property
+    def journal(self) -> _Journal:
+        """The engine's log view (Raft thread)."""
+        return self._journal
+
+    @property
+    def node_id(self) -> str:
+        return str(self._self.id)
+
+    @property
+    def state(self) -> NodeState:
+        # PySyncObj exposes its role only through getStatus(), which builds a
+        # dict over every peer; this single attribute read is safe from any thread.
+        return _STATES[self._obj._SyncObj__raftState]
+
+    @property
+    def leader_id(self) -> str | None:
+        leader = self._obj._getLeader()
+        return None if leader is None else str(leader.id)
+
+    @property
+    def term(self) -> int:
+        return int(self._obj.raftCurrentTerm)
+
+    @property
+    def commit_index(self) -> int:
+        return int(self._obj.raftCommitIndex)
+
+    @property
+    def applied_index(self) -> int:
+        return int(self._obj.raftLastApplied)
+
+    @property
+    def last_log_index(self) -> int:
+        return int(self._journal[-1][1]) if len(self._journal) else 0
+
+    @property
+    def log_entries(self) -> int:
+        return len(self._journal)
+
+    @property
+    def has_quorum(self) -> bool:
+        return bool(self._obj.hasQuorum)
+
+    def members(self) -> dict[str, str]:
+        """Current voting members, self included (Raft thread)."""
+        result = {str(n.id): str(n.address) for n in self._obj.otherNodes}
+        result[self.node_id] = str(self._self.address)
+        return result
+
+    def replication(self) -> dict[str, tuple[int | None, int | None]]:
+        """``{peer: (match_index, next_index)}`` as this node knows them (Raft thread)."""
+        status = self._obj.getStatus()
+        out: dict[str, tuple[int | None, int | None]] = {}
+        for node in self._obj.otherNodes:
+            out[str(node.id)] = (status.get(f"match_idx_server_{node.id}"),
+                                 status.get(f"next_node_idx_server_{node.id}"))
+        return out
+
+    # -- state machine plumbing (Raft thread) -----------------------------------
+
+    def _apply_entry(self, command: bytes) -> Any:
+        return self._apply_at(self._obj.raftLastApplied + 1, command)
+
+    def _serialize(self, _tmp_path: str, data: Any) -> None:
+        last, prev, cluster = data
+        header = SnapshotHeader(
+            last_entry=(bytes(last[0]), int(last[1]), int(last[2])),
+            prev_entry=(bytes(prev[0]), int(prev[1]), int(prev[2])),
+            members=tuple(sorted((str(n.id), str(n.address)) for n in cluster)),
+        )
+        encode_later = self._capture()
+        with self._snapshot_lock:
+            self._snapshot_status = SERIALIZER_STATE.SERIALIZING
+        threading.Thread(
+            target=self._write_snapshot, args=(header, encode_later),
+            name=f"snapshot-{self.node_id}", daemon=True,
+        ).start()
+
+    def _write_snapshot(self, header: SnapshotHeader, encode_later: Callable[[], bytes]) -> None:
+        started = time.perf_counter()
+        try:
+            blob = pack_snapshot(header, encode_later())
+            self._storage.save_snapshot(blob)
+            self._stored_snapshot_id = blob[:_SNAPSHOT_ID_BYTES]
+        except Exception as exc:
+            logger.exception("%s: snapshot at index %d failed", self.node_id, header.last_index)
+            self.snapshot_error = exc
+            status = SERIALIZER_STATE.FAILED
+        else:
+            status = SERIALIZER_STATE.SUCCESS
+            if self._on_snapshot is not None:
+                self._on_snapshot(time.perf_counter() - started, len(blob))
+            logger.info("%s: snapshot at index %d written (%d bytes)",
+                        self.node_id, header.last_index, len(blob))
+        with self._snapshot_lock:
+            self._snapshot_status = status
+        self._transport.wake()
+
+    def _serialize_checker(self) -> int:
+        with self._snapshot_lock:
+            status = self._snapshot_status
+            if status in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
+            return int(status)
+
+    def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
+        with open(path, "rb") as f:
+            blob = f.read()
+        header, state = unpack_snapshot(blob, path)
+        if blob[:_SNAPSHOT_ID_BYTES] != self._stored_snapshot_id:
+            self._storage.save_snapshot(blob)  # an install: make it durable before using it
+            self._stored_snapshot_id = blob[:_SNAPSHOT_ID_BYTES]
+        self._restore(state)
+        cluster = [Member(node_id, address) for node_id, address in header.members]
+        return header.last_entry, header.prev_entry, cluster

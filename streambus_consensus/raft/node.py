@@ -1,0 +1,555 @@
+"""RaftNode: a consensus node over PySyncObj, with our storage and transport.
+
+Threads:
+
+- the **Raft thread** (``raft-<id>``) runs the loop: engine tick, storage
+  sync, release of held messages, wait for network events, sync, release.
+  Nothing else touches the engine; other threads hand it work through an
+  inbox.
+- the **worker thread** (``raft-<id>-worker``) resolves proposal futures and
+  runs listeners, so user code never runs on the Raft thread; it logs and
+  survives their exceptions.
+
+Durability: a vote, an append acknowledgement or a commit is never sent or
+reported before :meth:`Storage.sync` has returned for the state it reflects
+(see ``README.md``, "Durability").
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from ..config import NodeConfig
+from ..errors import (
+    CommandRefusedError,
+    NodeStoppedError,
+    NoLeaderError,
+    ProposalTimeoutError,
+    StorageError,
+)
+from ..interfaces import (
+    ConsistentSnapshotter,
+    NodeState,
+    NodeStatus,
+    PeerStatus,
+    StateMachine,
+    Storage,
+)
+from .engine import Engine, error_for
+from .safety import MessageGuard
+from .storage import DiskStorage, MemoryStorage
+from .transport import TcpTransport
+
+__all__ = ["RaftNode"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Every entry we propose starts with one kind byte, so the adapter can carry
+# its own no-op entries (barriers) beside the state machine's commands.
+_USER = b"\x00"
+_BARRIER = b"\x01"
+
+LeaderListener = Callable[[str | None, int], None]
+
+
+class _ApplyFailed:
+    """Apply raised; every replica raises the same way, so all return this."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.message = f"{type(error).__name__}: {error}"
+
+
+class RaftNode:
+    """A Raft node driving ``state_machine``. Implements the :class:`Node` protocol.
+
+    Args:
+        config: validated by the constructor.
+        state_machine: the replicated state (see :class:`StateMachine`).
+        storage: defaults to :class:`DiskStorage` in ``config.data_dir``, or
+            :class:`MemoryStorage` when it is ``None``.
+        transport: defaults to :class:`TcpTransport` on ``config``'s addresses.
+        guard: the engine fixes (see :mod:`.safety`); tests pass a disabled
+            one to show what they prevent.
+
+    Proposals made on a follower are forwarded to the leader by the engine;
+    the caller gets the result of its own node's apply. When no leader is
+    known the proposal waits for one until its timeout.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        state_machine: StateMachine,
+        *,
+        storage: Storage | None = None,
+        transport: TcpTransport | None = None,
+        guard: MessageGuard | None = None,
+    ) -> None:
+        self.config = config.clone().validate()
+        self._sm = state_machine
+        self._storage_arg = storage
+        self._transport_arg = transport
+        self.guard = guard or MessageGuard()
+        self._engine: Engine | None = None
+        self._transport: TcpTransport | None = None
+        self._storage: Storage | None = None
+        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._completed: collections.deque[tuple[Future[Any], Any, int]] = collections.deque()
+        self._submitted_at: dict[Future[Any], float] = {}
+        self._pending: set[Future[Any]] = set()
+        self._pending_lock = threading.Lock()
+        self._leader_listeners: list[LeaderListener] = []
+        self._stopping = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._lifecycle = threading.Lock()
+        self._last_leader: str | None = None
+        self._fatal: BaseException | None = None
+        # Counters read by the metrics collector (single-writer: the Raft thread).
+        self.leader_changes = 0
+        self.proposals_committed = 0
+        self.proposals_failed: collections.Counter[str] = collections.Counter()
+        self.apply_seconds_total = 0.0
+        self.applied_entries = 0
+        self.snapshots_taken = 0
+        self.last_snapshot_seconds = 0.0
+        self.last_snapshot_bytes = 0
+        self.fsync_observer: Callable[[float], None] | None = None
+        self.apply_observer: Callable[[float], None] | None = None
+        self.proposal_observer: Callable[[float], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self.config.node_id
+
+    def start(self) -> None:
+        """Open storage, bind the transport and start the Raft thread.
+
+        Raises CorruptStorageError (damaged data dir), TransportError (cannot
+        bind) or NodeStoppedError (already stopped; nodes are not restartable).
+        """
+        with self._lifecycle:
+            if self._stopped:
+                raise NodeStoppedError("a stopped node cannot be restarted; build a new one",
+                                       node_id=self.node_id)
+            if self._started:
+                return
+            cfg = self.config
+            storage = self._storage_arg
+            if storage is None:
+                storage = (DiskStorage(cfg.data_dir, fsync=cfg.fsync,
+                                       on_fsync=self._observe_fsync)
+                           if cfg.data_dir is not None else MemoryStorage())
+            transport = self._transport_arg or TcpTransport(
+                cfg.node_id, cfg.effective_bind_address, cfg.cluster,
+                secret=cfg.cluster_secret, max_message_bytes=cfg.max_message_bytes,
+                ping_interval=cfg.heartbeat_interval,
+                dead_timeout=max(cfg.election_timeout_max, 4 * cfg.heartbeat_interval),
+                retry_interval=cfg.connect_retry_interval,
+            )
+            try:
+                self._engine = Engine(
+                    cfg, storage, transport, apply=self._apply,
+                    snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
+                    guard=self.guard, on_snapshot=self._snapshot_done,
+                )
+                transport.start(self._engine.deliver, self._engine.peer_connected,
+                                self._engine.peer_disconnected)
+            except BaseException:
+                storage.close()
+                transport.close()
+                raise
+            self._storage, self._transport = storage, transport
+            self._worker = threading.Thread(target=self._work, name=f"raft-{cfg.node_id}-worker",
+                                            daemon=True)
+            self._worker.start()
+            self._thread = threading.Thread(target=self._run, name=f"raft-{cfg.node_id}",
+                                            daemon=True)
+            self._thread.start()
+            self._started = True
+            logger.info("%s: started on %s", cfg.node_id, cfg.effective_bind_address)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully: finish the tick, sync, close files and sockets. Idempotent.
+
+        Proposals still in flight fail with :class:`NodeStoppedError`.
+        """
+        with self._lifecycle:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stopping.set()
+            if self._transport is not None:
+                self._transport.wake()
+            if self._thread is not None:
+                self._thread.join(timeout)
+            with self._pending_lock:
+                pending, self._pending = self._pending, set()
+                self._submitted_at.clear()
+            for future in pending:
+                if not future.done():
+                    future.set_exception(NodeStoppedError("node stopped", node_id=self.node_id))
+            self._jobs.put(None)
+            if self._worker is not None:
+                self._worker.join(timeout)
+            logger.info("%s: stopped", self.node_id)
+
+    def __enter__(self) -> RaftNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the Raft thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        engine, transport, storage = self._engine, self._transport, self._storage
+        if engine is None or transport is None or storage is None:
+            return
+        tick = self.config.tick_interval
+        try:
+            while not self._stopping.is_set():
+                while self._inbox:
+                    self._inbox.popleft()()
+                engine.tick()
+                self._flush(storage, transport)
+                self._watch_leader(engine)
+                transport.poll(tick)
+                self._flush(storage, transport)
+        except StorageError as exc:
+            # After a failed write or fsync the kernel may have dropped data:
+            # stop rather than acknowledge anything more (fail-stop).
+            logger.critical("%s: storage failed, stopping the node: %s", self.node_id, exc)
+            self._fatal = exc
+        except Exception as exc:
+            logger.critical("%s: Raft thread crashed, stopping the node", self.node_id,
+                            exc_info=True)
+            self._fatal = exc
+        finally:
+            try:
+                storage.sync()
+            except StorageError:
+                logger.exception("%s: final sync failed", self.node_id)
+            engine.destroy()
+            storage.close()
+            transport.close()
+            self._stopping.set()
+            self._deliver_completed()
+
+    def _flush(self, storage: Storage, transport: TcpTransport) -> None:
+        storage.sync()
+        transport.release()
+        self._deliver_completed()
+
+    def _deliver_completed(self) -> None:
+        if not self._completed:
+            return
+        batch = []
+        while self._completed:
+            batch.append(self._completed.popleft())
+        self._jobs.put(functools.partial(self._resolve, batch))
+
+    def _watch_leader(self, engine: Engine) -> None:
+        leader = engine.leader_id
+        if leader != self._last_leader:
+            self._last_leader = leader
+            if leader is not None:
+                self.leader_changes += 1
+                logger.info("%s: leader is now %s (term %d)", self.node_id, leader, engine.term)
+            term = engine.term
+            for listener in list(self._leader_listeners):
+                self._jobs.put(functools.partial(listener, leader, term))
+
+    def _apply(self, index: int, entry: bytes) -> Any:
+        kind, command = entry[:1], entry[1:]
+        if kind == _BARRIER:
+            return None
+        started = time.perf_counter()
+        try:
+            apply_at = getattr(self._sm, "apply_at", None)
+            result = apply_at(index, command) if apply_at is not None else self._sm.apply(command)
+        except Exception as exc:
+            logger.error("%s: state machine raised applying index %d; returning the error",
+                         self.node_id, index, exc_info=True)
+            result = _ApplyFailed(exc)
+        elapsed = time.perf_counter() - started
+        self.apply_seconds_total += elapsed
+        self.applied_entries += 1
+        if self.apply_observer is not None:
+            self.apply_observer(elapsed)
+        return result
+
+    def _capture_snapshot(self) -> Callable[[], bytes]:
+        if isinstance(self._sm, ConsistentSnapshotter):
+            return self._sm.prepare_snapshot()
+        data = self._sm.snapshot()
+        return lambda: data
+
+    def _snapshot_done(self, seconds: float, size: int) -> None:
+        self.snapshots_taken += 1
+        self.last_snapshot_seconds, self.last_snapshot_bytes = seconds, size
+
+    def _observe_fsync(self, seconds: float) -> None:
+        if self.fsync_observer is not None:
+            self.fsync_observer(seconds)
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                logger.exception("%s: listener or callback raised; continuing", self.node_id)
+
+    def _resolve(self, batch: list[tuple[Future[Any], Any, int]]) -> None:
+        for future, result, code in batch:
+            with self._pending_lock:
+                self._pending.discard(future)
+                started = self._submitted_at.pop(future, None)
+            if started is not None and self.proposal_observer is not None:
+                self.proposal_observer(time.monotonic() - started)
+            if future.done():
+                continue
+            if code == 0:
+                self.proposals_committed += 1
+                if isinstance(result, _ApplyFailed):
+                    future.set_exception(
+                        CommandRefusedError("apply_failed", result.message, node_id=self.node_id)
+                    )
+                else:
+                    future.set_result(result)
+            else:
+                error = error_for(code, node_id=self.node_id, leader_hint=self.leader_id)
+                self.proposals_failed[type(error).__name__] += 1
+                future.set_exception(error)
+
+    # -- proposing -----------------------------------------------------------------
+
+    def propose_async(self, command: bytes) -> Future[Any]:
+        """Replicate ``command``; the future resolves to the state machine's result.
+
+        The future fails with a :class:`ConsensusError`: a
+        :class:`ProposalRejectedError` subclass when the command was not
+        applied, :class:`OutcomeUnknownError` when it may have been.
+        """
+        return self._submit(_USER + bytes(command))
+
+    def propose(self, command: bytes, timeout: float | None = None) -> Any:
+        """Replicate ``command`` and return the state machine's result.
+
+        Raises :class:`ProposalTimeoutError` after ``timeout`` (default
+        ``config.proposal_timeout``); the command may still be applied later.
+        """
+        return self._wait(self.propose_async(command), timeout)
+
+    def barrier(self, timeout: float | None = None) -> int:
+        """Commit a no-op through the log and wait for it.
+
+        On return every entry committed before the call has been applied on
+        this node. Returns the applied index.
+        """
+        self._wait(self._submit(_BARRIER), timeout)
+        return self.applied_index
+
+    def _submit(self, entry: bytes) -> Future[Any]:
+        future: Future[Any] = Future()
+        engine, transport = self._running()
+        with self._pending_lock:
+            self._pending.add(future)
+            self._submitted_at[future] = time.monotonic()
+        engine.propose(entry, functools.partial(self._on_engine_result, future))
+        transport.wake()
+        return future
+
+    def _on_engine_result(self, future: Future[Any], result: Any, code: int) -> None:
+        self._completed.append((future, result, code))
+
+    def _wait(self, future: Future[T], timeout: float | None) -> T:
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        try:
+            return future.result(limit)
+        except FutureTimeout:
+            with self._pending_lock:
+                self._pending.discard(future)
+                self._submitted_at.pop(future, None)
+            self.proposals_failed["ProposalTimeoutError"] += 1
+            raise ProposalTimeoutError(
+                f"no outcome within {limit:.3g}s; the command may still be applied",
+                node_id=self.node_id,
+            ) from None
+
+    def _running(self) -> tuple[Engine, TcpTransport]:
+        engine, transport = self._engine, self._transport
+        if engine is None or transport is None or not self._started:
+            raise NodeStoppedError("node is not started", node_id=self.node_id)
+        if self._stopping.is_set():
+            reason = f": {self._fatal}" if self._fatal else ""
+            raise NodeStoppedError(f"node is stopped{reason}", node_id=self.node_id)
+        return engine, transport
+
+    # -- work on the Raft thread from other threads ----------------------------------
+
+    def _call(self, fn: Callable[[Engine], T], timeout: float = 5.0) -> T:
+        engine, transport = self._running()
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(engine))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._inbox.append(run)
+        transport.wake()
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise ProposalTimeoutError("Raft thread did not answer in time",
+                                       node_id=self.node_id) from None
+
+    def _engine_request(
+        self, start: Callable[[Engine, Callable[[Any, int], None]], None], timeout: float | None
+    ) -> Any:
+        future: Future[Any] = Future()
+        with self._pending_lock:
+            self._pending.add(future)
+        self._call(lambda engine: start(engine, functools.partial(self._on_engine_result, future)))
+        return self._wait(future, timeout)
+
+    def add_member(self, node_id: str, address: str, timeout: float | None = None) -> None:
+        """Add a voting member (one change at a time; the new node must be started
+        with a ``cluster`` that includes itself and the current members)."""
+        self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
+
+    def remove_member(self, node_id: str, timeout: float | None = None) -> None:
+        """Remove a voting member (not this node; transfer leadership away first)."""
+        self._engine_request(lambda e, cb: e.remove_member(node_id, cb), timeout)
+
+    def transfer_leadership(self, node_id: str | None = None, timeout: float | None = None) -> None:
+        """Ask ``node_id`` (or the most caught-up follower) to take over leadership.
+
+        Returns once the request is sent; watch :attr:`leader_id` for the result.
+        """
+        self._engine_request(lambda e, cb: e.transfer_leadership(node_id, cb), timeout)
+
+    def snapshot_now(self) -> None:
+        """Take a snapshot and compact the log at the next opportunity."""
+        self._call(lambda engine: engine.force_snapshot())
+
+    def members(self) -> dict[str, str]:
+        """Current voting members ``{node_id: address}``, this node included."""
+        return self._call(lambda engine: engine.members())
+
+    def on_leader_change(self, listener: LeaderListener) -> None:
+        """Call ``listener(leader_id_or_None, term)`` on the worker thread at each change."""
+        self._leader_listeners.append(listener)
+
+    # -- observing -----------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node believes it leads (another may already have replaced it)."""
+        return self.state is NodeState.LEADER
+
+    @property
+    def leader_id(self) -> str | None:
+        """The node this node believes leads, or ``None``."""
+        engine = self._engine
+        return engine.leader_id if engine is not None and not self._stopping.is_set() else None
+
+    @property
+    def state(self) -> NodeState:
+        """This node's role; :attr:`NodeState.STOPPED` when not running."""
+        engine = self._engine
+        if engine is None or not self._started or self._stopping.is_set():
+            return NodeState.STOPPED
+        return engine.state
+
+    @property
+    def term(self) -> int:
+        """Current term (0 before start)."""
+        return self._engine.term if self._engine is not None else 0
+
+    @property
+    def commit_index(self) -> int:
+        """Highest index known committed."""
+        return self._engine.commit_index if self._engine is not None else 0
+
+    @property
+    def applied_index(self) -> int:
+        """Highest index applied to the state machine."""
+        return self._engine.applied_index if self._engine is not None else 0
+
+    @property
+    def pending_proposals(self) -> int:
+        """Proposals submitted here and still waiting for an outcome."""
+        return len(self._pending)
+
+    @property
+    def connected_peers(self) -> frozenset[str]:
+        """Peers with a live authenticated connection from this node."""
+        transport = self._transport
+        return transport.connected_peers() if transport is not None else frozenset()
+
+    def wait_for_leader(self, timeout: float) -> str:
+        """Block until a leader is known; return its id. Raises NoLeaderError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader_id
+            if leader is not None:
+                return leader
+            if time.monotonic() >= deadline:
+                raise NoLeaderError(f"no leader within {timeout:.3g}s", node_id=self.node_id)
+            self._running()
+            time.sleep(0.01)
+
+    def status(self) -> NodeStatus:
+        """A picture of this node's Raft state, taken on the Raft thread."""
+        if self.state is NodeState.STOPPED:
+            return NodeStatus(node_id=self.node_id, state=NodeState.STOPPED, leader_id=None,
+                              term=self.term, commit_index=self.commit_index,
+                              applied_index=self.applied_index, last_log_index=0,
+                              log_entries=0, has_quorum=False)
+        return self._call(self._status_on_raft_thread)
+
+    def _status_on_raft_thread(self, engine: Engine) -> NodeStatus:
+        members = engine.members()
+        replication: Mapping[str, tuple[int | None, int | None]] = engine.replication()
+        connected = self.connected_peers
+        leader = engine.state is NodeState.LEADER
+        peers = tuple(
+            PeerStatus(node_id=peer, address=members[peer], connected=peer in connected,
+                       match_index=replication.get(peer, (None, None))[0] if leader else None,
+                       next_index=replication.get(peer, (None, None))[1] if leader else None)
+            for peer in sorted(members) if peer != self.node_id
+        )
+        return NodeStatus(
+            node_id=self.node_id, state=engine.state, leader_id=engine.leader_id,
+            term=engine.term, commit_index=engine.commit_index,
+            applied_index=engine.applied_index, last_log_index=engine.last_log_index,
+            log_entries=engine.log_entries, has_quorum=engine.has_quorum,
+            peers=peers, members=tuple(sorted(members)),
+        )
+

@@ -1,0 +1,203 @@
+"""A runnable node: RaftNode + an application state machine + the HTTP API.
+
+This is what ``streambus-consensus node run --config FILE`` starts. The
+application decides the state machine and its routes: ``kv`` (the example
+key-value machine) or ``metadata`` (StreamBus cluster metadata).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from .api import ApiError, ApiRequest, ApiServer, Route
+from .config import NodeConfig
+from .errors import ConsensusError
+from .interfaces import NodeStatus, StateMachine
+from .kv import KeyValueStateMachine, kv_command
+from .raft.node import RaftNode
+
+__all__ = ["Application", "KeyValueApplication", "NodeServer", "status_json"]
+
+logger = logging.getLogger(__name__)
+
+
+class Application(Protocol):
+    """A state machine plus the HTTP routes that drive it."""
+
+    state_machine: StateMachine
+
+    def routes(self, node: RaftNode) -> list[Route]:
+        """The routes this application serves."""
+        ...
+
+    def start(self, node: RaftNode) -> None:
+        """Called once the node runs."""
+        ...
+
+    def stop(self) -> None:
+        """Called before the node stops."""
+        ...
+
+
+def status_json(status: NodeStatus) -> dict[str, Any]:
+    """A node status as plain JSON data."""
+    data = asdict(status)
+    data["state"] = str(status.state)
+    return data
+
+
+def _body_field(request: ApiRequest, name: str) -> Any:
+    if not isinstance(request.body, dict) or name not in request.body:
+        raise ApiError(400, "invalid_argument", f"JSON body must have a {name!r} field")
+    return request.body[name]
+
+
+def _json_value(value: Any) -> str | int | None:
+    if value is None or isinstance(value, str) or (isinstance(value, int)
+                                                   and not isinstance(value, bool)):
+        return value
+    raise ApiError(400, "invalid_argument", "values must be strings, integers or null")
+
+
+class KeyValueApplication:
+    """The example key-value machine behind ``/v1/kv/{key}``."""
+
+    def __init__(self) -> None:
+        self.state_machine = KeyValueStateMachine()
+
+    def start(self, node: RaftNode) -> None:
+        """Nothing to start."""
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+    def routes(self, node: RaftNode) -> list[Route]:
+        """``GET/PUT/DELETE /v1/kv/{key}``, ``POST /v1/kv/{key}/incr|cas``."""
+        sm = self.state_machine
+
+        def read(request: ApiRequest) -> Any:
+            key = request.path_args[0]
+            if request.flag("linearizable"):
+                value = node.propose(kv_command("get", key))
+                return {"value": value, "applied_index": node.applied_index}
+            return {"value": sm.get(key), "applied_index": node.applied_index}
+
+        def write(request: ApiRequest) -> Any:
+            value = _json_value(_body_field(request, "value"))
+            previous = node.propose(kv_command("set", request.path_args[0], value))
+            return {"previous": previous}
+
+        def delete(request: ApiRequest) -> Any:
+            return {"previous": node.propose(kv_command("delete", request.path_args[0]))}
+
+        def incr(request: ApiRequest) -> Any:
+            return {"value": node.propose(kv_command("incr", request.path_args[0]))}
+
+        def cas(request: ApiRequest) -> Any:
+            expected = _json_value(_body_field(request, "expected"))
+            new = _json_value(_body_field(request, "new"))
+            return {"swapped": node.propose(kv_command("cas", request.path_args[0],
+                                                       expected, new))}
+
+        def dump(request: ApiRequest) -> Any:
+            if request.flag("linearizable"):
+                node.barrier()
+            return {"items": sm.items(), "applied_index": node.applied_index}
+
+        return [
+            Route("GET", "/v1/kv", dump),
+            Route("GET", "/v1/kv/{key}", read),
+            Route("PUT", "/v1/kv/{key}", write),
+            Route("DELETE", "/v1/kv/{key}", delete),
+            Route("POST", "/v1/kv/{key}/incr", incr),
+            Route("POST", "/v1/kv/{key}/cas", cas),
+        ]
+
+
+def admin_routes(node: RaftNode) -> list[Route]:
+    """Status, membership, leadership and snapshot routes common to every application."""
+
+    def status(_: ApiRequest) -> Any:
+        return status_json(node.status())
+
+    def members(_: ApiRequest) -> Any:
+        return {"members": node.members(), "leader_id": node.leader_id}
+
+    def add_member(request: ApiRequest) -> Any:
+        node_id = str(_body_field(request, "node_id"))
+        address = str(_body_field(request, "address"))
+        node.add_member(node_id, address)
+        return {"members": node.members()}
+
+    def remove_member(request: ApiRequest) -> Any:
+        node.remove_member(request.path_args[0])
+        return {"members": node.members()}
+
+    def transfer(request: ApiRequest) -> Any:
+        target = request.body.get("node_id") if isinstance(request.body, dict) else None
+        node.transfer_leadership(target)
+        return {"requested": target}
+
+    def snapshot(_: ApiRequest) -> Any:
+        node.snapshot_now()
+        return {"requested": True}
+
+    return [
+        Route("GET", "/v1/status", status),
+        Route("GET", "/v1/members", members),
+        Route("POST", "/v1/members", add_member),
+        Route("DELETE", "/v1/members/{node_id}", remove_member),
+        Route("POST", "/v1/leader/transfer", transfer),
+        Route("POST", "/v1/snapshot", snapshot),
+    ]
+
+
+class NodeServer:
+    """A node with its application and HTTP API, started and stopped together."""
+
+    def __init__(self, config: NodeConfig, application: Application | None = None) -> None:
+        self.config = config.clone().validate()
+        self.application = application or KeyValueApplication()
+        self.node = RaftNode(self.config, self.application.state_machine)
+        self.api: ApiServer | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Start the node, then the application, then the API."""
+        self.node.start()
+        try:
+            self.application.start(self.node)
+            if self.config.api_address is not None:
+                from .metrics import metrics_endpoint
+
+                self.api = ApiServer(
+                    self.config.api_address,
+                    admin_routes(self.node) + self.application.routes(self.node),
+                    secret=self.config.cluster_secret,
+                    metrics=metrics_endpoint(self.node, self.application),
+                )
+                self.api.start()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("%s: serving (api %s)", self.config.node_id, self.config.api_address)
+
+    def stop(self) -> None:
+        """Stop the API, the application and the node. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.api is not None:
+            self.api.stop()
+        try:
+            self.application.stop()
+        except ConsensusError:
+            logger.exception("application stop failed")
+        self.node.stop()
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, say)."""
+        self._stopped.wait()

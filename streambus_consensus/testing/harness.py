@@ -1,0 +1,318 @@
+"""Run a cluster of real node processes on loopback, and break it on purpose.
+
+:class:`LocalCluster` writes one TOML config per node, starts each node as its
+own OS process (``python -m streambus_consensus node run``), finds the
+leader through the nodes' HTTP APIs and injects faults: SIGKILL, SIGSTOP /
+SIGCONT pauses, graceful stops and restarts from the same data directory.
+Everything it starts it stops, on :meth:`LocalCluster.close`, on leaving the
+``with`` block, and at interpreter exit as a last resort.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..client import ApiClient, Unreachable
+from ..errors import ConsensusError
+
+__all__ = ["LocalCluster", "NodeProcess", "free_ports", "wait_until"]
+
+T = TypeVar("T")
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str,
+               interval: float = 0.05) -> T:
+    """Call ``check`` until it returns something truthy; raise TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (ConsensusError, OSError) as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class NodeProcess:
+    """One node of a :class:`LocalCluster`."""
+
+    node_id: str
+    raft_port: int
+    api_port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+    starts: int = 0
+
+    @property
+    def raft_address(self) -> str:
+        """Cluster (Raft) address."""
+        return f"127.0.0.1:{self.raft_port}"
+
+    @property
+    def api_address(self) -> str:
+        """HTTP API address."""
+        return f"127.0.0.1:{self.api_port}"
+
+    @property
+    def config_path(self) -> Path:
+        """The node's TOML config."""
+        return self.directory / "node.toml"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the node's stderr goes (appended across restarts)."""
+        return self.directory / "node.log"
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is running (paused counts as running)."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    """A cluster of node processes on loopback. Use as a context manager.
+
+    Args:
+        size: number of voting members.
+        base_dir: where configs, data dirs and logs go (one subdirectory each).
+        app: ``"kv"`` or ``"metadata"``.
+        secret: cluster secret; ``None`` runs unauthenticated (loopback only).
+        settings: extra config fields for every node (e.g. snapshot interval).
+    """
+
+    size: int
+    base_dir: Path
+    app: str = "kv"
+    secret: str | None = "test-cluster-secret-0123456789"
+    settings: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, NodeProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.base_dir = Path(self.base_dir)
+        ports = free_ports(2 * self.size)
+        for i in range(self.size):
+            node_id = f"n{i + 1}"
+            self.nodes[node_id] = NodeProcess(node_id, ports[2 * i], ports[2 * i + 1],
+                                              self.base_dir / node_id)
+        for node in self.nodes.values():
+            self._write_config(node)
+
+    # -- set-up ------------------------------------------------------------------
+
+    def _write_config(self, node: NodeProcess) -> None:
+        node.directory.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f'node_id = "{node.node_id}"',
+            'data_dir = "data"',
+            f'api_address = "{node.api_address}"',
+        ]
+        if self.secret is not None:
+            lines.append(f'cluster_secret = "{self.secret}"')
+        for key, value in self.settings.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("[cluster]")
+        lines += [f'{n.node_id} = "{n.raft_address}"' for n in self.nodes.values()]
+        node.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def client(self, *node_ids: str, timeout: float = 10.0) -> ApiClient:
+        """An API client for the given nodes (default: all)."""
+        chosen = node_ids or tuple(self.nodes)
+        return ApiClient([self.nodes[n].api_address for n in chosen], secret=self.secret,
+                         timeout=timeout)
+
+    # -- processes ---------------------------------------------------------------
+
+    def start(self, *node_ids: str, wait: bool = True) -> None:
+        """Start the given nodes (default: all) and wait until their APIs answer."""
+        for node_id in node_ids or tuple(self.nodes):
+            node = self.nodes[node_id]
+            if node.alive:
+                continue
+            log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            node.proc = subprocess.Popen(
+                [sys.executable, "-m", "streambus_consensus", "node", "run",
+                 "--config", str(node.config_path), "--app", self.app],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=node.directory, env=env, start_new_session=True,
+            )
+            log.close()
+            node.paused = False
+            node.starts += 1
+            _LIVE.add(node.proc)
+        if wait:
+            for node_id in node_ids or tuple(self.nodes):
+                self.wait_api(node_id)
+
+    def wait_api(self, node_id: str, timeout: float = 20.0) -> None:
+        """Wait until a node's API answers."""
+        node = self.nodes[node_id]
+
+        def answers() -> bool:
+            if not node.alive:
+                raise RuntimeError(f"{node_id} exited with {node.proc and node.proc.poll()}; "
+                                   f"log: {node.log_path}\n{self.tail(node_id)}")
+            return self.status(node_id) is not None
+
+        wait_until(answers, timeout, f"{node_id}'s API")
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` (default SIGKILL) and, for fatal signals, reap the process."""
+        node = self.nodes[node_id]
+        if node.proc is None or not node.alive:
+            return
+        if node.paused:
+            os.killpg(node.proc.pid, signal.SIGCONT)
+        os.killpg(node.proc.pid, sig)
+        try:
+            node.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.proc.pid, signal.SIGKILL)
+            node.proc.wait(5)
+        _LIVE.discard(node.proc)
+        node.paused = False
+
+    def stop(self, node_id: str) -> None:
+        """Graceful stop (SIGTERM), escalating to SIGKILL after 15 s."""
+        self.kill(node_id, signal.SIGTERM)
+
+    def pause(self, node_id: str) -> None:
+        """SIGSTOP the node: it stays connected but says nothing."""
+        node = self.nodes[node_id]
+        if node.proc is not None and node.alive and not node.paused:
+            os.killpg(node.proc.pid, signal.SIGSTOP)
+            node.paused = True
+
+    def resume(self, node_id: str) -> None:
+        """SIGCONT a paused node."""
+        node = self.nodes[node_id]
+        if node.proc is not None and node.alive and node.paused:
+            os.killpg(node.proc.pid, signal.SIGCONT)
+            node.paused = False
+
+    def restart(self, node_id: str) -> None:
+        """SIGKILL (if running) and start again from the same data directory."""
+        self.kill(node_id)
+        self.start(node_id)
+
+    def close(self) -> None:
+        """Stop every process this cluster started. Idempotent."""
+        for node in self.nodes.values():
+            if node.proc is not None and node.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    if node.paused:
+                        os.killpg(node.proc.pid, signal.SIGCONT)
+                    os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(10)
+            if node.proc is not None:
+                _LIVE.discard(node.proc)
+
+    # -- observing ---------------------------------------------------------------
+
+    def status(self, node_id: str, timeout: float = 2.0) -> dict[str, Any] | None:
+        """A node's ``/v1/status``, or ``None`` if it does not answer."""
+        node = self.nodes[node_id]
+        if not node.alive or node.paused:
+            return None
+        try:
+            return self.client(node_id, timeout=timeout).status(node.api_address)
+        except (Unreachable, ConsensusError, OSError):
+            return None
+
+    def running(self) -> list[str]:
+        """Ids of nodes running and not paused."""
+        return [n for n, node in self.nodes.items() if node.alive and not node.paused]
+
+    def leader(self) -> str | None:
+        """The leader that every running node agrees on, or ``None``."""
+        statuses = [self.status(n) for n in self.running()]
+        leaders = {s["node_id"] for s in statuses if s and s["state"] == "leader"}
+        if len(leaders) != 1:
+            return None
+        leader = leaders.pop()
+        agree = sum(1 for s in statuses if s and s["leader_id"] == leader)
+        return leader if agree > self.size // 2 else None
+
+    def wait_for_leader(self, timeout: float = 15.0, exclude: str | None = None) -> str:
+        """Wait until a majority agrees on a leader (other than ``exclude``)."""
+        def found() -> str | None:
+            leader = self.leader()
+            return leader if leader is not None and leader != exclude else None
+
+        return wait_until(found, timeout, "an agreed leader")
+
+    def followers(self) -> list[str]:
+        """Running nodes that are not the current leader."""
+        leader = self.leader()
+        return [n for n in self.running() if n != leader]
+
+    def tail(self, node_id: str, lines: int = 30) -> str:
+        """The end of a node's log."""
+        try:
+            text = self.nodes[node_id].log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def logs(self) -> Iterator[tuple[str, Path]]:
+        """Each node's log file."""
+        for node_id, node in self.nodes.items():
+            yield node_id, node.log_path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} to TOML")
