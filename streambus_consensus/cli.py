@@ -23,6 +23,7 @@ from .errors import ConfigError, ConsensusError
 __all__ = ["main"]
 
 EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 2, 3, 4
+UNSAFE_NO_ENGINE_FIXES = "STREAMBUS_CONSENSUS_UNSAFE_DISABLE_ENGINE_FIXES"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -108,10 +109,19 @@ def _run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = NodeConfig.from_toml(args.config).validate()
+    from .raft.safety import MessageGuard
     from .server import KeyValueApplication, NodeServer
 
     application: Any = KeyValueApplication()
-    server = NodeServer(config, application)
+    guard = None
+    if os.environ.get(UNSAFE_NO_ENGINE_FIXES) == "1":
+        # Test-only: lets the regression tests show the engine defects the
+        # guard prevents. Never set this in production.
+        logging.getLogger(__name__).critical(
+            "%s=1: engine fixes DISABLED; this node can acknowledge lost writes",
+            UNSAFE_NO_ENGINE_FIXES)
+        guard = MessageGuard(enabled=False)
+    server = NodeServer(config, application, guard=guard)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     server.start()

@@ -18,6 +18,7 @@ from .errors import ConsensusError
 from .interfaces import NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
 from .raft.node import RaftNode
+from .raft.safety import MessageGuard
 
 __all__ = ["Application", "KeyValueApplication", "NodeServer", "status_json"]
 
@@ -158,10 +159,11 @@ def admin_routes(node: RaftNode) -> list[Route]:
 class NodeServer:
     """A node with its application and HTTP API, started and stopped together."""
 
-    def __init__(self, config: NodeConfig, application: Application | None = None) -> None:
+    def __init__(self, config: NodeConfig, application: Application | None = None, *,
+                 guard: MessageGuard | None = None) -> None:
         self.config = config.clone().validate()
         self.application = application or KeyValueApplication()
-        self.node = RaftNode(self.config, self.application.state_machine)
+        self.node = RaftNode(self.config, self.application.state_machine, guard=guard)
         self.api: ApiServer | None = None
         self._stopped = threading.Event()
 

@@ -7,11 +7,12 @@ machine reads no clock and draws no random numbers.
 Wire format (version :data:`FORMAT_VERSION`), encoded with
 :mod:`streambus_consensus.codec`::
 
-    (format_version: int, command_type: str, fields: dict[str, plain data])
+    (format_version: int, command_type: str, request_id, field, field, ...)
 
-``fields`` holds exactly the command's fields; ``request_id`` is
-``(client_id, seq)``. :func:`decode_command` checks the version, the type, the
-set of field names, each field's type and range, and raises
+a flat tuple: ``request_id`` is ``(client_id, seq)`` and the other fields
+follow in the order of the command's dataclass fields (positional, to keep
+the hot decode path short). :func:`decode_command` checks the version, the
+type, the number of fields, each field's type and range, and raises
 :class:`~streambus_consensus.errors.CodecError` on any mismatch. Whether a
 well-formed command makes sense (does the topic exist, is the name valid) is
 the state machine's business: it answers with a refusal code, not an exception.
@@ -180,8 +181,9 @@ class CreateTopic:
     """Replicas per partition, at least 1 and at most the active brokers."""
     config: Mapping[str, str | int] = field(default_factory=dict)
     """Overrides of the default :class:`~.records.TopicConfig`, by Kafka key."""
-    placement_offset: int = 0
-    """Where the striped placement starts; the proposer picks it (at random)."""
+    placement_offset: int
+    """Where the striped placement starts, ``>= 0``. The proposer picks it at
+    random before proposing, so topics do not all start on the same broker."""
 
     def __post_init__(self) -> None:
         _freeze_mapping(self, "config")
@@ -231,8 +233,9 @@ class AddPartitions:
     """The topic to grow."""
     new_total: int
     """The partition count afterwards; more than the current count."""
-    placement_offset: int = 0
-    """Where the striped placement of the new partitions starts."""
+    placement_offset: int
+    """Where the striped placement of the new partitions starts (picked at
+    random by the proposer, ``>= 0``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -560,11 +563,12 @@ _BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA
 
 
 def _check_schema_matches_classes() -> None:
-    # Keeps the schema table and the dataclasses from drifting apart.
+    # Keeps the schema table and the dataclasses from drifting apart. The
+    # order of the fields is the wire order: changing it needs a new FORMAT_VERSION.
     for cls, (name, kinds) in _SCHEMA.items():
         names = [f.name for f in fields(cls)]
-        if sorted(names) != sorted(kinds):
-            raise TypeError(f"schema of {name} lists {sorted(kinds)}, class has {sorted(names)}")
+        if names != list(kinds):
+            raise TypeError(f"schema of {name} lists {list(kinds)}, class has {names}")
 
 
 _check_schema_matches_classes()
@@ -589,8 +593,8 @@ def encode_command(command: Command) -> bytes:
     if spec is None:
         raise CodecError(f"not a metadata command: {type(command).__name__}")
     name, kinds = spec
-    body = {key: kind.to_wire(getattr(command, key), f"{name}.{key}") for key, kind in kinds.items()}
-    return codec.encode((FORMAT_VERSION, name, body))
+    body = [kind.to_wire(getattr(command, key), f"{name}.{key}") for key, kind in kinds.items()]
+    return codec.encode((FORMAT_VERSION, name, *body))
 
 
 def decode_command(data: bytes) -> Command:
@@ -601,23 +605,24 @@ def decode_command(data: bytes) -> Command:
     mistyped field, or an out-of-range value.
     """
     value = codec.decode(data)
-    if type(value) is not tuple or len(value) != 3:
-        raise CodecError("a command is a (version, type, fields) tuple")
-    version, name, body = value
+    if type(value) is not tuple or len(value) < 2:
+        raise CodecError("a command is a (version, type, fields...) tuple")
+    version, name = value[0], value[1]
     if type(version) is not int or version != FORMAT_VERSION:
         raise CodecError(f"unknown command format version {version!r}; this build reads "
                          f"{FORMAT_VERSION}")
     if type(name) is not str or name not in _BY_NAME:
         raise CodecError(f"unknown command type {name!r}")
-    if type(body) is not dict:
-        raise CodecError(f"{name}: fields must be a dict")
     cls = _BY_NAME[name]
     kinds = _SCHEMA[cls][1]
-    missing = sorted(set(kinds) - set(body))
-    extra = sorted(str(k) for k in set(body) - set(kinds))
-    if missing or extra:
-        raise CodecError(f"{name}: missing fields {missing}, unexpected fields {extra}")
-    kwargs = {key: kind.from_wire(body[key], f"{name}.{key}") for key, kind in kinds.items()}
+    if len(value) != 2 + len(kinds):
+        raise CodecError(
+            f"{name}: expected {len(kinds)} fields ({', '.join(kinds)}), got {len(value) - 2}"
+        )
+    kwargs = {
+        key: kind.from_wire(item, f"{name}.{key}")
+        for (key, kind), item in zip(kinds.items(), value[2:], strict=True)
+    }
     command: Command = cls(**kwargs)
     return command
 

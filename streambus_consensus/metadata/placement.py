@@ -29,18 +29,29 @@ from collections.abc import Mapping, Sequence
 from ..errors import ConsensusError
 from .records import Broker, BrokerState
 
-__all__ = ["PlacementError", "check_placement", "place_replicas"]
+__all__ = [
+    "PlacementError",
+    "check_placement",
+    "place_on_racks",
+    "place_replicas",
+    "rack_groups",
+]
 
 
 class PlacementError(ConsensusError, ValueError):
     """Replicas cannot be placed as asked (too few active brokers, bad arguments)."""
 
 
-def _racks(
-    brokers: Sequence[Broker], existing_load: Mapping[int, int] | None
+def rack_groups(
+    brokers: Sequence[Broker], existing_load: Mapping[int, int] | None = None
 ) -> list[list[int]]:
-    """Active broker ids grouped by rack, racks sorted by name (``None`` first);
-    within a rack, least loaded first, then by id."""
+    """The ``ACTIVE`` broker ids grouped by rack: racks sorted by name (``None``
+    first); within a rack, least loaded first (``existing_load``), then by id.
+
+    This is the input of :func:`place_on_racks`; callers that place often can
+    compute it once per broker set. Raises :class:`PlacementError` when a
+    broker id is listed twice.
+    """
     load = existing_load or {}
     by_rack: dict[str, list[int]] = {}
     seen: set[int] = set()
@@ -90,6 +101,26 @@ def place_replicas(
         PlacementError: bad arguments, or fewer active brokers than
             ``replication_factor``.
     """
+    return place_on_racks(
+        rack_groups(brokers, existing_load),
+        partitions,
+        replication_factor,
+        start_offset,
+        first_partition,
+    )
+
+
+def place_on_racks(
+    racks: Sequence[Sequence[int]],
+    partitions: int,
+    replication_factor: int,
+    start_offset: int,
+    first_partition: int = 0,
+) -> list[tuple[int, ...]]:
+    """:func:`place_replicas` on brokers already grouped by :func:`rack_groups`.
+
+    ``racks`` must hold distinct broker ids; empty racks are ignored.
+    """
     if partitions < 0:
         raise PlacementError(f"partitions must be >= 0, got {partitions}")
     if replication_factor < 1:
@@ -99,7 +130,7 @@ def place_replicas(
             f"start_offset and first_partition must be >= 0, got {start_offset}, "
             f"{first_partition}"
         )
-    racks = _racks(brokers, existing_load)
+    racks = [rack for rack in racks if rack]
     active = sum(len(rack) for rack in racks)
     if replication_factor > active:
         raise PlacementError(
@@ -118,10 +149,17 @@ def place_replicas(
             pick += 1
             if broker not in chosen:
                 chosen.append(broker)
-        leader = min(chosen, key=lambda b: leader_counts.get(b, 0))
-        leader_counts[leader] = leader_counts.get(leader, 0) + 1
-        chosen.remove(leader)
-        result.append((leader, *chosen))
+        leader = chosen[0]
+        fewest = leader_counts.get(leader, 0)
+        for candidate in chosen:
+            count = leader_counts.get(candidate, 0)
+            if count < fewest:
+                leader, fewest = candidate, count
+        leader_counts[leader] = fewest + 1
+        if leader != chosen[0]:
+            chosen.remove(leader)
+            chosen.insert(0, leader)
+        result.append(tuple(chosen))
     return result
 
 

@@ -16,7 +16,7 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Any, Final
 
 from ..errors import ConfigError
 
@@ -54,6 +54,8 @@ _MIN_SEGMENT_BYTES: Final = 14  # Kafka's LegacyRecord.RECORD_OVERHEAD_V0
 _MAX_REPLICATION_FACTOR: Final = 32767  # Kafka's replication factor is an int16
 
 # Kafka key -> (field name, kind, minimum, maximum); kind "int" or "str".
+_UNKNOWN_KEY: Final = f"unknown topic config key; known: {list(TOPIC_CONFIG_KEYS)}"
+
 _KEYS: Final[Mapping[str, tuple[str, str, int, int]]] = {
     "retention.ms": ("retention_ms", "int", -1, _INT64_MAX),
     "segment.bytes": ("segment_bytes", "int", _MIN_SEGMENT_BYTES, _INT32_MAX),
@@ -143,7 +145,7 @@ class TopicConfig:
         """
         spec = _KEYS.get(key)
         if spec is None:
-            raise ConfigError(key, None, f"unknown topic config key; known: {list(TOPIC_CONFIG_KEYS)}")
+            raise ConfigError(key, None, _UNKNOWN_KEY)
         value: int | str = getattr(self, spec[0])
         return value
 
@@ -165,11 +167,11 @@ class TopicConfig:
         :class:`~streambus_consensus.errors.ConfigError` for an unknown key, a
         badly typed or out-of-range value, or a key both set and deleted.
         """
-        changes: dict[str, int | str] = {}
+        changes: dict[str, Any] = {}
         deleted = list(delete_configs)
         for key in deleted:
             if key not in _KEYS:
-                raise ConfigError(key, None, f"unknown topic config key; known: {list(TOPIC_CONFIG_KEYS)}")
+                raise ConfigError(key, None, _UNKNOWN_KEY)
             if key in set_configs:
                 raise ConfigError(key, set_configs[key], "is both set and deleted")
             changes[_KEYS[key][0]] = getattr(_DEFAULT, _KEYS[key][0])
@@ -183,7 +185,7 @@ def _parse(key: str, value: object) -> int | str:
     """Validate and normalise one setting; raise ConfigError quoting it."""
     spec = _KEYS.get(key)
     if spec is None:
-        raise ConfigError(key, value, f"unknown topic config key; known: {list(TOPIC_CONFIG_KEYS)}")
+        raise ConfigError(key, value, _UNKNOWN_KEY)
     _name, kind, lo, hi = spec
     if kind == "int":
         number: int

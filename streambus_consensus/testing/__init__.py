@@ -1,9 +1,14 @@
 """Test helpers for systems built on streambus_consensus.
 
-:mod:`~streambus_consensus.testing.linearizability` checks recorded client
-histories for linearizability (Wing & Gong search with Lowe's memoization, as
-in porcupine) and ships models of a register and of the StreamBus topic
-metadata operations.
+Re-exported here: :mod:`~streambus_consensus.testing.linearizability`, which
+checks recorded client histories for linearizability (Wing & Gong search with
+Lowe's memoization, as in porcupine) and ships models of a register and of the
+StreamBus topic metadata operations. It imports nothing from the package but
+the exception tree.
+
+Import :mod:`~streambus_consensus.testing.harness` (real node processes on
+loopback) explicitly; it is not imported here, so checking histories stays
+light.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ class LocalCluster:
         app: ``"kv"`` or ``"metadata"``.
         secret: cluster secret; ``None`` runs unauthenticated (loopback only).
         settings: extra config fields for every node (e.g. snapshot interval).
+        env: extra environment variables for the node processes.
     """
 
     size: int
@@ -127,6 +128,7 @@ class LocalCluster:
     app: str = "kv"
     secret: str | None = "test-cluster-secret-0123456789"
     settings: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,7 +179,7 @@ class LocalCluster:
             if node.alive:
                 continue
             log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
             node.proc = subprocess.Popen(
                 [sys.executable, "-m", "streambus_consensus", "node", "run",
                  "--config", str(node.config_path), "--app", self.app],

@@ -137,11 +137,6 @@ class Operation:
         """Whether the outcome is unknown: it may take effect any time after its call, or never."""
         return self.return_time == math.inf
 
-    @property
-    def effective_output(self) -> Any:
-        """The output given to the model: :data:`UNKNOWN_OUTPUT` for unknown outcomes."""
-        return UNKNOWN_OUTPUT if self.is_unknown else self.output
-
 
 def _validate(op: Operation) -> None:
     if not isinstance(op, Operation):
@@ -237,7 +232,9 @@ class PartitionResult:
     """The model state after ``linearization``."""
     stuck: tuple[Operation, ...] = ()
     """``ILLEGAL``: the operations that could come next after the longest
-    prefix; the model refused every one of them from ``final_state``."""
+    prefix; none of them leads to a linearization. Without unknown outcomes the
+    model refuses each of them from ``final_state``; an operation it allows here
+    only leads to dead ends (:meth:`CheckResult.explain` says which is which)."""
     blocked_by: Operation | None = None
     """``ILLEGAL``: the earliest-returning operation not in the longest prefix;
     it had to take effect before it returned and could not."""
@@ -278,7 +275,7 @@ class CheckResult:
         """A human-readable account of the verdict, using the model's descriptions."""
 
         def describe(op: Operation) -> str:
-            what = model.describe_operation(op.input, op.effective_output)
+            what = model.describe_operation(op.input, op.output)
             span = f"[{_format_time(op.call_time)}, {_format_time(op.return_time)}]"
             return f"client {op.client_id} {span} {what}"
 
@@ -295,8 +292,11 @@ class CheckResult:
             lines.extend(f"    {n + 1}. {describe(op)}" for n, op in enumerate(part.linearization))
             lines.append(f"  state after it: {model.describe_state(part.final_state)}")
             if part.outcome is CheckOutcome.ILLEGAL:
-                lines.append("  none of these can take effect next (the model refuses each):")
-                lines.extend(f"    - {describe(op)}" for op in part.stuck)
+                lines.append("  none of these can take effect next:")
+                for op in part.stuck:
+                    legal, _ = model.step(part.final_state, op.input, op.output)
+                    why = "allowed, but leads only to dead ends" if legal else "refused"
+                    lines.append(f"    - {describe(op)}  ({why})")
                 if part.blocked_by is not None:
                     blocker = describe(part.blocked_by)
                     lines.append(f"  so this cannot take effect before it returned: {blocker}")
@@ -309,7 +309,6 @@ class CheckResult:
 
 
 _CHECK_CLOCK_EVERY = 1024
-_PRUNE = True
 
 
 def _check_partition(
@@ -344,7 +343,7 @@ def _check_partition(
         prv[node] = node - 1
 
     inputs = [op.input for op in ops]
-    outputs = [op.effective_output for op in ops]
+    outputs = [op.output for op in ops]
     definite = [not op.is_unknown for op in ops]
     remaining = sum(definite)
 
@@ -352,8 +351,8 @@ def _check_partition(
     key_of = model.state_key
     state = model.init()
     state_key: Hashable = state if key_of is None else key_of(state)
-    linearized = 0  # bitset of op indices
-    cache: set[tuple[int, Hashable]] = set()
+    linearized = 0  # bitset of the op indices placed so far
+    cache: set[tuple[int, Hashable]] = set()  # configurations explored: (linearized, state key)
     calls: list[tuple[int, S, Hashable]] = []  # (call node, state before it, its key)
     steps = 0
 
@@ -385,11 +384,11 @@ def _check_partition(
             legal, new_state = step(state, inputs[i], outputs[i])
             if legal:
                 new_key = new_state if key_of is None else key_of(new_state)
-                # An unknown operation that changes nothing here may as well never happen.
-                useful = definite[i] or not _PRUNE or new_key != state_key
                 new_linearized = linearized | (1 << i)
                 key = (new_linearized, new_key)
-                if useful and key not in cache:
+                # An unknown operation that would change nothing here may as well never
+                # happen: placing it cannot help, and would only multiply configurations.
+                if (definite[i] or new_key != state_key) and key not in cache:
                     cache.add(key)
                     calls.append((node, state, state_key))
                     state = new_state
@@ -423,14 +422,15 @@ def _check_partition(
             node, state, state_key = calls.pop()
             i = op_of[node]
             linearized &= ~(1 << i)
+            if definite[i]:
+                remaining += 1
+            # put the call and its return back (dancing links: in reverse order of lifting)
             ret = match[node]
             nxt[prv[ret]] = ret
             if nxt[ret] != -1:
                 prv[nxt[ret]] = ret
             nxt[prv[node]] = node
             prv[nxt[node]] = node
-            if definite[i]:
-                remaining += 1
             node = nxt[node]
 
     if remaining > 0:

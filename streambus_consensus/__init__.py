@@ -1,0 +1,70 @@
+"""streambus_consensus: replicated metadata for the StreamBus broker, agreed through Raft.
+
+The public surface is re-exported here; everything else is internal.
+"""
+
+from .config import NodeConfig
+from .errors import (
+    CodecError,
+    CommandRefusedError,
+    ConfigError,
+    ConsensusError,
+    CorruptStorageError,
+    LeadershipLostError,
+    NodeStoppedError,
+    NoLeaderError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProposalDiscardedError,
+    ProposalRejectedError,
+    ProposalTimeoutError,
+    QueueFullError,
+    RequestDeniedError,
+    StorageError,
+    TransportError,
+)
+from .interfaces import (
+    ConsistentSnapshotter,
+    LogEntry,
+    Node,
+    NodeState,
+    NodeStatus,
+    PeerStatus,
+    StateMachine,
+    Storage,
+    Transport,
+)
+from .raft import DiskStorage, MemoryStorage, RaftNode, TcpTransport
+
+__all__ = [
+    "CodecError",
+    "CommandRefusedError",
+    "ConfigError",
+    "ConsensusError",
+    "ConsistentSnapshotter",
+    "CorruptStorageError",
+    "DiskStorage",
+    "LeadershipLostError",
+    "LogEntry",
+    "MemoryStorage",
+    "Node",
+    "NodeConfig",
+    "NodeState",
+    "NodeStatus",
+    "NodeStoppedError",
+    "NoLeaderError",
+    "NotLeaderError",
+    "OutcomeUnknownError",
+    "PeerStatus",
+    "ProposalDiscardedError",
+    "ProposalRejectedError",
+    "ProposalTimeoutError",
+    "QueueFullError",
+    "RaftNode",
+    "RequestDeniedError",
+    "StateMachine",
+    "Storage",
+    "StorageError",
+    "TcpTransport",
+    "Transport",
+]

@@ -1,0 +1,112 @@
+"""The replicated cluster metadata of StreamBus: records, commands, placement
+and the pure state machine that the Raft log drives.
+
+Data flows one way: a command is encoded with :func:`encode_command`,
+proposed through the Raft log, applied by :class:`MetadataStateMachine`, and
+its :class:`ApplyResult` goes back to the proposer while its :class:`Change` s
+go to listeners. Readers take a consistent :class:`MetadataImage`.
+"""
+
+from __future__ import annotations
+
+from .commands import (
+    ELECTION_KINDS,
+    FORMAT_VERSION,
+    AddPartitions,
+    AlterIsr,
+    AlterTopicConfig,
+    BeginControlledShutdown,
+    Command,
+    CreateTopic,
+    DeleteTopic,
+    ElectionKind,
+    ElectLeaders,
+    FenceBroker,
+    NoOp,
+    Read,
+    ReassignReplicas,
+    RegisterBroker,
+    RequestId,
+    UnfenceBroker,
+    UnregisterBroker,
+    command_type,
+    decode_command,
+    encode_command,
+)
+from .fsm import (
+    MAX_PARTITIONS_PER_TOPIC,
+    MAX_REPLICATION_FACTOR,
+    OK,
+    SNAPSHOT_VERSION,
+    ApplyResult,
+    Change,
+    ChangeKind,
+    MetadataImage,
+    MetadataStateMachine,
+    RefusalCode,
+)
+from .placement import (
+    PlacementError,
+    check_placement,
+    place_on_racks,
+    place_replicas,
+    rack_groups,
+)
+from .records import (
+    CLEANUP_POLICIES,
+    COMPRESSION_TYPES,
+    TOPIC_CONFIG_KEYS,
+    Broker,
+    BrokerState,
+    Partition,
+    Topic,
+    TopicConfig,
+)
+
+__all__ = [
+    "CLEANUP_POLICIES",
+    "COMPRESSION_TYPES",
+    "ELECTION_KINDS",
+    "FORMAT_VERSION",
+    "MAX_PARTITIONS_PER_TOPIC",
+    "MAX_REPLICATION_FACTOR",
+    "OK",
+    "SNAPSHOT_VERSION",
+    "TOPIC_CONFIG_KEYS",
+    "AddPartitions",
+    "AlterIsr",
+    "AlterTopicConfig",
+    "ApplyResult",
+    "BeginControlledShutdown",
+    "Broker",
+    "BrokerState",
+    "Change",
+    "ChangeKind",
+    "Command",
+    "CreateTopic",
+    "DeleteTopic",
+    "ElectLeaders",
+    "ElectionKind",
+    "FenceBroker",
+    "MetadataImage",
+    "MetadataStateMachine",
+    "NoOp",
+    "Partition",
+    "PlacementError",
+    "Read",
+    "ReassignReplicas",
+    "RefusalCode",
+    "RegisterBroker",
+    "RequestId",
+    "Topic",
+    "TopicConfig",
+    "UnfenceBroker",
+    "UnregisterBroker",
+    "check_placement",
+    "command_type",
+    "decode_command",
+    "encode_command",
+    "place_on_racks",
+    "place_replicas",
+    "rack_groups",
+]

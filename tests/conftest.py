@@ -1,0 +1,44 @@
+"""Shared fixtures: real node processes on loopback, always cleaned up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streambus_consensus.testing.harness import LocalCluster
+
+ClusterFactory = Callable[..., LocalCluster]
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
+    """Build LocalClusters that are killed (every process) when the test ends.
+
+    On failure the tail of each node's log is printed, so the cause is in the
+    test report.
+    """
+    clusters: list[LocalCluster] = []
+
+    def factory(size: int = 3, **kwargs: Any) -> LocalCluster:
+        cluster = LocalCluster(size, tmp_path / f"cluster{len(clusters)}", **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None)
+    for cluster in clusters:
+        cluster.close()
+        if failed is not None and failed.failed:
+            for node_id, path in cluster.logs():
+                print(f"--- {node_id} log ({path}) ---")
+                print(cluster.tail(node_id, 40))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report
