@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .client import ApiClient, Unreachable
+from .client import ApiClient, ClusterUnreachableError
 from .config import NodeConfig
 from .errors import ConfigError, ConsensusError
 
@@ -86,7 +86,8 @@ def _client(args: argparse.Namespace) -> ApiClient:
             with open(args.secret_file, encoding="utf-8") as f:
                 secret = f.read().strip()
         except OSError as exc:
-            raise ConfigError("--secret-file", args.secret_file, exc.strerror or "unreadable")
+            raise ConfigError("--secret-file", args.secret_file,
+                              exc.strerror or "unreadable") from None
     elif secret is None:
         secret = os.environ.get("STREAMBUS_CONSENSUS_SECRET")
     if not addresses:
@@ -137,7 +138,7 @@ def _status(args: argparse.Namespace) -> int:
     for address in client.addresses:
         try:
             status = client.status(address)
-        except Unreachable:
+        except ClusterUnreachableError:
             report.append({"api": address, "error": "unreachable"})
             rows.append([address, "unreachable", "-", "-", "-", "-", "-"])
             continue
@@ -150,7 +151,7 @@ def _status(args: argparse.Namespace) -> int:
                      str(status["applied_index"]), peers])
     _print(args, report, rows)
     if not reachable:
-        raise Unreachable("no node answered")
+        raise ClusterUnreachableError("no node answered")
     return 0
 
 
@@ -181,7 +182,7 @@ def _leader(args: argparse.Namespace) -> int:
                                address=address)
                 _print(args, {"from": leader, "to": args.node_id or "most caught-up"})
                 return 0
-        except Unreachable:
+        except ClusterUnreachableError:
             continue
     raise ConsensusError(f"the leader {leader} is not among the given API addresses")
 
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Unreachable as exc:
+    except ClusterUnreachableError as exc:
         print(f"error: cluster unreachable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ConsensusError as exc:

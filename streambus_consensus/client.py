@@ -24,10 +24,10 @@ from .errors import (
     ProposalRejectedError,
 )
 
-__all__ = ["ApiClient", "Unreachable"]
+__all__ = ["ApiClient", "ClusterUnreachableError"]
 
 
-class Unreachable(ConsensusError):
+class ClusterUnreachableError(ConsensusError):
     """No node answered."""
 
     retriable = True
@@ -73,7 +73,7 @@ class ApiClient:
             if address is None:
                 self._preferred = self.addresses.index(target)
             return _result(status, payload)
-        raise Unreachable("no node answered: " + "; ".join(errors))
+        raise ClusterUnreachableError("no node answered: " + "; ".join(errors))
 
     def _send(self, address: str, method: str, path: str, body: Any) -> tuple[int, Any]:
         host, port = parse_address(address)

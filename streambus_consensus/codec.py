@@ -51,7 +51,10 @@ def _encode(value: Any, out: list[bytes], depth: int) -> None:
             raise CodecError(f"integer {value} does not fit in 64 bits")
         out.append(_INT + _Q.pack(value))
     elif t is str:
-        raw = value.encode("utf-8")
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CodecError("string is not valid Unicode (lone surrogate)") from None
         out.append(_STR + _L.pack(len(raw)))
         out.append(raw)
     elif value is None:
@@ -119,7 +122,7 @@ def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         return True, pos
     if tag == _FALSE:
         return False, pos
-    if tag == _LIST or tag == _TUPLE:
+    if tag in (_LIST, _TUPLE):
         # Each item takes at least one byte, so a count larger than the
         # remaining bytes is malformed; checking it bounds memory.
         n, _ = _length(view, pos)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = ["NodeConfig", "parse_address"]
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_SECRET_LENGTH = 16
 
 
@@ -37,10 +38,9 @@ def parse_address(address: str, *, field_name: str = "address") -> tuple[str, in
         host = host[1:-1]
     if not host:
         raise ConfigError(field_name, address, "host part is empty")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(field_name, address, "port must be an integer") from None
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ConfigError(field_name, address, "port must be an integer")
+    port = int(port_text)
     if not 1 <= port <= 65535:
         raise ConfigError(field_name, address, "port must be in 1..65535")
     return host, port
@@ -139,7 +139,8 @@ class NodeConfig:
     a cluster secret, like the cluster port."""
 
     def __post_init__(self) -> None:
-        self.cluster = dict(self.cluster)
+        if isinstance(self.cluster, dict):
+            self.cluster = dict(self.cluster)
 
     @property
     def effective_stepdown_timeout(self) -> float:
@@ -159,12 +160,12 @@ class NodeConfig:
         for name, value in changes.items():
             if name not in _FIELD_NAMES:
                 raise ConfigError(name, value, "unknown config field")
-            setattr(twin, name, value)
+            setattr(twin, name, copy.deepcopy(value))
         return twin
 
     def validate(self) -> NodeConfig:
         """Check every rule; raise :class:`ConfigError` on the first broken one."""
-        if not isinstance(self.node_id, str) or not _NODE_ID.match(self.node_id):
+        if not isinstance(self.node_id, str) or not _NODE_ID.fullmatch(self.node_id):
             raise ConfigError(
                 "node_id", self.node_id,
                 "must be 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit",
@@ -173,8 +174,9 @@ class NodeConfig:
             raise ConfigError("cluster", self.cluster, "must map at least one node id to host:port")
         seen: dict[tuple[str, int], str] = {}
         for member, address in self.cluster.items():
-            if not isinstance(member, str) or not _NODE_ID.match(member):
-                raise ConfigError(f"cluster[{member!r}]", member, "member id is not a valid node id")
+            if not isinstance(member, str) or not _NODE_ID.fullmatch(member):
+                raise ConfigError(f"cluster[{member!r}]", member,
+                                  "member id is not a valid node id")
             key = parse_address(address, field_name=f"cluster[{member!r}]")
             if key in seen:
                 raise ConfigError(
@@ -222,6 +224,13 @@ class NodeConfig:
                 "tick_interval + heartbeat_interval", (self.tick_interval, self.heartbeat_interval),
                 "tick_interval must not exceed heartbeat_interval",
             )
+        stepdown_value = self.leader_stepdown_timeout
+        if stepdown_value is not None and (isinstance(stepdown_value, bool)
+                                           or not isinstance(stepdown_value, int | float)):
+            raise ConfigError("leader_stepdown_timeout", stepdown_value, "must be a number")
+        for name in ("fsync", "batch_appends"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, getattr(self, name), "must be true or false")
         stepdown = self.effective_stepdown_timeout
         if not (2 * self.heartbeat_interval <= stepdown <= 2 * self.election_timeout_max):
             raise ConfigError(
@@ -249,8 +258,9 @@ class NodeConfig:
     def _check_positive(self, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(name, value, "must be a number > 0")
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 < value < math.inf):
+                raise ConfigError(name, value, "must be a finite number > 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
@@ -261,6 +271,8 @@ class NodeConfig:
         for required in ("node_id", "cluster"):
             if required not in data:
                 raise ConfigError(required, None, "is required")
+        if not isinstance(data["cluster"], dict):
+            raise ConfigError("cluster", data["cluster"], "must map node ids to host:port")
         return cls(**data)
 
     @classmethod
@@ -275,10 +287,14 @@ class NodeConfig:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError("config file", str(path), f"cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("config file", str(path), "is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config file", str(path), f"is not valid TOML: {exc}") from None
         secret_file = data.pop("cluster_secret_file", None)
         if secret_file is not None:
+            if not isinstance(secret_file, str):
+                raise ConfigError("cluster_secret_file", secret_file, "must be a path string")
             secret_path = path.parent / secret_file
             try:
                 data["cluster_secret"] = secret_path.read_text(encoding="utf-8").strip()
@@ -286,6 +302,9 @@ class NodeConfig:
                 raise ConfigError(
                     "cluster_secret_file", str(secret_path), f"cannot be read: {exc.strerror}"
                 ) from None
+            except UnicodeDecodeError:
+                raise ConfigError("cluster_secret_file", str(secret_path),
+                                  "is not UTF-8 text") from None
         if isinstance(data.get("data_dir"), str):
             data["data_dir"] = str((path.parent / data["data_dir"]).resolve())
         return cls.from_dict(data)

@@ -197,6 +197,14 @@ class Transport(Protocol):
         """Peers with a live outgoing connection."""
         ...
 
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for network events and deliver them (Raft thread)."""
+        ...
+
+    def wake(self) -> None:
+        """Make a :meth:`poll` in progress return early (any thread)."""
+        ...
+
     def close(self) -> None:
         """Close every socket. Idempotent."""
         ...

@@ -170,8 +170,6 @@ def test_self_referencing_list_raises_codec_error() -> None:
         encode(loop)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: encode() of a str with a lone surrogate raises "
-                   "UnicodeEncodeError instead of CodecError")
 def test_unencodable_string_raises_codec_error() -> None:
     with pytest.raises(CodecError):
         encode({"name": "bad \ud800 surrogate"})

@@ -190,7 +190,8 @@ def test_register_starts_fenced_by_default_and_epoch_is_the_offset() -> None:
     broker = result.value
     assert broker.state is BrokerState.FENCED and str(broker.state) == "fenced"
     assert broker.broker_epoch == result.offset
-    assert result.changes[0].kind == ChangeKind.BROKER_REGISTERED == "broker_registered"
+    assert result.changes[0].kind == ChangeKind.BROKER_REGISTERED
+    assert str(result.changes[0].kind) == "broker_registered"
     unfenced = h.ok(UnfenceBroker(request_id=h.rid(), broker_id=1, broker_epoch=result.offset))
     assert unfenced.value.state is BrokerState.ACTIVE
     assert h.fsm.image().active_broker_ids() == (1,)
@@ -498,10 +499,6 @@ def test_read_changes_nothing_and_answers_at_its_offset() -> None:
 # Every refusal code, with its message
 
 
-def _unknown_broker(h: Harness) -> ApplyResult:
-    return h.refused(FenceBroker(request_id=h.rid(), broker_id=9), RefusalCode.UNKNOWN_BROKER)
-
-
 def _setup_topic(h: Harness, partitions: int = 1, rf: int = 1) -> None:
     h.brokers(max(rf, 1))
     h.ok(h.create("t", partitions, rf))
@@ -523,133 +520,225 @@ def _with_epochs_bumped(h: Harness) -> None:
     h.ok(FenceBroker(request_id=h.rid(), broker_id=0))
 
 
-SCENARIOS: dict[RefusalCode, Callable[[Harness], ApplyResult]] = {
-    RefusalCode.ALREADY_APPLIED: lambda h: h.fsm.apply_at(
-        h.fsm.offset, encode_command(NoOp(request_id=h.rid()))
-    ),
-    RefusalCode.MALFORMED_COMMAND: lambda h: h.fsm.apply(b"\x00garbage"),
-    RefusalCode.INTERNAL_ERROR: lambda h: _internal_error(),
-    RefusalCode.REQUEST_EXPIRED: lambda h: _request_expired(),
-    RefusalCode.INVALID_ENDPOINT: lambda h: h.refused(
-        h.register(1, endpoint="no-port"), RefusalCode.INVALID_ENDPOINT
-    ),
-    RefusalCode.INVALID_RACK: lambda h: h.refused(
-        h.register(1, rack="bad\nrack"), RefusalCode.INVALID_RACK
-    ),
-    RefusalCode.INVALID_INCARNATION_ID: lambda h: h.refused(
+SCENARIOS: dict[RefusalCode, Callable[[Harness], ApplyResult]] = {}
+
+
+def scenario(
+    code: RefusalCode,
+) -> Callable[[Callable[[Harness], ApplyResult]], Callable[[Harness], ApplyResult]]:
+    """Register the function that provokes refusal ``code``."""
+
+    def register(fn: Callable[[Harness], ApplyResult]) -> Callable[[Harness], ApplyResult]:
+        SCENARIOS[code] = fn
+        return fn
+
+    return register
+
+
+@scenario(RefusalCode.ALREADY_APPLIED)
+def _already_applied(h: Harness) -> ApplyResult:
+    h.ok(NoOp(request_id=h.rid()))
+    result = h.fsm.apply_at(h.fsm.offset, encode_command(NoOp(request_id=h.rid())))
+    assert result.offset == h.fsm.offset == 1
+    return result
+
+
+@scenario(RefusalCode.MALFORMED_COMMAND)
+def _malformed(h: Harness) -> ApplyResult:
+    return h.fsm.apply(b"\x00garbage")
+
+
+@scenario(RefusalCode.INTERNAL_ERROR)
+def _internal(h: Harness) -> ApplyResult:
+    return _internal_error()
+
+
+@scenario(RefusalCode.REQUEST_EXPIRED)
+def _expired(h: Harness) -> ApplyResult:
+    return _request_expired()
+
+
+@scenario(RefusalCode.INVALID_ENDPOINT)
+def _invalid_endpoint(h: Harness) -> ApplyResult:
+    return h.refused(h.register(1, endpoint="no-port"), RefusalCode.INVALID_ENDPOINT)
+
+
+@scenario(RefusalCode.INVALID_RACK)
+def _invalid_rack(h: Harness) -> ApplyResult:
+    return h.refused(h.register(1, rack="bad\nrack"), RefusalCode.INVALID_RACK)
+
+
+@scenario(RefusalCode.INVALID_INCARNATION_ID)
+def _invalid_incarnation(h: Harness) -> ApplyResult:
+    return h.refused(
         RegisterBroker(request_id=h.rid(), broker_id=1, endpoint="h:1", incarnation_id="x"),
         RefusalCode.INVALID_INCARNATION_ID,
-    ),
-    RefusalCode.INCARNATION_CONFLICT: lambda h: (
-        h.ok(h.register(1)),
-        h.refused(h.register(1, endpoint="elsewhere:1"), RefusalCode.INCARNATION_CONFLICT),
-    )[1],
-    RefusalCode.UNKNOWN_BROKER: _unknown_broker,
-    RefusalCode.STALE_BROKER_EPOCH: lambda h: (
-        h.ok(h.register(1)),
-        h.refused(
-            FenceBroker(request_id=h.rid(), broker_id=1, broker_epoch=999),
-            RefusalCode.STALE_BROKER_EPOCH,
-        ),
-    )[1],
-    RefusalCode.INVALID_TOPIC_NAME: lambda h: h.refused(
-        h.create("no spaces"), RefusalCode.INVALID_TOPIC_NAME
-    ),
-    RefusalCode.TOPIC_EXISTS: lambda h: (
-        _setup_topic(h), h.refused(h.create("t"), RefusalCode.TOPIC_EXISTS)
-    )[1],
-    RefusalCode.TOPIC_NAME_COLLISION: lambda h: (
-        h.brokers(1), h.ok(h.create("a.b")),
-        h.refused(h.create("a_b"), RefusalCode.TOPIC_NAME_COLLISION),
-    )[2],
-    RefusalCode.INVALID_TOPIC_ID: lambda h: h.refused(
+    )
+
+
+@scenario(RefusalCode.INCARNATION_CONFLICT)
+def _incarnation_conflict(h: Harness) -> ApplyResult:
+    h.ok(h.register(1))
+    return h.refused(h.register(1, endpoint="elsewhere:1"), RefusalCode.INCARNATION_CONFLICT)
+
+
+@scenario(RefusalCode.UNKNOWN_BROKER)
+def _unknown_broker(h: Harness) -> ApplyResult:
+    return h.refused(FenceBroker(request_id=h.rid(), broker_id=9), RefusalCode.UNKNOWN_BROKER)
+
+
+@scenario(RefusalCode.STALE_BROKER_EPOCH)
+def _stale_broker_epoch(h: Harness) -> ApplyResult:
+    h.ok(h.register(1))
+    return h.refused(
+        FenceBroker(request_id=h.rid(), broker_id=1, broker_epoch=999),
+        RefusalCode.STALE_BROKER_EPOCH,
+    )
+
+
+@scenario(RefusalCode.INVALID_TOPIC_NAME)
+def _invalid_topic_name(h: Harness) -> ApplyResult:
+    return h.refused(h.create("no spaces"), RefusalCode.INVALID_TOPIC_NAME)
+
+
+@scenario(RefusalCode.TOPIC_EXISTS)
+def _topic_exists(h: Harness) -> ApplyResult:
+    _setup_topic(h)
+    return h.refused(h.create("t"), RefusalCode.TOPIC_EXISTS)
+
+
+@scenario(RefusalCode.TOPIC_NAME_COLLISION)
+def _topic_name_collision(h: Harness) -> ApplyResult:
+    h.brokers(1)
+    h.ok(h.create("a.b"))
+    return h.refused(h.create("a_b"), RefusalCode.TOPIC_NAME_COLLISION)
+
+
+@scenario(RefusalCode.INVALID_TOPIC_ID)
+def _invalid_topic_id(h: Harness) -> ApplyResult:
+    return h.refused(
         h.create("t", topic_id="00000000-0000-0000-0000-000000000000"),
         RefusalCode.INVALID_TOPIC_ID,
-    ),
-    RefusalCode.TOPIC_ID_EXISTS: lambda h: (
-        h.brokers(1), h.ok(h.create("a", topic_id=uid(5))),
-        h.refused(h.create("b", topic_id=uid(5)), RefusalCode.TOPIC_ID_EXISTS),
-    )[2],
-    RefusalCode.TOPIC_ID_MISMATCH: lambda h: (
-        _setup_topic(h),
-        h.refused(
-            DeleteTopic(request_id=h.rid(), name="t", topic_id=uid(12345)),
-            RefusalCode.TOPIC_ID_MISMATCH,
-        ),
-    )[1],
-    RefusalCode.INVALID_PARTITIONS: lambda h: h.refused(
-        h.create("t", partitions=0), RefusalCode.INVALID_PARTITIONS
-    ),
-    RefusalCode.INVALID_REPLICATION_FACTOR: lambda h: h.refused(
-        h.create("t", rf=0), RefusalCode.INVALID_REPLICATION_FACTOR
-    ),
-    RefusalCode.INVALID_CONFIG: lambda h: h.refused(
-        h.create("t", config={"no.such.key": 1}), RefusalCode.INVALID_CONFIG
-    ),
-    RefusalCode.NOT_ENOUGH_BROKERS: lambda h: (
-        h.brokers(2),
-        h.refused(h.create("t", rf=3), RefusalCode.NOT_ENOUGH_BROKERS),
-    )[1],
-    RefusalCode.UNKNOWN_TOPIC: lambda h: h.refused(
-        DeleteTopic(request_id=h.rid(), name="t"), RefusalCode.UNKNOWN_TOPIC
-    ),
-    RefusalCode.UNKNOWN_PARTITION: lambda h: (
-        _setup_topic(h),
-        h.refused(
-            ElectLeaders(request_id=h.rid(), topic="t", partition=5),
-            RefusalCode.UNKNOWN_PARTITION,
-        ),
-    )[1],
-    RefusalCode.PREFERRED_LEADER_NOT_AVAILABLE: lambda h: (
-        _with_epochs_bumped(h),
-        h.refused(
-            ElectLeaders(request_id=h.rid(), topic="t", partition=0, kind="preferred"),
-            RefusalCode.PREFERRED_LEADER_NOT_AVAILABLE,
-        ),
-    )[1],
-    RefusalCode.LEADER_NOT_AVAILABLE: lambda h: (
-        _offline_partition(h),
-        h.refused(
-            ElectLeaders(request_id=h.rid(), topic="t", partition=0, kind="isr"),
-            RefusalCode.LEADER_NOT_AVAILABLE,
-        ),
-    )[1],
-    RefusalCode.NOT_LEADER: lambda h: (
-        _setup_topic(h, 1, 2),
-        h.refused(_alter_isr(h, leader=1), RefusalCode.NOT_LEADER),
-    )[1],
-    RefusalCode.STALE_LEADER_EPOCH: lambda h: (
-        _with_epochs_bumped(h),
-        h.refused(_alter_isr(h, leader_epoch=0), RefusalCode.STALE_LEADER_EPOCH),
-    )[1],
-    RefusalCode.INVALID_LEADER_EPOCH: lambda h: (
-        _setup_topic(h),
-        h.refused(_alter_isr(h, leader_epoch=7), RefusalCode.INVALID_LEADER_EPOCH),
-    )[1],
-    RefusalCode.STALE_PARTITION_EPOCH: lambda h: (
-        _with_epochs_bumped(h),
-        h.refused(_alter_isr(h, partition_epoch=0), RefusalCode.STALE_PARTITION_EPOCH),
-    )[1],
-    RefusalCode.INVALID_PARTITION_EPOCH: lambda h: (
-        _setup_topic(h),
-        h.refused(_alter_isr(h, partition_epoch=3), RefusalCode.INVALID_PARTITION_EPOCH),
-    )[1],
-    RefusalCode.INVALID_ISR: lambda h: (
-        _setup_topic(h, 1, 2),
-        h.refused(_alter_isr(h, new_isr=(1,)), RefusalCode.INVALID_ISR),
-    )[1],
-    RefusalCode.INELIGIBLE_REPLICA: lambda h: (
-        _with_epochs_bumped(h),
-        h.refused(_alter_isr(h, new_isr=(0, 1)), RefusalCode.INELIGIBLE_REPLICA),
-    )[1],
-    RefusalCode.INVALID_REPLICAS: lambda h: (
-        _setup_topic(h, 1, 2),
-        h.refused(
-            ReassignReplicas(request_id=h.rid(), topic="t", partition=0, replicas=(1, 1)),
-            RefusalCode.INVALID_REPLICAS,
-        ),
-    )[1],
-}
+    )
+
+
+@scenario(RefusalCode.TOPIC_ID_EXISTS)
+def _topic_id_exists(h: Harness) -> ApplyResult:
+    h.brokers(1)
+    h.ok(h.create("a", topic_id=uid(5)))
+    return h.refused(h.create("b", topic_id=uid(5)), RefusalCode.TOPIC_ID_EXISTS)
+
+
+@scenario(RefusalCode.TOPIC_ID_MISMATCH)
+def _topic_id_mismatch(h: Harness) -> ApplyResult:
+    _setup_topic(h)
+    return h.refused(
+        DeleteTopic(request_id=h.rid(), name="t", topic_id=uid(12345)),
+        RefusalCode.TOPIC_ID_MISMATCH,
+    )
+
+
+@scenario(RefusalCode.INVALID_PARTITIONS)
+def _invalid_partitions(h: Harness) -> ApplyResult:
+    return h.refused(h.create("t", partitions=0), RefusalCode.INVALID_PARTITIONS)
+
+
+@scenario(RefusalCode.INVALID_REPLICATION_FACTOR)
+def _invalid_replication_factor(h: Harness) -> ApplyResult:
+    return h.refused(h.create("t", rf=0), RefusalCode.INVALID_REPLICATION_FACTOR)
+
+
+@scenario(RefusalCode.INVALID_CONFIG)
+def _invalid_config(h: Harness) -> ApplyResult:
+    return h.refused(h.create("t", config={"no.such.key": 1}), RefusalCode.INVALID_CONFIG)
+
+
+@scenario(RefusalCode.NOT_ENOUGH_BROKERS)
+def _not_enough_brokers(h: Harness) -> ApplyResult:
+    h.brokers(2)
+    return h.refused(h.create("t", rf=3), RefusalCode.NOT_ENOUGH_BROKERS)
+
+
+@scenario(RefusalCode.UNKNOWN_TOPIC)
+def _unknown_topic(h: Harness) -> ApplyResult:
+    return h.refused(DeleteTopic(request_id=h.rid(), name="t"), RefusalCode.UNKNOWN_TOPIC)
+
+
+@scenario(RefusalCode.UNKNOWN_PARTITION)
+def _unknown_partition(h: Harness) -> ApplyResult:
+    _setup_topic(h)
+    return h.refused(
+        ElectLeaders(request_id=h.rid(), topic="t", partition=5), RefusalCode.UNKNOWN_PARTITION
+    )
+
+
+@scenario(RefusalCode.PREFERRED_LEADER_NOT_AVAILABLE)
+def _preferred_not_available(h: Harness) -> ApplyResult:
+    _with_epochs_bumped(h)
+    return h.refused(
+        ElectLeaders(request_id=h.rid(), topic="t", partition=0, kind="preferred"),
+        RefusalCode.PREFERRED_LEADER_NOT_AVAILABLE,
+    )
+
+
+@scenario(RefusalCode.LEADER_NOT_AVAILABLE)
+def _leader_not_available(h: Harness) -> ApplyResult:
+    _offline_partition(h)
+    return h.refused(
+        ElectLeaders(request_id=h.rid(), topic="t", partition=0, kind="isr"),
+        RefusalCode.LEADER_NOT_AVAILABLE,
+    )
+
+
+@scenario(RefusalCode.NOT_LEADER)
+def _not_leader(h: Harness) -> ApplyResult:
+    _setup_topic(h, 1, 2)
+    return h.refused(_alter_isr(h, leader=1), RefusalCode.NOT_LEADER)
+
+
+@scenario(RefusalCode.STALE_LEADER_EPOCH)
+def _stale_leader_epoch(h: Harness) -> ApplyResult:
+    _with_epochs_bumped(h)
+    return h.refused(_alter_isr(h, leader_epoch=0), RefusalCode.STALE_LEADER_EPOCH)
+
+
+@scenario(RefusalCode.INVALID_LEADER_EPOCH)
+def _invalid_leader_epoch(h: Harness) -> ApplyResult:
+    _setup_topic(h)
+    return h.refused(_alter_isr(h, leader_epoch=7), RefusalCode.INVALID_LEADER_EPOCH)
+
+
+@scenario(RefusalCode.STALE_PARTITION_EPOCH)
+def _stale_partition_epoch(h: Harness) -> ApplyResult:
+    _with_epochs_bumped(h)
+    return h.refused(_alter_isr(h, partition_epoch=0), RefusalCode.STALE_PARTITION_EPOCH)
+
+
+@scenario(RefusalCode.INVALID_PARTITION_EPOCH)
+def _invalid_partition_epoch(h: Harness) -> ApplyResult:
+    _setup_topic(h)
+    return h.refused(_alter_isr(h, partition_epoch=3), RefusalCode.INVALID_PARTITION_EPOCH)
+
+
+@scenario(RefusalCode.INVALID_ISR)
+def _invalid_isr(h: Harness) -> ApplyResult:
+    _setup_topic(h, 1, 2)
+    return h.refused(_alter_isr(h, new_isr=(1,)), RefusalCode.INVALID_ISR)
+
+
+@scenario(RefusalCode.INELIGIBLE_REPLICA)
+def _ineligible_replica(h: Harness) -> ApplyResult:
+    _with_epochs_bumped(h)
+    return h.refused(_alter_isr(h, new_isr=(0, 1)), RefusalCode.INELIGIBLE_REPLICA)
+
+
+@scenario(RefusalCode.INVALID_REPLICAS)
+def _invalid_replicas(h: Harness) -> ApplyResult:
+    _setup_topic(h, 1, 2)
+    return h.refused(
+        ReassignReplicas(request_id=h.rid(), topic="t", partition=0, replicas=(1, 1)),
+        RefusalCode.INVALID_REPLICAS,
+    )
 
 
 def _internal_error() -> ApplyResult:

@@ -216,7 +216,9 @@ class MetadataMachine(RuleBasedStateMachine):
         if epoch is not None and epoch != old.epoch:
             return RefusalCode.STALE_BROKER_EPOCH, _nothing
         if new_state is None:
-            return OK, lambda result: self.brokers.pop(broker_id) and None
+            def unregistered(result: ApplyResult) -> None:
+                del self.brokers[broker_id]
+            return OK, unregistered
         if old.state not in only_from:
             return OK, _no_changes
 
@@ -273,7 +275,9 @@ class MetadataMachine(RuleBasedStateMachine):
     def expect_DeleteTopic(self, cmd: DeleteTopic, image: MetadataImage) -> Expectation:  # noqa: N802
         if cmd.name not in self.topics:
             return RefusalCode.UNKNOWN_TOPIC, _nothing
-        return OK, lambda result: self.topics.pop(cmd.name) and None
+        def deleted(result: ApplyResult) -> None:
+            del self.topics[cmd.name]
+        return OK, deleted
 
     def expect_AddPartitions(self, cmd: AddPartitions, image: MetadataImage) -> Expectation:  # noqa: N802
         topic = self.topics.get(cmd.name)

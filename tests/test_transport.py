@@ -335,10 +335,6 @@ def test_delivery_order_is_preserved(net: Net) -> None:
     assert a.disconnected == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: release() frames every held message before its "
-                   "first send, and _frame() closes the connection once the output buffer "
-                   "exceeds 4 x max_message_bytes, so one release of a large backlog kills a "
-                   "healthy link ('peer is not reading') without trying to write")
 def test_large_release_to_a_healthy_peer_is_delivered(net: Net) -> None:
     peers = net.cluster("a", "b")
     a, b = peers["a"], peers["b"]

@@ -239,7 +239,7 @@ class _Consumer(SyncObjConsumer):  # type: ignore[misc]
         self._apply = apply
         super().__init__()
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def apply(self, command: bytes) -> Any:
         return self._apply(command)
 
@@ -364,7 +364,9 @@ class Engine:
             return
         self._obj.removeNodeFromCluster(node, callback=callback)
 
-    def transfer_leadership(self, node_id: str | None, callback: Callable[[Any, int], None]) -> None:
+    def transfer_leadership(
+        self, node_id: str | None, callback: Callable[[Any, int], None]
+    ) -> None:
         """Ask a caught-up follower to start an election now."""
         target = self._members.get(node_id) if node_id is not None else None
         if node_id is not None and target is None:

@@ -237,6 +237,10 @@ class DiskStorage:
             raise CorruptStorageError(path, "header checksum mismatch", offset=0)
         if version != WAL_VERSION:
             raise CorruptStorageError(path, f"unsupported log format version {version}")
+        if committed < HEADER_SIZE:
+            raise CorruptStorageError(
+                path, f"header records {committed} committed bytes, less than the header",
+                offset=0)
         if len(data) < committed:
             raise CorruptStorageError(
                 path, f"truncated: file is {len(data)} bytes but {committed} were committed",
@@ -303,18 +307,25 @@ class DiskStorage:
 
     # -- mutations (buffered until sync) ---------------------------------------
 
+    def _check_open(self) -> None:
+        if self._fd is None:
+            raise StorageError(f"{self._wal_path}: storage is not open")
+
     def append(self, entry: LogEntry) -> None:
         """Append one entry (buffered until :meth:`sync`)."""
+        self._check_open()
         self._state.append(entry)
         self._pending.append(_entry_record(entry))
 
     def truncate_suffix(self, from_index: int) -> None:
         """Drop entries from ``from_index`` on (buffered until :meth:`sync`)."""
+        self._check_open()
         self._state.truncate_suffix(from_index)
         self._pending.append(_record(_T_TRUNCATE, _U64.pack(max(from_index, 0))))
 
     def set_term(self, term: int, voted_for: str | None) -> None:
         """Record term and vote (buffered until :meth:`sync`)."""
+        self._check_open()
         self._state.term, self._state.voted_for = term, voted_for
         self._pending.append(_term_record(term, voted_for))
 
@@ -323,10 +334,9 @@ class DiskStorage:
         self._state.commit_index = index
 
     def sync(self) -> None:
-        """Write buffered records and make them durable with one fsync."""
-        if self._fd is None:
-            return
+        """Write buffered records and make them durable."""
         if self._pending:
+            self._check_open()
             self._pending.append(_record(_T_COMMIT, _U64.pack(self._state.commit_index)))
             self._write(b"".join(self._pending))
             self._pending.clear()
@@ -335,12 +345,17 @@ class DiskStorage:
         fd = self._fd
         if fd is None:
             raise StorageError("storage is closed")
+        # Records first, made durable, then the header that declares them
+        # committed, made durable: after a power loss the header never
+        # claims records the disk does not hold.
         try:
+            started = time.perf_counter()
             os.pwrite(fd, chunk, self._committed)
+            if self._fsync:
+                os.fdatasync(fd)
             self._committed += len(chunk)
             os.pwrite(fd, _header(self._committed), 0)
             if self._fsync:
-                started = time.perf_counter()
                 os.fdatasync(fd)
                 if self._on_fsync is not None:
                     self._on_fsync(time.perf_counter() - started)
@@ -392,7 +407,8 @@ class DiskStorage:
     def close(self) -> None:
         """Sync and close the log. Idempotent."""
         if self._fd is not None:
-            self.sync()
+            if self._pending:
+                self.sync()
             os.close(self._fd)
             self._fd = None
 

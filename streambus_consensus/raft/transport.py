@@ -32,6 +32,7 @@ lets queued frames go out. The node releases only after its storage sync.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -218,15 +219,18 @@ class TcpTransport:
             if conn.held and conn.ready:
                 for payload in conn.held:
                     self._frame(conn, payload)
+                    if len(conn.outbuf) > self._max:
+                        self._flush(conn)
                 conn.held.clear()
                 self._flush(conn)
+                if not conn.closed and len(conn.outbuf) > 4 * self._max:
+                    # Raft re-sends what is lost; memory must stay bounded.
+                    self._close(conn, reason="peer is not reading; output buffer full")
 
     def wake(self) -> None:
         """Interrupt a :meth:`poll` in progress (from any thread)."""
-        try:
+        with contextlib.suppress(OSError):  # already pending, or closing
             self._waker_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already pending, or closing
 
     # -- the event loop -------------------------------------------------------
 
@@ -316,7 +320,7 @@ class TcpTransport:
     def _handshake(self, conn: _Conn, payload: bytes) -> None:
         if conn.outgoing and not conn.nonce_theirs:
             if len(payload) != 4 + NONCE_SIZE or payload[:4] != PROTOCOL:
-                raise _Drop("bad server hello")
+                raise _Dropped("bad server hello")
             conn.nonce_theirs = payload[4:]
             ident = self.node_id.encode("utf-8")
             mac = self._mac(b"c", conn.nonce_theirs, conn.nonce_mine, ident)
@@ -324,21 +328,21 @@ class TcpTransport:
         elif conn.outgoing:
             want = self._mac(b"s", conn.nonce_mine, conn.nonce_theirs)
             if not hmac.compare_digest(payload, want):
-                raise _Drop("peer failed authentication (wrong cluster secret?)")
+                raise _Dropped("peer failed authentication (wrong cluster secret?)")
             self._become_ready(conn, conn.nonce_theirs, conn.nonce_mine)
         else:
             try:
                 ident, nonce, mac = codec.decode(payload)
                 peer = ident.decode("utf-8")
             except (CodecError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
-                raise _Drop("malformed client hello") from None
+                raise _Dropped("malformed client hello") from None
             if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
-                raise _Drop("malformed client hello")
+                raise _Dropped("malformed client hello")
             want = self._mac(b"c", conn.nonce_mine, nonce, ident)
             if not isinstance(mac, bytes) or not hmac.compare_digest(mac, want):
-                raise _Drop(f"{peer!r} failed authentication (wrong cluster secret?)")
+                raise _Dropped(f"{peer!r} failed authentication (wrong cluster secret?)")
             if peer not in self._peers:
-                raise _Drop(f"{peer!r} is not a cluster member")
+                raise _Dropped(f"{peer!r} is not a cluster member")
             conn.peer = peer
             conn.nonce_theirs = nonce
             self._raw_frame(conn, self._mac(b"s", nonce, conn.nonce_mine))
@@ -365,8 +369,6 @@ class TcpTransport:
         conn.send_seq += 1
         conn.outbuf += _LEN.pack(len(payload) + MAC_SIZE) + payload + mac.digest()[:MAC_SIZE]
         conn.last_send = time.monotonic()
-        if len(conn.outbuf) > 4 * self._max:
-            self._close(conn, reason="peer is not reading; output buffer full")
 
     def _flush(self, conn: _Conn) -> None:
         if conn.closed or conn.connecting:
@@ -408,7 +410,7 @@ class TcpTransport:
         conn.inbuf += data
         try:
             self._consume(conn)
-        except _Drop as drop:
+        except _Dropped as drop:
             self.dropped_connections += 1
             logger.warning("%s: dropping connection %s: %s", self.node_id, _describe(conn), drop)
             self._close(conn)
@@ -421,7 +423,7 @@ class TcpTransport:
                 (length,) = _LEN.unpack_from(buf, pos)
                 limit = self._max if conn.ready else HANDSHAKE_MAX
                 if length > limit:
-                    raise _Drop(f"frame of {length} bytes exceeds the {limit}-byte limit")
+                    raise _Dropped(f"frame of {length} bytes exceeds the {limit}-byte limit")
                 if len(buf) - pos - 4 < length:
                     break
                 payload = bytes(buf[pos + 4 : pos + 4 + length])
@@ -438,20 +440,20 @@ class TcpTransport:
 
     def _on_frame(self, conn: _Conn, frame: bytes) -> None:
         if len(frame) < MAC_SIZE:
-            raise _Drop("frame shorter than its MAC")
+            raise _Dropped("frame shorter than its MAC")
         payload, mac = frame[:-MAC_SIZE], frame[-MAC_SIZE:]
         want = hmac.new(conn.session_key, _SEQ.pack(conn.recv_seq) + payload, hashlib.sha256)
         if not hmac.compare_digest(mac, want.digest()[:MAC_SIZE]):
-            raise _Drop("frame MAC mismatch (forged, replayed or corrupted)")
+            raise _Dropped("frame MAC mismatch (forged, replayed or corrupted)")
         conn.recv_seq += 1
         if payload == _PING or conn.outgoing:
             return  # only pings travel back on our own outgoing connections
         try:
             message = codec.decode(payload)
         except CodecError as exc:
-            raise _Drop(f"undecodable message: {exc}") from None
+            raise _Dropped(f"undecodable message: {exc}") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            raise _Drop("message is not a typed mapping")
+            raise _Dropped("message is not a typed mapping")
         if conn.peer is not None:
             self._on_message(conn.peer, message)
 
@@ -462,10 +464,8 @@ class TcpTransport:
         if reason and not quiet:
             logger.info("%s: closing %s: %s", self.node_id, _describe(conn), reason)
         conn.closed = True
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
         conn.sock.close()
         if conn.outgoing and conn.peer is not None:
             if self._out.get(conn.peer) is conn:
@@ -476,7 +476,7 @@ class TcpTransport:
             self._in.discard(conn)
 
 
-class _Drop(Exception):
+class _Dropped(Exception):  # noqa: N818 - internal control flow, never escapes
     """Internal: the connection must be closed for the given reason."""
 
 

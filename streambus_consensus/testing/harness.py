@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..client import ApiClient, Unreachable
+from ..client import ApiClient, ClusterUnreachableError
 from ..errors import ConsensusError
 
 __all__ = ["LocalCluster", "NodeProcess", "free_ports", "wait_until"]
@@ -266,7 +266,7 @@ class LocalCluster:
             return None
         try:
             return self.client(node_id, timeout=timeout).status(node.api_address)
-        except (Unreachable, ConsensusError, OSError):
+        except (ClusterUnreachableError, ConsensusError, OSError):
             return None
 
     def running(self) -> list[str]:
