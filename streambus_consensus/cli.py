@@ -37,8 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="node_command", required=True, metavar="ACTION")
     run = node.add_parser("run", help="run a node in the foreground until SIGTERM/SIGINT")
     run.add_argument("--config", required=True, help="node TOML config file")
-    run.add_argument("--app", choices=("kv",), default="kv",
-                     help="state machine to run (default: kv)")
+    run.add_argument("--app", choices=("metadata", "kv"), default="metadata",
+                     help="state machine: StreamBus metadata (default) or the example "
+                          "key-value store")
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     def client_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +114,12 @@ def _run_node(args: argparse.Namespace) -> int:
     from .raft.safety import MessageGuard
     from .server import KeyValueApplication, NodeServer
 
-    application: Any = KeyValueApplication()
+    if args.app == "kv":
+        application: Any = KeyValueApplication()
+    else:
+        from .metadata.service import MetadataApplication
+
+        application = MetadataApplication()
     guard = None
     if os.environ.get(UNSAFE_NO_ENGINE_FIXES) == "1":
         # Test-only: lets the regression tests show the engine defects the

@@ -132,6 +132,10 @@ class NodeConfig:
     """Make the log durable before acknowledging (default). ``False`` keeps
     writes in the page cache: survives a process crash, not a power loss."""
 
+    broker_session_timeout: float = 9.0
+    """Metadata: a broker that has not heartbeated for this long is fenced by
+    the leader (KRaft's default). Brokers should heartbeat every ~2 s."""
+
     api_address: str | None = None
     """Where this node serves its HTTP API (JSON, authenticated with the
     cluster secret) and Prometheus ``/metrics``, e.g. ``"127.0.0.1:9101"``.
@@ -206,7 +210,8 @@ class NodeConfig:
                 )
         self._check_positive("election_timeout_min", "election_timeout_max",
                              "heartbeat_interval", "tick_interval", "proposal_timeout",
-                             "snapshot_interval_seconds", "connect_retry_interval")
+                             "snapshot_interval_seconds", "connect_retry_interval",
+                             "broker_session_timeout")
         if self.election_timeout_min <= 3 * self.heartbeat_interval:
             raise ConfigError(
                 "election_timeout_min + heartbeat_interval",

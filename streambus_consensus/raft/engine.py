@@ -54,7 +54,11 @@ from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
-__all__ = ["Engine", "Member", "error_for"]
+__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "error_for"]
+
+APP_MESSAGE_PREFIX = "app:"
+"""Messages whose type starts with this travel beside Raft on the same
+authenticated links and never reach the engine."""
 
 logger = logging.getLogger(__name__)
 
@@ -179,15 +183,21 @@ class _Journal(Journal):  # type: ignore[misc]
 class _EngineTransport(_PsoTransport):  # type: ignore[misc]
     """PySyncObj's transport interface over ours, with the message guard in front."""
 
-    def __init__(self, transport: Transport, members: dict[str, Member], guard: MessageGuard):
+    def __init__(self, transport: Transport, members: dict[str, Member], guard: MessageGuard,
+                 app_handler: Callable[[str, Mapping[str, Any]], None] | None):
         super().__init__(None, None, [])
         self._transport = transport
         self._members = members
         self._guard = guard
+        self._app_handler = app_handler
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
         node = self._members.get(peer_id)
         if node is None:
+            return
+        if str(message.get("type", "")).startswith(APP_MESSAGE_PREFIX):
+            if self._app_handler is not None:
+                self._app_handler(peer_id, message)
             return
         filtered = self._guard.inspect(node, dict(message))
         if filtered is not None:
@@ -261,6 +271,7 @@ class Engine:
         restore: Callable[[bytes], None],
         guard: MessageGuard,
         on_snapshot: Callable[[float, int], None] | None = None,
+        app_handler: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> None:
         self._config = config
         self._storage = storage
@@ -287,7 +298,7 @@ class Engine:
         self._self = members.pop(config.node_id)
         self._members = members
         self.guard = guard
-        self._pso_transport = _EngineTransport(transport, members, guard)
+        self._pso_transport = _EngineTransport(transport, members, guard, app_handler)
         self._consumer = _Consumer(self._apply_entry)
         conf = SyncObjConf(
             autoTick=False,

@@ -44,7 +44,7 @@ from ..interfaces import (
     StateMachine,
     Storage,
 )
-from .engine import Engine, error_for
+from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .safety import MessageGuard
 from .storage import DiskStorage, MemoryStorage
 from .transport import TcpTransport
@@ -61,6 +61,7 @@ _USER = b"\x00"
 _BARRIER = b"\x01"
 
 LeaderListener = Callable[[str | None, int], None]
+AppHandler = Callable[[str, Mapping[str, Any]], None]
 
 
 class _ApplyFailed:
@@ -113,6 +114,7 @@ class RaftNode:
         self._pending: set[Future[Any]] = set()
         self._pending_lock = threading.Lock()
         self._leader_listeners: list[LeaderListener] = []
+        self._app_handlers: list[AppHandler] = []
         self._stopping = threading.Event()
         self._started = False
         self._stopped = False
@@ -169,6 +171,7 @@ class RaftNode:
                     cfg, storage, transport, apply=self._apply,
                     snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
                     guard=self.guard, on_snapshot=self._snapshot_done,
+                    app_handler=self._on_app_message,
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected)
@@ -461,6 +464,29 @@ class RaftNode:
     def members(self) -> dict[str, str]:
         """Current voting members ``{node_id: address}``, this node included."""
         return self._call(lambda engine: engine.members())
+
+    def send_app_message(self, peer_id: str, message: Mapping[str, Any]) -> None:
+        """Send ``message`` (plain data, ``type`` starting with ``"app:"``) to a
+        peer over the cluster's authenticated links; fire and forget."""
+        if not str(message.get("type", "")).startswith(APP_MESSAGE_PREFIX):
+            raise ValueError(f"application message types start with {APP_MESSAGE_PREFIX!r}")
+        engine, transport = self._running()
+        payload = dict(message)
+
+        def send() -> None:
+            engine.send(peer_id, payload)
+
+        self._inbox.append(send)
+        transport.wake()
+
+    def on_app_message(self, handler: AppHandler) -> None:
+        """Call ``handler(peer_id, message)`` on the worker thread for each
+        application message received."""
+        self._app_handlers.append(handler)
+
+    def _on_app_message(self, peer_id: str, message: Mapping[str, Any]) -> None:
+        for handler in list(self._app_handlers):
+            self._jobs.put(functools.partial(handler, peer_id, message))
 
     def on_leader_change(self, listener: LeaderListener) -> None:
         """Call ``listener(leader_id_or_None, term)`` on the worker thread at each change."""

@@ -1,0 +1,174 @@
+"""The change feed: every metadata change, in log order, for watchers.
+
+The Raft thread only appends to the feed (one short lock per applied entry
+that changed something); each watcher runs on its own thread and *pulls*
+from it, so a slow watcher never delays Raft or another watcher. The feed
+keeps the most recent changes; a watcher that asks to resume from an offset
+older than that window, or that falls that far behind, first receives a full
+image (a ``reset`` event) and then the changes after it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .fsm import ApplyResult, Change, MetadataImage, MetadataStateMachine
+
+__all__ = ["ChangeFeed", "MetadataEvent", "Watch", "WatchedStateMachine"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataEvent:
+    """What a watcher receives: the changes of one log entry, or a full image."""
+
+    offset: int
+    """Log index of the entry (for a reset: the image's offset)."""
+    changes: tuple[Change, ...]
+    """The entry's changes, in order (empty for a reset)."""
+    image: MetadataImage | None = None
+    """Set on a reset: the whole metadata at ``offset``; apply it instead of changes."""
+
+    @property
+    def is_reset(self) -> bool:
+        """Whether this event carries a full image."""
+        return self.image is not None
+
+
+class ChangeFeed:
+    """A bounded, ordered log of recent change events. Thread-safe."""
+
+    def __init__(self, image: Callable[[], MetadataImage], retain: int = 100_000) -> None:
+        self._image = image
+        self._events: collections.deque[MetadataEvent] = collections.deque(maxlen=retain)
+        self._floor = 0
+        """Every change with an offset above this is in ``_events``."""
+        self._cond = threading.Condition()
+        self.resets = 0
+        """Watchers that had to be sent a full image because they fell behind."""
+
+    def append(self, offset: int, changes: tuple[Change, ...]) -> None:
+        """Record one entry's changes (Raft thread)."""
+        with self._cond:
+            if len(self._events) == self._events.maxlen:
+                self._floor = self._events[0].offset
+            self._events.append(MetadataEvent(offset, changes))
+            self._cond.notify_all()
+
+    def reset(self, offset: int) -> None:
+        """Forget everything up to ``offset`` (after a snapshot is restored)."""
+        with self._cond:
+            self._events.clear()
+            self._floor = offset
+            self._cond.notify_all()
+
+    def read(self, after: int | None, timeout: float) -> list[MetadataEvent]:
+        """Events after offset ``after``; a reset first if ``after`` is ``None``
+        or older than the window. Waits up to ``timeout`` for something new."""
+        with self._cond:
+            if after is None or after < self._floor:
+                if after is not None:
+                    self.resets += 1
+                image = self._image()
+                return [MetadataEvent(image.offset, (), image)]
+            self._cond.wait_for(lambda: bool(self._events) and self._events[-1].offset > after,
+                                timeout)
+            return [e for e in self._events if e.offset > after]
+
+    def wake_all(self) -> None:
+        """Wake every waiting reader (on shutdown)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+class WatchedStateMachine:
+    """A :class:`MetadataStateMachine` that records its changes in a :class:`ChangeFeed`.
+
+    Implements the StateMachine and ConsistentSnapshotter protocols.
+    """
+
+    def __init__(self, fsm: MetadataStateMachine | None = None, *, retain: int = 100_000):
+        self.fsm = fsm or MetadataStateMachine()
+        self.feed = ChangeFeed(self.fsm.image, retain)
+
+    def apply_at(self, index: int, command: bytes) -> ApplyResult:
+        """Apply and record the changes."""
+        result = self.fsm.apply_at(index, command)
+        if result.changes:
+            self.feed.append(index, result.changes)
+        return result
+
+    def apply(self, command: bytes) -> ApplyResult:
+        """Apply at the next offset."""
+        return self.apply_at(self.fsm.offset + 1, command)
+
+    def snapshot(self) -> bytes:
+        """The state machine's snapshot."""
+        return self.fsm.snapshot()
+
+    def prepare_snapshot(self) -> Callable[[], bytes]:
+        """Cheap capture; encoding happens later, off the Raft thread."""
+        return self.fsm.prepare_snapshot()
+
+    def restore(self, data: bytes) -> None:
+        """Restore; watchers get a full image next."""
+        self.fsm.restore(data)
+        self.feed.reset(self.fsm.offset)
+
+
+class Watch:
+    """A running watcher: calls ``listener(event)`` on its own thread, in log order.
+
+    Exceptions from the listener are logged and the watch goes on. Use
+    :meth:`close` (or a ``with`` block) to stop it.
+    """
+
+    def __init__(self, feed: ChangeFeed, listener: Callable[[MetadataEvent], None],
+                 from_offset: int | None, *, name: str = "metadata-watch") -> None:
+        self._feed = feed
+        self._listener = listener
+        self._cursor = from_offset
+        self._stop = threading.Event()
+        self.delivered = 0
+        """Events delivered so far."""
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def offset(self) -> int | None:
+        """Offset of the last event delivered."""
+        return self._cursor
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for event in self._feed.read(self._cursor, timeout=0.5):
+                if self._stop.is_set():
+                    return
+                if (not event.is_reset and self._cursor is not None
+                        and event.offset <= self._cursor):
+                    continue  # already covered by a reset image
+                try:
+                    self._listener(event)
+                except Exception:
+                    logger.exception("metadata watcher raised at offset %d; continuing",
+                                     event.offset)
+                self._cursor = event.offset
+                self.delivered += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop delivering. Idempotent."""
+        self._stop.set()
+        self._feed.wake_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

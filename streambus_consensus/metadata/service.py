@@ -1,0 +1,319 @@
+"""The metadata application of a node process: HTTP routes, controller, metrics.
+
+Routes (JSON; see :mod:`streambus_consensus.api` for authentication and errors).
+Writes accept an optional ``"request_id": {"client_id": ..., "seq": ...}`` so
+that a client retrying after a timeout or failover applies once.
+
+============================================  ======================================
+``GET /v1/topics``                            names (``?linearizable=1``)
+``POST /v1/topics``                           create: name, partitions,
+                                              replication_factor, config
+``GET /v1/topics/{name}``                     topic and partitions (``?linearizable=1``)
+``DELETE /v1/topics/{name}``                  delete
+``PUT /v1/topics/{name}/config``              ``{"set": {...}, "delete": [...]}``
+``POST /v1/topics/{name}/partitions``         ``{"count": n}``, never fewer
+``POST /v1/topics/{name}/elect``              ``{"partition": i|null, "kind": ...}``
+``POST /v1/topics/{name}/partitions/{i}/isr`` leader, leader_epoch, isr, partition_epoch
+``POST /v1/topics/{name}/partitions/{i}/reassign``  ``{"replicas": [...]}``
+``GET /v1/brokers``, ``GET /v1/brokers/{id}`` registered brokers
+``POST /v1/brokers``                          register: broker_id, endpoint, rack,
+                                              incarnation_id
+``DELETE /v1/brokers/{id}``                   unregister
+``POST /v1/brokers/{id}/heartbeat``           ``{"broker_epoch": e}``
+``POST /v1/brokers/{id}/{fence|unfence|shutdown}``
+``GET /v1/watch?after=OFFSET&wait=SECONDS``   changes after an offset (long poll); a
+                                              full image when too old or absent
+============================================  ======================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..api import ApiError, ApiRequest, Route
+from ..metrics import PREFIX
+from ..raft.node import RaftNode
+from .commands import RequestId
+from .feed import MetadataEvent, WatchedStateMachine
+from .fsm import MetadataImage
+from .records import Broker, BrokerState, Partition, Topic
+from .store import MetadataStore
+
+__all__ = ["MetadataApplication", "to_json"]
+
+
+def to_json(value: Any) -> Any:
+    """Records, images and events as plain JSON data."""
+    if isinstance(value, MetadataImage):
+        return {
+            "offset": value.offset,
+            "brokers": [to_json(b) for b in value.brokers.values()],
+            "topics": [_topic_json(t, value.partitions.get(t.name, ()))
+                       for t in value.topics.values()],
+        }
+    if isinstance(value, MetadataEvent):
+        return {"offset": value.offset, "reset": value.is_reset,
+                "image": to_json(value.image) if value.image is not None else None,
+                "changes": [{"kind": str(c.kind), "key": to_json(c.key),
+                             "record": to_json(c.record)} for c in value.changes]}
+    if isinstance(value, enum.Enum):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value
+
+
+def _topic_json(topic: Topic, partitions: tuple[Partition, ...]) -> dict[str, Any]:
+    data: dict[str, Any] = to_json(topic)
+    data["config"] = topic.config.to_dict()
+    data["partitions"] = [to_json(p) for p in partitions]
+    return data
+
+
+def _body(request: ApiRequest) -> dict[str, Any]:
+    if request.body is None:
+        return {}
+    if not isinstance(request.body, dict):
+        raise ApiError(400, "invalid_argument", "JSON body must be an object")
+    return request.body
+
+
+def _field(body: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise ApiError(400, "invalid_argument", f"missing field {name!r}")
+        return default
+    value = body[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ApiError(400, "invalid_argument", f"{name!r} must be an integer")
+    if kind is not int and value is not None and not isinstance(value, kind):
+        raise ApiError(400, "invalid_argument", f"{name!r} must be {kind.__name__}")
+    return value
+
+
+def _request_id(body: dict[str, Any]) -> RequestId | None:
+    raw = body.get("request_id")
+    if raw is None:
+        return None
+    if (not isinstance(raw, dict) or not isinstance(raw.get("client_id"), str)
+            or isinstance(raw.get("seq"), bool) or not isinstance(raw.get("seq"), int)):
+        raise ApiError(400, "invalid_argument",
+                       "request_id must be {\"client_id\": str, \"seq\": int}")
+    return RequestId(raw["client_id"], raw["seq"])
+
+
+def _int_arg(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, "invalid_argument", f"{what} must be an integer") from None
+
+
+class MetadataApplication:
+    """StreamBus metadata on a node process (``node run --app metadata``)."""
+
+    def __init__(self) -> None:
+        self.state_machine = WatchedStateMachine()
+        self.store: MetadataStore | None = None
+
+    def start(self, node: RaftNode) -> None:
+        """Create the store and start its controller on the running node."""
+        self.store = MetadataStore(node, self.state_machine)
+        self.store.start()
+
+    def stop(self) -> None:
+        """Stop the controller and watches."""
+        if self.store is not None:
+            self.store.close()
+
+    def _store(self) -> MetadataStore:
+        if self.store is None:
+            raise ApiError(503, "unavailable", "metadata store is not running")
+        return self.store
+
+    def routes(self, node: RaftNode) -> list[Route]:
+        """See the module docstring."""
+        s = self._store
+
+        def list_topics(req: ApiRequest) -> Any:
+            image = s().read_image() if req.flag("linearizable") else s().image()
+            return {"topics": sorted(image.topics), "offset": image.offset}
+
+        def create_topic(req: ApiRequest) -> Any:
+            body = _body(req)
+            topic = s().create_topic(
+                _field(body, "name", str), _field(body, "partitions", int),
+                _field(body, "replication_factor", int),
+                config=_field(body, "config", dict, default=None),
+                request_id=_request_id(body))
+            described = s().describe_topic(topic.name)
+            return _topic_json(topic, described[1] if described else ())
+
+        def describe_topic(req: ApiRequest) -> Any:
+            found = s().describe_topic(req.path_args[0], linearizable=req.flag("linearizable"))
+            if found is None:
+                raise ApiError(404, "unknown_topic", f"topic {req.path_args[0]!r} does not exist")
+            return _topic_json(*found)
+
+        def delete_topic(req: ApiRequest) -> Any:
+            s().delete_topic(req.path_args[0], request_id=_request_id(_body(req)))
+            return {"deleted": req.path_args[0]}
+
+        def alter_config(req: ApiRequest) -> Any:
+            body = _body(req)
+            topic = s().alter_topic_config(
+                req.path_args[0], _field(body, "set", dict, default={}),
+                tuple(_field(body, "delete", list, default=[])), request_id=_request_id(body))
+            return to_json(topic) | {"config": topic.config.to_dict()}
+
+        def add_partitions(req: ApiRequest) -> Any:
+            body = _body(req)
+            topic = s().add_partitions(req.path_args[0], _field(body, "count", int),
+                                       request_id=_request_id(body))
+            return to_json(topic)
+
+        def elect(req: ApiRequest) -> Any:
+            body = _body(req)
+            changed = s().elect_leaders(
+                req.path_args[0], _field(body, "partition", int, default=None),
+                kind=_field(body, "kind", str, default="preferred"),
+                request_id=_request_id(body))
+            return {"changed": to_json(changed)}
+
+        def alter_isr(req: ApiRequest) -> Any:
+            body = _body(req)
+            part = s().alter_isr(
+                req.path_args[0], _int_arg(req.path_args[1], "partition"),
+                leader=_field(body, "leader", int),
+                leader_epoch=_field(body, "leader_epoch", int),
+                new_isr=tuple(_field(body, "isr", list)),
+                partition_epoch=_field(body, "partition_epoch", int),
+                request_id=_request_id(body))
+            return to_json(part)
+
+        def reassign(req: ApiRequest) -> Any:
+            body = _body(req)
+            part = s().reassign_replicas(
+                req.path_args[0], _int_arg(req.path_args[1], "partition"),
+                tuple(_field(body, "replicas", list)), request_id=_request_id(body))
+            return to_json(part)
+
+        def list_brokers(req: ApiRequest) -> Any:
+            image = s().read_image() if req.flag("linearizable") else s().image()
+            return {"brokers": [to_json(b) for b in image.brokers.values()],
+                    "offset": image.offset}
+
+        def describe_broker(req: ApiRequest) -> Any:
+            broker = s().image().brokers.get(_int_arg(req.path_args[0], "broker id"))
+            if broker is None:
+                raise ApiError(404, "unknown_broker", f"broker {req.path_args[0]} is unknown")
+            return to_json(broker)
+
+        def register(req: ApiRequest) -> Any:
+            body = _body(req)
+            broker = s().register_broker(
+                _field(body, "broker_id", int), _field(body, "endpoint", str),
+                rack=_field(body, "rack", str, default=None),
+                incarnation_id=_field(body, "incarnation_id", str, default=None),
+                fenced=bool(_field(body, "fenced", bool, default=True)),
+                request_id=_request_id(body))
+            return to_json(broker)
+
+        def unregister(req: ApiRequest) -> Any:
+            s().unregister_broker(_int_arg(req.path_args[0], "broker id"),
+                                  request_id=_request_id(_body(req)))
+            return {"unregistered": int(req.path_args[0])}
+
+        def heartbeat(req: ApiRequest) -> Any:
+            broker: Broker | None = s().heartbeat(_int_arg(req.path_args[0], "broker id"),
+                                                  _field(_body(req), "broker_epoch", int))
+            return to_json(broker)
+
+        def broker_action(req: ApiRequest) -> Any:
+            broker_id = _int_arg(req.path_args[0], "broker id")
+            body = _body(req)
+            epoch = _field(body, "broker_epoch", int, default=None)
+            actions = {"fence": s().fence_broker, "unfence": s().unfence_broker,
+                       "shutdown": s().begin_controlled_shutdown}
+            action = actions.get(req.path_args[1])
+            if action is None:
+                raise ApiError(404, "not_found", f"no broker action {req.path_args[1]!r}")
+            action(broker_id, epoch, request_id=_request_id(body))
+            return to_json(s().image().brokers.get(broker_id))
+
+        def watch(req: ApiRequest) -> Any:
+            after_text = req.param("after")
+            after = None if after_text in (None, "") else _int_arg(after_text, "after")
+            wait = min(max(float(req.param("wait") or 0), 0.0), 30.0)
+            events = s().state_machine.feed.read(after, timeout=wait)
+            return {"events": [to_json(e) for e in events]}
+
+        return [
+            Route("GET", "/v1/topics", list_topics),
+            Route("POST", "/v1/topics", create_topic),
+            Route("GET", "/v1/topics/{name}", describe_topic),
+            Route("DELETE", "/v1/topics/{name}", delete_topic),
+            Route("PUT", "/v1/topics/{name}/config", alter_config),
+            Route("POST", "/v1/topics/{name}/partitions", add_partitions),
+            Route("POST", "/v1/topics/{name}/elect", elect),
+            Route("POST", "/v1/topics/{name}/partitions/{i}/isr", alter_isr),
+            Route("POST", "/v1/topics/{name}/partitions/{i}/reassign", reassign),
+            Route("GET", "/v1/brokers", list_brokers),
+            Route("POST", "/v1/brokers", register),
+            Route("GET", "/v1/brokers/{id}", describe_broker),
+            Route("DELETE", "/v1/brokers/{id}", unregister),
+            Route("POST", "/v1/brokers/{id}/heartbeat", heartbeat),
+            Route("POST", "/v1/brokers/{id}/{action}", broker_action),
+            Route("GET", "/v1/watch", watch),
+        ]
+
+    def collect_metrics(self) -> Iterator[Metric]:
+        """Metadata gauges, read at scrape time from the local image."""
+        store = self.store
+        if store is None:
+            return
+        image = store.image()
+        node_id = store.node.node_id
+        partitions = [p for parts in image.partitions.values() for p in parts]
+        min_isr = {name: t.config.min_insync_replicas for name, t in image.topics.items()}
+        for name, doc, value in (
+            ("metadata_topics", "Topics", len(image.topics)),
+            ("metadata_partitions", "Partitions", len(partitions)),
+            ("metadata_offline_partitions", "Partitions without a leader",
+             sum(1 for p in partitions if p.leader is None)),
+            ("metadata_under_replicated_partitions", "Partitions whose ISR is smaller "
+             "than their replica set", sum(1 for p in partitions if len(p.isr) < len(p.replicas))),
+            ("metadata_under_min_isr_partitions", "Partitions whose ISR is below "
+             "min.insync.replicas", sum(1 for p in partitions if len(p.isr) < min_isr[p.topic])),
+            ("metadata_preferred_leader_imbalance", "Partitions not led by their preferred "
+             "replica", sum(1 for p in partitions if p.leader != p.replicas[0])),
+            ("metadata_offset", "Offset of the local metadata image", image.offset),
+        ):
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["node_id"])
+            gauge.add_metric([node_id], float(value))
+            yield gauge
+        by_state = GaugeMetricFamily(PREFIX + "metadata_brokers", "Registered brokers by state",
+                                     labels=["node_id", "state"])
+        for state in BrokerState:
+            by_state.add_metric([node_id, str(state)], float(
+                sum(1 for b in image.brokers.values() if b.state is state)))
+        yield by_state
+        fenced = CounterMetricFamily(PREFIX + "controller_fenced_brokers",
+                                     "Brokers fenced by this node's controller for silence",
+                                     labels=["node_id"])
+        fenced.add_metric([node_id], float(store.controller.fenced_by_controller))
+        yield fenced
+        resets = CounterMetricFamily(PREFIX + "metadata_watch_resets",
+                                     "Watchers sent a full image because they fell behind",
+                                     labels=["node_id"])
+        resets.add_metric([node_id], float(store.state_machine.feed.resets))
+        yield resets

@@ -1,0 +1,391 @@
+"""MetadataStore: the API the StreamBus broker imports.
+
+A store runs on a consensus node (it embeds one, :meth:`MetadataStore.open`,
+or wraps one the caller built). Every operation works on any node: writes
+made on a follower are forwarded to the leader by the Raft layer and the
+caller gets its own node's result of applying them.
+
+- **Writes** are commands proposed through the log. Ids, time and random
+  placement offsets are chosen here, before proposing, so every replica
+  computes the same thing. Each carries a request id (this store's client id
+  plus a sequence number); a write whose outcome is unknown (timeout,
+  failover) is retried with the *same* request id until its deadline, so it
+  applies at most once and the caller gets the original result.
+- **Refusals** ("topic exists") raise :class:`CommandRefusedError` with a
+  stable ``code``; nothing changed.
+- **Reads** are local (:meth:`MetadataStore.image`, with the offset they
+  reflect; may trail the leader) or linearizable (``linearizable=True``: a
+  read command through the log).
+- **Watches** deliver every change in log order with its offset, on their own
+  thread; resume from an offset, or start from a full image.
+- **Heartbeats** go to the leader's controller, in memory, never in the log
+  (:mod:`.controller`).
+
+:class:`AsyncMetadataStore` is the asyncio twin of every method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from ..config import NodeConfig
+from ..errors import (
+    NoLeaderError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ProposalRejectedError,
+    ProposalTimeoutError,
+)
+from ..raft.node import RaftNode
+from .commands import (
+    AddPartitions,
+    AlterIsr,
+    AlterTopicConfig,
+    BeginControlledShutdown,
+    Command,
+    CreateTopic,
+    DeleteTopic,
+    ElectLeaders,
+    FenceBroker,
+    Read,
+    ReassignReplicas,
+    RegisterBroker,
+    RequestId,
+    UnfenceBroker,
+    UnregisterBroker,
+    encode_command,
+)
+from .controller import Controller
+from .feed import MetadataEvent, Watch, WatchedStateMachine
+from .fsm import ApplyResult, MetadataImage
+from .records import Broker, Partition, Topic
+
+__all__ = ["AsyncMetadataStore", "MetadataStore"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PLACEMENT_RANGE = 1 << 30
+"""Placement offsets are drawn from [0, this)."""
+
+
+class MetadataStore:
+    """Replicated cluster metadata on a consensus node. See the module docstring.
+
+    Args:
+        node: a node whose state machine is ``state_machine`` (not yet started
+            or running).
+        state_machine: the watched metadata state machine driving ``node``.
+        client_id: identifies this store's requests (default: node id plus a
+            random suffix, new per store).
+        write_timeout: default deadline of a write, retries included.
+        rng: randomness for placement offsets (inject for tests).
+    """
+
+    def __init__(
+        self,
+        node: RaftNode,
+        state_machine: WatchedStateMachine,
+        *,
+        client_id: str | None = None,
+        write_timeout: float | None = None,
+        rng: random.Random | None = None,
+        owns_node: bool = False,
+    ) -> None:
+        self.node = node
+        self.state_machine = state_machine
+        self.client_id = client_id or f"{node.node_id}-{uuid.uuid4().hex[:12]}"
+        self.write_timeout = write_timeout or node.config.proposal_timeout * 3
+        self._seq = itertools.count(1)
+        self._seq_lock = threading.Lock()
+        self._rng = rng or random.SystemRandom()
+        self._owns_node = owns_node
+        self._watches: list[Watch] = []
+        self.controller = Controller(self, session_timeout=node.config.broker_session_timeout)
+
+    @classmethod
+    def open(cls, config: NodeConfig, **kwargs: Any) -> MetadataStore:
+        """Start a consensus node for ``config`` and a store on it; :meth:`close` stops both."""
+        state_machine = WatchedStateMachine()
+        node = RaftNode(config, state_machine)
+        store = cls(node, state_machine, owns_node=True, **kwargs)
+        store.start()
+        return store
+
+    def start(self) -> None:
+        """Start the node (if needed) and the controller."""
+        self.node.start()
+        self.controller.start()
+
+    def close(self) -> None:
+        """Stop watches and the controller (and the node, if this store started it)."""
+        for watch in self._watches:
+            watch.close()
+        self.controller.stop()
+        if self._owns_node:
+            self.node.stop()
+
+    def __enter__(self) -> MetadataStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- proposing -----------------------------------------------------------------
+
+    def next_request_id(self) -> RequestId:
+        """A fresh request id of this store."""
+        with self._seq_lock:
+            return RequestId(self.client_id, next(self._seq))
+
+    def execute(self, command: Command, timeout: float | None = None) -> ApplyResult:
+        """Propose ``command`` until it has an outcome or ``timeout`` passes.
+
+        Retries with the same request id after outcome-unknown failures and
+        when no leader is known. Raises CommandRefusedError for refusals,
+        ProposalTimeoutError (outcome unknown) at the deadline.
+        """
+        data = encode_command(command)
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProposalTimeoutError(
+                    f"{type(command).__name__} {command.request_id.client_id}#"
+                    f"{command.request_id.seq}: no outcome before the deadline; it may still "
+                    "apply, retry with the same request id", node_id=self.node.node_id)
+            try:
+                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0))
+            except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
+                attempt += 1
+                logger.debug("retrying %s after %s", command.request_id, exc)
+                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            except ProposalRejectedError:
+                attempt += 1
+                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            result.raise_for_refusal()
+            return result
+
+    def _write(self, make: Callable[[RequestId], Command], timeout: float | None,
+               request_id: RequestId | None) -> Any:
+        return self.execute(make(request_id or self.next_request_id()), timeout).value
+
+    # -- brokers ---------------------------------------------------------------------
+
+    def register_broker(self, broker_id: int, endpoint: str, *, rack: str | None = None,
+                        incarnation_id: str | None = None, fenced: bool = True,
+                        timeout: float | None = None,
+                        request_id: RequestId | None = None) -> Broker:
+        """Register a broker (a new incarnation bumps its epoch). It starts fenced
+        (unless ``fenced=False``) and is unfenced by the controller once it heartbeats."""
+        incarnation = incarnation_id or str(uuid.uuid4())
+        broker: Broker = self._write(lambda rid: RegisterBroker(
+            request_id=rid, broker_id=broker_id, endpoint=endpoint, rack=rack,
+            incarnation_id=incarnation, fenced=fenced), timeout, request_id)
+        return broker
+
+    def unregister_broker(self, broker_id: int, *, timeout: float | None = None,
+                          request_id: RequestId | None = None) -> None:
+        """Remove a broker; its partitions get new leaders."""
+        self._write(lambda rid: UnregisterBroker(request_id=rid, broker_id=broker_id),
+                    timeout, request_id)
+
+    def fence_broker(self, broker_id: int, broker_epoch: int | None = None, *,
+                     timeout: float | None = None,
+                     request_id: RequestId | None = None) -> None:
+        """Fence a broker: out of every ISR, leads nothing."""
+        self._write(lambda rid: FenceBroker(request_id=rid, broker_id=broker_id,
+                                            broker_epoch=broker_epoch), timeout, request_id)
+
+    def unfence_broker(self, broker_id: int, broker_epoch: int | None = None, *,
+                       timeout: float | None = None,
+                       request_id: RequestId | None = None) -> None:
+        """Unfence a broker: it may lead and rejoin ISRs again."""
+        self._write(lambda rid: UnfenceBroker(request_id=rid, broker_id=broker_id,
+                                              broker_epoch=broker_epoch), timeout, request_id)
+
+    def begin_controlled_shutdown(self, broker_id: int, broker_epoch: int | None = None, *,
+                                  timeout: float | None = None,
+                                  request_id: RequestId | None = None) -> None:
+        """Move leadership off a broker that is shutting down."""
+        self._write(lambda rid: BeginControlledShutdown(
+            request_id=rid, broker_id=broker_id, broker_epoch=broker_epoch), timeout, request_id)
+
+    def heartbeat(self, broker_id: int, broker_epoch: int) -> Broker | None:
+        """Tell the leader's controller this broker is alive.
+
+        Returns the broker's registration as this node knows it (``None`` if
+        unknown): a broker that finds itself fenced with a current epoch is
+        being unfenced; one whose epoch is stale must register again.
+        """
+        leader = self.node.leader_id
+        if leader == self.node.node_id:
+            self.controller.record_heartbeat(broker_id, broker_epoch)
+        elif leader is None:
+            raise NoLeaderError("no leader to heartbeat to", node_id=self.node.node_id)
+        else:
+            self.node.send_app_message(leader, {"type": "app:heartbeat",
+                                                "broker_id": broker_id,
+                                                "broker_epoch": broker_epoch})
+        return self.image().brokers.get(broker_id)
+
+    # -- topics ----------------------------------------------------------------------
+
+    def create_topic(self, name: str, partitions: int, replication_factor: int, *,
+                     config: Mapping[str, str | int] | None = None,
+                     timeout: float | None = None,
+                     request_id: RequestId | None = None) -> Topic:
+        """Create a topic; replicas are placed over active brokers, racks spread."""
+        topic_id = str(uuid.uuid4())
+        offset = self._rng.randrange(_PLACEMENT_RANGE)
+        topic: Topic = self._write(lambda rid: CreateTopic(
+            request_id=rid, name=name, topic_id=topic_id, partitions=partitions,
+            replication_factor=replication_factor, config=dict(config or {}),
+            placement_offset=offset), timeout, request_id)
+        return topic
+
+    def delete_topic(self, name: str, *, timeout: float | None = None,
+                     request_id: RequestId | None = None) -> None:
+        """Delete a topic and its partitions."""
+        self._write(lambda rid: DeleteTopic(request_id=rid, name=name), timeout, request_id)
+
+    def alter_topic_config(self, name: str, set_configs: Mapping[str, str | int] | None = None,
+                           delete_configs: tuple[str, ...] = (), *,
+                           timeout: float | None = None,
+                           request_id: RequestId | None = None) -> Topic:
+        """Set and/or reset (to default) topic config keys."""
+        topic: Topic = self._write(lambda rid: AlterTopicConfig(
+            request_id=rid, name=name, set_configs=dict(set_configs or {}),
+            delete_configs=tuple(delete_configs)), timeout, request_id)
+        return topic
+
+    def add_partitions(self, name: str, new_total: int, *, timeout: float | None = None,
+                       request_id: RequestId | None = None) -> Topic:
+        """Grow a topic to ``new_total`` partitions (never fewer)."""
+        offset = self._rng.randrange(_PLACEMENT_RANGE)
+        topic: Topic = self._write(lambda rid: AddPartitions(
+            request_id=rid, name=name, new_total=new_total, placement_offset=offset),
+            timeout, request_id)
+        return topic
+
+    # -- partitions ------------------------------------------------------------------
+
+    def elect_leaders(self, topic: str, partition: int | None = None, *,
+                      kind: str = "preferred", timeout: float | None = None,
+                      request_id: RequestId | None = None) -> tuple[Partition, ...]:
+        """Elect leaders: ``preferred``, from the ``isr``, or ``unclean`` (data loss)."""
+        changed: tuple[Partition, ...] = self._write(lambda rid: ElectLeaders(
+            request_id=rid, topic=topic, partition=partition, kind=kind),  # type: ignore[arg-type]
+            timeout, request_id)
+        return changed
+
+    def alter_isr(self, topic: str, partition: int, *, leader: int, leader_epoch: int,
+                  new_isr: tuple[int, ...], partition_epoch: int,
+                  timeout: float | None = None,
+                  request_id: RequestId | None = None) -> Partition:
+        """Change a partition's ISR (sent by its leader; stale epochs are refused)."""
+        result: Partition = self._write(lambda rid: AlterIsr(
+            request_id=rid, topic=topic, partition=partition, leader=leader,
+            leader_epoch=leader_epoch, new_isr=tuple(new_isr),
+            partition_epoch=partition_epoch), timeout, request_id)
+        return result
+
+    def reassign_replicas(self, topic: str, partition: int, replicas: tuple[int, ...], *,
+                          timeout: float | None = None,
+                          request_id: RequestId | None = None) -> Partition:
+        """Move a partition to other brokers."""
+        result: Partition = self._write(lambda rid: ReassignReplicas(
+            request_id=rid, topic=topic, partition=partition, replicas=tuple(replicas)),
+            timeout, request_id)
+        return result
+
+    # -- reads -----------------------------------------------------------------------
+
+    def image(self) -> MetadataImage:
+        """The local replica's metadata and the offset it reflects (may trail the leader)."""
+        return self.state_machine.fsm.image()
+
+    def describe_topic(self, name: str, *, linearizable: bool = False,
+                       timeout: float | None = None) -> tuple[Topic, tuple[Partition, ...]] | None:
+        """A topic and its partitions, or ``None``. ``linearizable`` reads through the log."""
+        if linearizable:
+            value = self.execute(Read(request_id=self.next_request_id(), name=name),
+                                 timeout).value
+            if value is None:
+                return None
+            topic, partitions = value
+            return topic, tuple(partitions)
+        image = self.image()
+        topic = image.topics.get(name)
+        if topic is None:
+            return None
+        return topic, image.partitions.get(name, ())
+
+    def read_image(self, *, timeout: float | None = None) -> MetadataImage:
+        """The whole metadata, linearizably (a read through the log)."""
+        image: MetadataImage = self.execute(
+            Read(request_id=self.next_request_id(), name=None), timeout).value
+        return image
+
+    def list_topics(self) -> list[str]:
+        """Topic names (local read)."""
+        return sorted(self.image().topics)
+
+    # -- watching --------------------------------------------------------------------
+
+    def watch(self, listener: Callable[[MetadataEvent], None], *,
+              from_offset: int | None = None) -> Watch:
+        """Deliver every change after ``from_offset`` to ``listener``, in log order, on
+        a thread of its own. ``None`` (default) starts with a full image."""
+        watch = Watch(self.state_machine.feed, listener, from_offset,
+                      name=f"metadata-watch-{len(self._watches)}")
+        self._watches.append(watch)
+        return watch
+
+
+class AsyncMetadataStore:
+    """The asyncio twin of :class:`MetadataStore`: every method is awaitable.
+
+    Blocking calls run in the default executor, so the event loop never
+    waits on Raft.
+    """
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.sync = store
+
+    @classmethod
+    async def open(cls, config: NodeConfig, **kwargs: Any) -> AsyncMetadataStore:
+        """Start a node and a store without blocking the loop."""
+        return cls(await asyncio.to_thread(MetadataStore.open, config, **kwargs))
+
+    async def close(self) -> None:
+        """Stop the store (and its node, if it started it)."""
+        await asyncio.to_thread(self.sync.close)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.sync, name)
+        if name in _LOCAL or not callable(method):
+            return method  # type: ignore[no-any-return]
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(method, *args, **kwargs)
+
+        call.__name__ = name
+        call.__doc__ = method.__doc__
+        return call
+
+
+_LOCAL = frozenset({"image", "list_topics", "watch", "next_request_id"})
+"""Methods that never block: the async twin returns them as they are."""
