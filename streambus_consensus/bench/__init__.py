@@ -1,0 +1,1 @@
+"""Benchmark scripts (``make bench``): numbers, not pass/fail tests."""

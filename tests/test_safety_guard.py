@@ -1,0 +1,160 @@
+"""Unit tests of the engine fixes in raft/safety.py and the journal alignment (E2, E1, E4).
+
+The guard only reads an engine's term, leader, commit index and log, and sends
+through it; a small fake with those stands in for PySyncObj here. The E1 rule
+is also shown end to end on real processes in test_engine_fixes.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from streambus_consensus.interfaces import LogEntry, RecoveredState
+from streambus_consensus.raft.engine import Member, _Journal
+from streambus_consensus.raft.safety import MessageGuard
+from streambus_consensus.raft.snapshot import SnapshotHeader
+from streambus_consensus.raft.storage import MemoryStorage
+
+
+@dataclass
+class FakeEngine:
+    term: int = 3
+    leader_id: str | None = "n1"
+    commit_index: int = 5
+    journal: list[tuple[bytes, int, int]] = field(default_factory=list)
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def send(self, peer_id: str, message: dict[str, Any]) -> bool:
+        self.sent.append((peer_id, message))
+        return True
+
+
+LEADER = Member("n1", "127.0.0.1:1")
+
+
+def log(*terms: int, first: int = 1) -> list[tuple[bytes, int, int]]:
+    return [(b"x%d" % i, first + i, t) for i, t in enumerate(terms)]
+
+
+def guard_for(engine: FakeEngine, enabled: bool = True) -> MessageGuard:
+    guard = MessageGuard(enabled=enabled)
+    guard.attach(engine)  # type: ignore[arg-type]
+    return guard
+
+
+def append(prev: int, entries: list[tuple[bytes, int, int]], term: int = 3,
+           commit: int = 5) -> dict[str, Any]:
+    prev_term = 3
+    return {"type": "append_entries", "term": term, "commit_index": commit,
+            "prevLogIdx": prev, "prevLogTerm": prev_term, "entries": entries}
+
+
+# -- rule 2 (E2) ---------------------------------------------------------------------
+
+def test_stale_matching_append_is_acknowledged_without_truncating() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3, 3, 3, 3))  # indexes 1..8
+    guard = guard_for(engine)
+    stale = append(prev=2, entries=engine.journal[2:5])  # entries 3..5, all matching
+    assert guard.inspect(LEADER, stale) is None
+    assert engine.sent == [("n1", {"type": "next_node_idx", "next_node_idx": 6,
+                                   "reset": False, "success": True})]
+    assert guard.stale_appends == 1
+
+
+def test_append_with_a_conflict_goes_to_the_engine() -> None:
+    engine = FakeEngine(journal=log(1, 2, 2, 2, 2, 2))  # old-term tail
+    guard = guard_for(engine)
+    conflicting = append(prev=2, entries=[(b"new", 3, 3)])
+    assert guard.inspect(LEADER, conflicting) is conflicting
+    assert engine.sent == []
+
+
+def test_append_that_extends_the_log_goes_to_the_engine() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3))
+    guard = guard_for(engine)
+    extending = append(prev=2, entries=[engine.journal[2], (b"y", 4, 3)])
+    assert guard.inspect(LEADER, extending) is extending
+
+
+@pytest.mark.parametrize("change", [
+    {"term": 4},                 # a newer term: the engine must see it
+    {"transmission": "finish"},  # a large entry sent in pieces
+    {"entries": []},             # a heartbeat
+])
+def test_rule_2_leaves_other_appends_alone(change: dict[str, Any]) -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3))
+    message = append(prev=1, entries=engine.journal[1:3]) | change
+    assert guard_for(engine).inspect(LEADER, message) is message
+
+
+def test_rule_2_ignores_a_sender_that_is_not_the_leader() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3), leader_id="n2")
+    message = append(prev=1, entries=engine.journal[1:3])
+    assert guard_for(engine).inspect(LEADER, message) is message
+
+
+def test_compacted_entries_are_not_assumed_to_match() -> None:
+    engine = FakeEngine(journal=log(3, 3, 3, first=10))  # log starts at 10
+    message = append(prev=7, entries=[(b"a", 8, 3), (b"b", 9, 3)])
+    assert guard_for(engine).inspect(LEADER, message) is message
+
+
+# -- rule 1 (E1) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("serialized", [None, (b"chunk", True, False), (b"", False, True)])
+def test_snapshot_traffic_cannot_raise_the_commit_index(serialized: Any) -> None:
+    engine = FakeEngine(journal=log(1, 1, 1, 1, 1, 1, 1, 1), commit_index=5)
+    message = {"type": "append_entries", "term": 3, "commit_index": 500,
+               "serialized": serialized}
+    out = guard_for(engine).inspect(LEADER, message)
+    assert out is not None and out["commit_index"] == 5
+
+
+def test_verified_appends_keep_the_leaders_commit_index() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3))
+    message = append(prev=3, entries=[(b"z", 4, 3)], commit=4)
+    out = guard_for(engine).inspect(LEADER, message)
+    assert out is not None and out["commit_index"] == 4
+
+
+def test_disabled_guard_passes_everything_untouched() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3, 3, 3, 3))
+    guard = guard_for(engine, enabled=False)
+    snapshot_message = {"type": "append_entries", "term": 3, "commit_index": 500,
+                        "serialized": None}
+    assert guard.inspect(LEADER, dict(snapshot_message)) == snapshot_message
+    stale = append(prev=2, entries=engine.journal[2:5])
+    assert guard.inspect(LEADER, stale) is stale
+
+
+# -- E4: journal aligned with the snapshot before the engine starts -------------------
+
+def _journal(entries: list[LogEntry]) -> tuple[_Journal, MemoryStorage]:
+    storage = MemoryStorage()
+    for entry in entries:
+        storage.append(entry)
+    journal = _Journal(storage, RecoveredState(entries=entries, term=2, voted_for=None,
+                                               commit_index=10))
+    return journal, storage
+
+
+def test_journal_starting_before_the_snapshot_is_compacted_to_it() -> None:
+    entries = [LogEntry(i, 2, b"e%d" % i) for i in range(1, 11)]
+    journal, storage = _journal(entries)
+    header = SnapshotHeader(last_entry=(b"e6", 6, 2), prev_entry=(b"e5", 5, 2), members=())
+    journal.align_with_snapshot(header)
+    assert [e[1] for e in journal[:]] == [5, 6, 7, 8, 9, 10]
+    assert [e.index for e in storage.open().entries] == [5, 6, 7, 8, 9, 10]
+    storage.close()
+
+
+def test_journal_behind_the_snapshot_is_left_for_the_engine() -> None:
+    entries = [LogEntry(i, 2, b"e%d" % i) for i in range(1, 4)]
+    journal, storage = _journal(entries)
+    header = SnapshotHeader(last_entry=(b"e9", 9, 2), prev_entry=(b"e8", 8, 2), members=())
+    journal.align_with_snapshot(header)
+    assert [e[1] for e in journal[:]] == [1, 2, 3]
+    storage.close()
