@@ -128,6 +128,11 @@ class NodeConfig:
     connect_retry_interval: float = 0.2
     """Wait between attempts to (re)connect to a peer."""
 
+    fast_failover: bool = True
+    """When a follower finds its leader's address refusing connections (the
+    leader's process is gone), campaign after a short random delay instead of
+    waiting out the election timeout. Safe: it only starts an election."""
+
     fsync: bool = True
     """Make the log durable before acknowledging (default). ``False`` keeps
     writes in the page cache: survives a process crash, not a power loss."""
@@ -233,7 +238,7 @@ class NodeConfig:
         if stepdown_value is not None and (isinstance(stepdown_value, bool)
                                            or not isinstance(stepdown_value, int | float)):
             raise ConfigError("leader_stepdown_timeout", stepdown_value, "must be a number")
-        for name in ("fsync", "batch_appends"):
+        for name in ("fsync", "batch_appends", "fast_failover"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "must be true or false")
         stepdown = self.effective_stepdown_timeout

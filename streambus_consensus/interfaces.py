@@ -173,8 +173,13 @@ class Transport(Protocol):
         on_message: Callable[[str, Mapping[str, Any]], None],
         on_connected: Callable[[str], None],
         on_disconnected: Callable[[str], None],
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
-        """Bind and begin connecting; deliver events through the callbacks."""
+        """Bind and begin connecting; deliver events through the callbacks.
+
+        ``on_refused`` (optional) reports a peer whose address refused a
+        connection outright: its process is not running.
+        """
         ...
 
     def add_peer(self, node_id: str, address: str) -> None:

@@ -14,6 +14,7 @@ Run: ``python -m streambus_consensus.bench.failover [--kills 10] [--idle 60] [--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -64,18 +65,22 @@ def measure(base: Path, kills: int, idle: float) -> dict[str, Any]:
         cluster.start()
         cluster.wait_for_leader(30)
         for round_no in range(kills):
-            wait_until(lambda n=round_no: _write(cluster, f"before-{n}"), 30, "a write")
+            wait_until(functools.partial(_write, cluster, f"before-{round_no}"), 30, "a write")
             leader = cluster.wait_for_leader(30)
             killed = time.monotonic()
             cluster.kill(leader)
             cluster.wait_for_leader(30, exclude=leader)
             elected.append(time.monotonic() - killed)
-            wait_until(lambda n=round_no: _write(cluster, f"after-{n}"), 30,
+            wait_until(functools.partial(_write, cluster, f"after-{round_no}"), 30,
                        "a write after failover", interval=0.01)
             committed.append(time.monotonic() - killed)
             cluster.start(leader)
-            wait_until(lambda n=leader: (s := cluster.status(n)) and s["leader_id"], 30,
-                       "the restarted node to rejoin")
+
+            def rejoined(node_id: str = leader) -> bool:
+                status = cluster.status(node_id)
+                return bool(status and status["leader_id"])
+
+            wait_until(rejoined, 30, "the restarted node to rejoin")
             print(f"  kill {round_no + 1}/{kills}: new leader after {elected[-1]:.3f}s, "
                   f"write committed after {committed[-1]:.3f}s", flush=True)
         results["failover_new_leader_s"] = _summary(elected)

@@ -353,6 +353,25 @@ class Engine:
         """Tell the engine a peer is unreachable."""
         self._pso_transport.disconnected(peer_id)
 
+    def campaign_now(self, dead_leader: str) -> bool:
+        """Start an election at the next tick, because ``dead_leader`` is gone.
+
+        PySyncObj has no call for this; its own leadership transfer makes a
+        follower campaign at once when the leader sends ``timeout_now``. We
+        deliver that message on the dead leader's behalf, which the engine
+        accepts only from its current leader and for the current term.
+        Starting an election early is always safe in Raft; it only costs a
+        term if the leader were alive, and a refused connection says its
+        process is not. Returns whether the election was requested.
+        """
+        if self.leader_id != dead_leader or self.state is not NodeState.FOLLOWER:
+            return False
+        node = self._members.get(dead_leader)
+        if node is None:
+            return False
+        self._pso_transport.deliver(dead_leader, {"type": "timeout_now", "term": self.term})
+        return True
+
     def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
         """Queue a command (any thread). ``callback(result, fail_code)`` runs on the Raft thread."""
         self._consumer.apply(command, callback=callback)

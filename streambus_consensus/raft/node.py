@@ -21,6 +21,7 @@ import collections
 import functools
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -120,6 +121,9 @@ class RaftNode:
         self._stopped = False
         self._lifecycle = threading.Lock()
         self._last_leader: str | None = None
+        self._campaign_at: tuple[float, str] | None = None
+        self._random = random.Random()
+        self.fast_elections = 0
         self._fatal: BaseException | None = None
         # Counters read by the metrics collector (single-writer: the Raft thread).
         self.leader_changes = 0
@@ -174,7 +178,7 @@ class RaftNode:
                     app_handler=self._on_app_message,
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
-                                self._engine.peer_disconnected)
+                                self._engine.peer_disconnected, self._on_peer_refused)
             except BaseException:
                 storage.close()
                 transport.close()
@@ -235,6 +239,7 @@ class RaftNode:
                 engine.tick()
                 self._flush(storage, transport)
                 self._watch_leader(engine)
+                self._maybe_campaign(engine)
                 transport.poll(tick)
                 self._flush(storage, transport)
         except StorageError as exc:
@@ -280,6 +285,28 @@ class RaftNode:
             term = engine.term
             for listener in list(self._leader_listeners):
                 self._jobs.put(functools.partial(listener, leader, term))
+
+    def _on_peer_refused(self, peer_id: str) -> None:
+        # Raft thread (called from the transport's poll).
+        engine = self._engine
+        if (engine is not None and peer_id == engine.leader_id and self._campaign_at is None
+                and self.config.fast_failover):
+            # Jitter so that the surviving followers rarely campaign at once.
+            jitter = self._random.uniform(0.0, self.config.election_timeout_min / 3)
+            self._campaign_at = (time.monotonic() + jitter, peer_id)
+
+    def _maybe_campaign(self, engine: Engine) -> None:
+        if self._campaign_at is None:
+            return
+        when, dead = self._campaign_at
+        if engine.leader_id != dead:
+            self._campaign_at = None  # someone else won already
+        elif time.monotonic() >= when:
+            self._campaign_at = None
+            if engine.campaign_now(dead):
+                self.fast_elections += 1
+                logger.info("%s: leader %s is down (connection refused): campaigning now",
+                            self.node_id, dead)
 
     def _apply(self, index: int, entry: bytes) -> Any:
         kind, command = entry[:1], entry[1:]

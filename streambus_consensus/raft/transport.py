@@ -132,6 +132,7 @@ class TcpTransport:
         self._on_message: MessageHandler = _ignore_message
         self._on_connected: PeerHandler = _ignore_peer
         self._on_disconnected: PeerHandler = _ignore_peer
+        self._on_refused: PeerHandler = _ignore_peer
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
@@ -147,10 +148,16 @@ class TcpTransport:
         on_message: MessageHandler,
         on_connected: PeerHandler,
         on_disconnected: PeerHandler,
+        on_refused: PeerHandler | None = None,
     ) -> None:
-        """Bind the listener and begin connecting to peers."""
+        """Bind the listener and begin connecting to peers.
+
+        ``on_refused(peer)`` is told when a dial is refused outright (nothing
+        listens at the peer's address: its process is gone).
+        """
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected = on_disconnected
+        self._on_refused = on_refused or _ignore_peer
         host, port = parse_address(self.bind_address, field_name="bind_address")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -293,6 +300,8 @@ class TcpTransport:
             return
         if err not in (0, errno.EINPROGRESS):
             sock.close()
+            if err == errno.ECONNREFUSED:
+                self._on_refused(peer)
             return
         conn = _Conn(sock, outgoing=True, peer=peer)
         self._out[peer] = conn
@@ -390,6 +399,8 @@ class TcpTransport:
             err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self._close(conn, reason=os.strerror(err), quiet=True)
+                if err == errno.ECONNREFUSED and conn.peer is not None:
+                    self._on_refused(conn.peer)
                 return
             conn.connecting = False
             conn.last_recv = time.monotonic()
@@ -470,6 +481,8 @@ class TcpTransport:
         if conn.outgoing and conn.peer is not None:
             if self._out.get(conn.peer) is conn:
                 del self._out[conn.peer]
+                if conn.ready:
+                    self._next_attempt.pop(conn.peer, None)  # redial at once
             if conn.ready and notify:
                 self._on_disconnected(conn.peer)
         else:
