@@ -39,7 +39,9 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "snapshot_chunk_bytes": 1 << 20,
     "max_message_bytes": 64 << 20,
     "connect_retry_interval": 0.2,
+    "fast_failover": True,
     "fsync": True,
+    "broker_session_timeout": 9.0,
     "api_address": None,
 }
 

@@ -254,6 +254,43 @@ class _Consumer(SyncObjConsumer):  # type: ignore[misc]
         return self._apply(command)
 
 
+class _SyncObj(SyncObj):  # type: ignore[misc]
+    """``SyncObj`` with membership changes really limited to one at a time.
+
+    Engine issue (PySyncObj 0.3.17): the leader's ``__changeCluster`` refuses
+    a change while ``__changeClusterIDx`` (the previous change's index) is not
+    yet applied, but nothing ever sets that field, so any number of
+    membership entries can be uncommitted at once. Two concurrent
+    ``members add`` calls took a 3-node cluster to 5 members in one step;
+    configurations two changes apart can have disjoint majorities (``{1,2}``
+    of ``{1,2,3}`` against ``{3,4,5}`` of ``{1..5}``), so two leaders could
+    commit in the same term. Single-server changes are safe only one at a
+    time (Ongaro's thesis, §4.1).
+
+    Fix: remember ``(term, index)`` of the change this leader appended and
+    refuse another (REQUEST_DENIED) until that index is applied. A change left
+    by an earlier term needs no tracking: a new leader already waits for its
+    no-op to be applied, which applies every earlier entry.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before SyncObj.__init__ so PySyncObj counts it among its own fields.
+        self._pending_change: tuple[int, int] | None = None
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__changeCluster(self, request: Any) -> bool:  # overrides the private method
+        pending = self._pending_change
+        if (pending is not None and pending[0] == self.raftCurrentTerm
+                and self.raftLastApplied < pending[1]):
+            return False
+        # The caller appends the entry right after us, at the next log index.
+        index = self._SyncObj__raftLog[-1][1] + 1
+        accepted = bool(SyncObj._SyncObj__changeCluster(self, request))
+        if accepted:
+            self._pending_change = (self.raftCurrentTerm, index)
+        return accepted
+
+
 class Engine:
     """A PySyncObj node, wired to our storage, transport and state machine.
 
@@ -327,7 +364,7 @@ class Engine:
             original = _syncobj_module.createJournal
             _syncobj_module.createJournal = lambda _path: journal
             try:
-                self._obj = SyncObj(
+                self._obj = _SyncObj(
                     self._self, list(members.values()), conf,
                     consumers=[self._consumer], transport=self._pso_transport,
                 )
