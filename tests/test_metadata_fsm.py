@@ -886,13 +886,72 @@ def test_least_recently_used_client_is_forgotten() -> None:
                           topic_id=uid(ord(client)), partitions=1, replication_factor=1,
                           placement_offset=0)
         results[client] = (cmd, h.ok(cmd))
-    # "test" and "a" were used least recently and are forgotten: a retry of
-    # "a" is applied again (and refused, the topic exists); "c" is remembered.
+    # "test" and "a" were used least recently and their results are forgotten:
+    # a retry of "a" is refused as expired (never applied again); "c" is remembered.
     cmd_a, _ = results["a"]
-    assert h.run(cmd_a).code == RefusalCode.TOPIC_EXISTS
+    expired = h.refused(cmd_a, RefusalCode.REQUEST_EXPIRED)
+    assert "a#1" in expired.message
     cmd_c, first_c = results["c"]
     assert h.run(cmd_c).duplicate
     assert h.run(cmd_c).offset == first_c.offset
+    # A new request of a forgotten client is applied, and it is remembered again.
+    cmd = CreateTopic(request_id=RequestId("a", 2), name="topic-a2", topic_id=uid(1),
+                      partitions=1, replication_factor=1, placement_offset=0)
+    first = h.ok(cmd)
+    again = h.run(cmd)
+    assert again.duplicate and again.offset == first.offset
+    h.refused(cmd_a, RefusalCode.REQUEST_EXPIRED)
+
+
+def test_retried_create_of_an_evicted_client_does_not_resurrect_a_deleted_topic() -> None:
+    """Regression (shrunk from test_metadata_stateful): client c1's session was
+    evicted (least recently used), the topic it created was deleted, and its
+    retried CreateTopic was applied again: the topic came back under its old
+    id with its epochs restarted at 0 (leader epoch 1 -> 0)."""
+    h = Harness(max_results_per_client=6, max_clients=3)
+    for b in range(3):
+        h.ok(RegisterBroker(request_id=RequestId("c0", b + 1), broker_id=b,
+                            endpoint=f"b{b}.home:9092", rack=f"rack{b % 2}",
+                            incarnation_id=uid(b), fenced=False))
+    creates = [
+        CreateTopic(request_id=RequestId("c1", i + 1), name=name, topic_id=uid(100 + i),
+                    partitions=1, replication_factor=1, placement_offset=7)
+        for i, name in enumerate(["a", "c-1"])
+    ]
+    for cmd in creates:
+        h.ok(cmd)
+    assert h.part("c-1").replicas == (1,)
+    h.ok(FenceBroker(request_id=RequestId("c0", 4), broker_id=1))
+    before = h.part("c-1")
+    assert before.leader is None and before.leader_epoch == 1  # offline, epoch moved on
+    for client in ("c2", "c3"):  # two more clients: c1 is evicted (max_clients=3)
+        h.refused(ReassignReplicas(request_id=RequestId(client, 1), topic="a", partition=0,
+                                   replicas=()), RefusalCode.INVALID_REPLICAS)
+    h.ok(DeleteTopic(request_id=RequestId("c0", 5), name="c-1"))
+
+    retried = h.refused(creates[1], RefusalCode.REQUEST_EXPIRED)
+    assert not retried.duplicate
+    assert "c-1" not in h.fsm.image().topics, "a retried create must not resurrect the topic"
+    h.refused(creates[0], RefusalCode.REQUEST_EXPIRED)  # "a" exists; refused all the same
+
+    # The evicted client's high-water mark survives a snapshot and a replay.
+    restored = MetadataStateMachine(max_results_per_client=6, max_clients=3)
+    restored.restore(h.fsm.snapshot())
+    assert restored.snapshot() == h.fsm.snapshot()
+    assert restored.apply(encode_command(creates[1])).code == RefusalCode.REQUEST_EXPIRED
+    replay = MetadataStateMachine(max_results_per_client=6, max_clients=3)
+    for index, data in h.log:
+        replay.apply_at(index, data)
+    assert replay.snapshot() == h.fsm.snapshot()
+
+    # A real re-creation is a new request with a new topic id, and starts at epoch 0.
+    recreate = CreateTopic(request_id=RequestId("c1", 3), name="c-1", topic_id=uid(102),
+                           partitions=1, replication_factor=1, placement_offset=7)
+    h.ok(recreate)
+    topic = h.fsm.image().topics["c-1"]
+    assert topic.topic_id == uid(102) != creates[1].topic_id
+    assert h.part("c-1").leader_epoch == 0
+    check_invariants(h.fsm.image())
 
 
 def test_read_only_commands_are_not_remembered() -> None:

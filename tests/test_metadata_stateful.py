@@ -118,6 +118,8 @@ class MetadataMachine(RuleBasedStateMachine):
         self.brokers: dict[int, ModelBroker] = {}
         self.topics: dict[str, ModelTopic] = {}
         self.sessions: OrderedDict[str, ModelSession] = OrderedDict()
+        # Clients evicted from ``sessions``: only their highest seq is kept.
+        self.evicted: dict[str, int] = {}
         self.seqs = dict.fromkeys(CLIENTS, 0)
         self.sent: list[Command] = []
         self.ids = 0
@@ -153,7 +155,11 @@ class MetadataMachine(RuleBasedStateMachine):
                 original.ok, original.code, original.message, original.value, original.offset
             )
             return result
-        if not cmd.read_only and session is not None and rid.seq <= session.max_evicted:
+        max_evicted = self.evicted.get(rid.client_id, -1) if session is None else (
+            session.max_evicted
+        )
+        if not cmd.read_only and rid.seq <= max_evicted:
+            # Forgotten (even the whole client): refused, never applied twice.
             result = self.apply(encode_command(cmd))
             assert result.code == RefusalCode.REQUEST_EXPIRED, result
             return result
@@ -175,14 +181,17 @@ class MetadataMachine(RuleBasedStateMachine):
         return result
 
     def remember(self, rid: RequestId, result: ApplyResult) -> None:
-        session = self.sessions.pop(rid.client_id, None) or ModelSession()
+        session = self.sessions.pop(rid.client_id, None) or ModelSession(
+            max_evicted=self.evicted.pop(rid.client_id, -1)
+        )
         self.sessions[rid.client_id] = session
         session.results[rid.seq] = result
         while len(session.results) > MAX_RESULTS:
             seq, _ = session.results.popitem(last=False)
             session.max_evicted = max(session.max_evicted, seq)
         while len(self.sessions) > MAX_CLIENTS:
-            self.sessions.popitem(last=False)
+            client, victim = self.sessions.popitem(last=False)
+            self.evicted[client] = max([victim.max_evicted, *victim.results])
 
     # -- the model's predictions ----------------------------------------------
 

@@ -74,7 +74,9 @@ class RequestId:
 
     A client uses a new ``seq`` for every new request, increasing, and the same
     ``RequestId`` when it retries. The state machine remembers the results of
-    recent requests per client and answers a retry with the original result.
+    recent requests per client and answers a retry with the original result;
+    a retry whose result it has forgotten is refused as ``request_expired``,
+    never applied a second time.
     """
 
     client_id: str

@@ -20,8 +20,12 @@ Retries are idempotent: the result of every state-changing command is
 remembered under its :class:`~.commands.RequestId` (at most
 ``max_results_per_client`` per client, oldest first out; at most
 ``max_clients`` clients, least recently used first out), and a retry gets the
-original result back (``duplicate=True``, no changes). This table is part of
-snapshots.
+original result back (``duplicate=True``, no changes). A retry whose result
+has been forgotten is refused as ``request_expired`` and never applied again:
+a client keeps the highest seq whose result was forgotten, and a client whose
+results are all forgotten (evicted as least recently used) keeps just that
+number (a retried create after a delete must not bring the topic back with
+its old id and epochs restarted). This table is part of snapshots.
 
 Rules follow Kafka KRaft: brokers register fenced and are unfenced by the
 controller; fencing (or controlled shutdown, or unregistering, or a restart
@@ -443,7 +447,9 @@ class _Session:
     """What is remembered about one client.
 
     Results live in chunks of at most ``_CHUNK`` (oldest first), so that
-    remembering one more result copies two short containers, not the table.
+    remembering one more result copies two short containers, not the table. A
+    client evicted as least recently used keeps a session with no results and
+    its highest seq (see :meth:`forgotten`).
     """
 
     last_offset: int
@@ -467,6 +473,12 @@ class _Session:
         """``(seq, result)`` pairs, oldest first."""
         for chunk in self.chunks:
             yield from chunk.items()
+
+    def forgotten(self) -> _Session:
+        """What stays of an evicted client: no results, and the highest seq it
+        used as ``max_evicted_seq``, so that none of its old requests is applied again."""
+        highest = max((seq for chunk in self.chunks for seq in chunk), default=-1)
+        return _Session(self.last_offset, (), 0, max(self.max_evicted_seq, highest))
 
     def added(self, seq: int, result: ApplyResult, offset: int, limit: int) -> _Session:
         """A copy that remembers one more result, forgetting the oldest beyond ``limit``."""
@@ -686,8 +698,12 @@ class MetadataStateMachine:
 
     Args:
         max_results_per_client: results remembered per client for retries.
-        max_clients: clients remembered. Both limits must be the same on every
-            replica (they decide what is evicted, which is replicated state).
+        max_clients: clients whose results are remembered. A client evicted
+            from them keeps only its highest seq (its id and two integers), so
+            that a late retry of its requests is refused as ``request_expired``
+            instead of being applied a second time. Both limits must be the
+            same on every replica (they decide what is evicted, which is
+            replicated state).
     """
 
     _image: MetadataImage
@@ -870,7 +886,9 @@ class MetadataStateMachine:
         self._lru[rid.client_id] = None
         while len(self._lru) > self._max_clients:
             victim, _ = self._lru.popitem(last=False)
-            sessions.delete(victim)
+            # Forget the results but not the seqs: a late retry of one of the
+            # victim's requests must be refused, not applied a second time.
+            sessions[victim] = self._sessions[victim].forgotten()
         self._sessions = sessions.persistent()
 
     # -- placement and elections helpers -----------------------------------
@@ -1290,9 +1308,12 @@ class MetadataStateMachine:
             topic_ids[topic.topic_id] = name
             for r in {r for p in partitions[name] for r in p.replicas}:
                 broker_topics.setdefault(r, set()).add(name)
+        # Clients evicted earlier (no results left, only their highest seq) are
+        # not candidates for eviction again.
         lru: OrderedDict[str, None] = OrderedDict(
             (client, None)
-            for client, _ in sorted(sessions.items(), key=lambda item: item[1].last_offset)
+            for client, session in sorted(sessions.items(), key=lambda item: item[1].last_offset)
+            if session.count
         )
         self._brokers, self._topics, self._partitions = brokers, topics, partitions
         self._sessions = sessions
@@ -1422,13 +1443,39 @@ def _topic_from(w: Any, configs: dict[tuple[Any, ...], TopicConfig]) -> Topic:
     )
 
 
-def _partitions_from(topic: str, first_index: int, blob: Any) -> list[Partition]:
+class _Interned:
+    """Canonical copies of the replica and ISR tuples seen during one restore."""
+
+    __slots__ = ("isrs", "replicas")
+
+    def __init__(self) -> None:
+        self.replicas: dict[tuple[int, ...], tuple[tuple[int, ...], frozenset[int]]] = {}
+        """Replica tuples that passed the checks, with their set."""
+        self.isrs: dict[tuple[int, ...], tuple[int, ...]] = {}
+        """ISR tuples that differ from their partition's replicas."""
+
+
+def _partitions_from(
+    topic: str, first_index: int, blob: Any, interned: _Interned | None = None
+) -> list[Partition]:
+    """Decode and check one topic's partitions blob.
+
+    ``interned`` (shared across a restore) holds one canonical, already
+    checked copy of each replica tuple and of each ISR tuple seen: a million
+    partitions over a hundred brokers use a few hundred distinct tuples, so
+    the restored state holds those instead of two new tuples per partition
+    (less memory, fewer objects for the garbage collector), and each distinct
+    replica tuple is checked once.
+    """
     _want(blob, bytes, "partitions")
     if len(blob) % 8:
         raise CodecError(f"invalid snapshot: partitions of {topic!r} are truncated")
     n = len(blob) // 8
     vals = struct.unpack(f">{n}q", blob)
+    tables = _Interned() if interned is None else interned
+    checked, isrs = tables.replicas, tables.isrs
     parts: list[Partition] = []
+    append = parts.append
     pos = 0
     try:
         while pos < n:
@@ -1438,26 +1485,32 @@ def _partitions_from(topic: str, first_index: int, blob: Any) -> list[Partition]
             isr = vals[end + 1 : pos]
             leader, leader_epoch, partition_epoch, recovering = vals[pos : pos + 4]
             pos += 4
-            index = first_index + len(parts)
+            known = checked.get(replicas)
+            if known is None and (
+                replicas and min(replicas) >= 0 and len(set(replicas)) == len(replicas)
+            ):
+                known = checked[replicas] = (replicas, frozenset(replicas))
             if (
-                not replicas
+                known is None
                 or not isr
                 or pos > n
-                or min(replicas) < 0
-                or len(set(replicas)) != len(replicas)
-                or not set(isr) <= set(replicas)
+                or not known[1].issuperset(isr)
                 or not (leader == -1 or leader in isr)
                 or leader_epoch < 0
                 or partition_epoch < 0
                 or recovering not in (0, 1)
             ):
                 raise CodecError(
-                    f"invalid snapshot: partition {topic}-{index} breaks an invariant"
+                    f"invalid snapshot: partition {topic}-{first_index + len(parts)} "
+                    "breaks an invariant"
                 )
-            parts.append(
+            replicas = known[0]
+            isr = replicas if isr == replicas else isrs.setdefault(isr, isr)
+            append(
                 Partition(
-                    topic, index, replicas, isr, None if leader == -1 else leader,
-                    leader_epoch, partition_epoch, recovering == 1,
+                    topic, first_index + len(parts), replicas, isr,
+                    None if leader == -1 else leader, leader_epoch, partition_epoch,
+                    recovering == 1,
                 )
             )
     except (IndexError, ValueError) as exc:
@@ -1524,10 +1577,11 @@ def _decode_snapshot(
     ev_t: _Evolver[str, Topic] = _PersistentMap().evolver()
     ev_p: _Evolver[str, tuple[Partition, ...]] = _PersistentMap().evolver()
     names: set[str] = set()
+    interned = _Interned()
     for w in _want(body[2], list, "topics"):
         _want(w, tuple, "topic entry", 2)
         topic = _topic_from(w[0], configs)
-        parts = tuple(_partitions_from(topic.name, 0, w[1]))
+        parts = tuple(_partitions_from(topic.name, 0, w[1], interned))
         if topic.name in names or len(parts) != topic.partition_count:
             raise CodecError(f"invalid snapshot: topic {topic.name!r} is inconsistent")
         names.add(topic.name)
