@@ -206,6 +206,7 @@ class ApiServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the default 5 resets connections under concurrent callers
 
 
 def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
@@ -213,6 +214,9 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         server_version = "streambus-consensus"
         timeout = SOCKET_TIMEOUT
+        # Headers and body go out in separate writes; without this, Nagle holds
+        # the body until the client's delayed ACK (~40 ms per kept-alive request).
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("api %s " + format, self.client_address[0], *args)
