@@ -1,8 +1,12 @@
 """``streambus-consensus``: run a node and administer a cluster.
 
+Every command but ``node run`` talks to the nodes' HTTP APIs
+(:mod:`streambus_consensus.api`), signing each request with the cluster
+secret. Output is a table for people or JSON (``--json``) for scripts.
+
 Errors print one line to stderr and exit non-zero: 2 for bad arguments or
 config, 3 when no node answers, 4 when the cluster refused or failed the
-request.
+request. This module is the only one in the package that prints.
 """
 
 from __future__ import annotations
@@ -13,104 +17,196 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import prometheus_client
 
 from .client import ApiClient, ClusterUnreachableError
 from .config import NodeConfig
-from .errors import ConfigError, ConsensusError
+from .errors import ConfigError, ConsensusError, ProposalRejectedError
 
-__all__ = ["main"]
+__all__ = ["format_fields", "format_table", "main"]
 
-EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 2, 3, 4
+ENV_API = "STREAMBUS_CONSENSUS_API"
+ENV_SECRET = "STREAMBUS_CONSENSUS_SECRET"
+ENV_SECRET_FILE = "STREAMBUS_CONSENSUS_SECRET_FILE"
 UNSAFE_NO_ENGINE_FIXES = "STREAMBUS_CONSENSUS_UNSAFE_DISABLE_ENGINE_FIXES"
+_POLL_INTERVAL = 0.02
+"""Seconds between checks while waiting for the cluster (leadership, retries)."""
+
+T = TypeVar("T")
+
+_EPILOG = f"""\
+connecting:
+  Admin commands need node API addresses: --api HOST:PORT (repeatable, or
+  comma-separated), --config NODE.toml (its api_address and cluster secret;
+  repeatable; alias --node-config), or ${ENV_API}.
+  The cluster secret signs every request: --secret-file FILE, else the
+  secret of the first --config, else ${ENV_SECRET_FILE},
+  else ${ENV_SECRET}.
+
+exit codes:
+  0  success
+  2  bad arguments or configuration
+  3  no node answered
+  4  the cluster refused or failed the request
+
+examples:
+  streambus-consensus node run --config examples/cluster/node1.toml
+  streambus-consensus status --config examples/cluster/node1.toml
+  streambus-consensus topics create orders --partitions 6 --replication-factor 3 \\
+      --config retention.ms=86400000 --api 127.0.0.1:9101
+  streambus-consensus leader transfer n2 --api 127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103
+"""
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="streambus-consensus",
-        description="Run and administer a StreamBus metadata consensus cluster.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _UsageError(Exception):
+    """Bad command-line arguments (exit 2)."""
 
-    node = sub.add_parser("node", help="run a node").add_subparsers(
-        dest="node_command", required=True, metavar="ACTION")
-    run = node.add_parser("run", help="run a node in the foreground until SIGTERM/SIGINT")
-    run.add_argument("--config", required=True, help="node TOML config file")
-    run.add_argument("--app", choices=("metadata", "kv"), default="metadata",
-                     help="state machine: StreamBus metadata (default) or the example "
-                          "key-value store")
-    run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
-    def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--api", action="append", default=None, metavar="HOST:PORT",
-                       help="node API address; repeat for several nodes "
-                            "(default: $STREAMBUS_CONSENSUS_API, comma-separated)")
-        p.add_argument("--config", help="take the API address and secret from a node config")
-        p.add_argument("--secret-file", help="file holding the cluster secret "
-                                             "(default: $STREAMBUS_CONSENSUS_SECRET)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (and exit 2 through :func:`main`)."""
 
-    status = sub.add_parser("status", help="leader, term, indexes and peers of every node")
-    client_args(status)
-    members = sub.add_parser("members", help="voting members").add_subparsers(
-        dest="members_command", required=True, metavar="ACTION")
-    client_args(members.add_parser("list", help="list voting members"))
-    add = members.add_parser("add", help="add a voting member (start it first)")
-    add.add_argument("node_id")
-    add.add_argument("address", help="its cluster address host:port")
-    client_args(add)
-    remove = members.add_parser("remove", help="remove a voting member")
-    remove.add_argument("node_id")
-    client_args(remove)
-    leader = sub.add_parser("leader", help="leadership").add_subparsers(
-        dest="leader_command", required=True, metavar="ACTION")
-    transfer = leader.add_parser("transfer", help="move leadership to a node")
-    transfer.add_argument("node_id", nargs="?", help="target (default: most caught-up)")
-    client_args(transfer)
-    return parser
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
+
+
+@dataclass(frozen=True)
+class _Output:
+    """What a command prints: ``data`` with ``--json``, else ``text``."""
+
+    data: Any
+    text: str
+
+
+# -- formatting (pure: strings in, strings out) -----------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ",".join(_cell(v) for v in value) or "-"
+    return str(value)
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces; ``None`` shows as ``-``,
+    lists as comma-separated values."""
+    cells = [list(header)] + [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                     .rstrip() for row in cells)
+
+
+def format_fields(fields: Iterable[tuple[str, Any]]) -> str:
+    """``name: value`` lines with the values aligned."""
+    pairs = [(name, _cell(value)) for name, value in fields]
+    width = max((len(name) for name, _ in pairs), default=0)
+    return "\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in pairs)
+
+
+# -- connecting -----------------------------------------------------------------------
+
+
+def _read_secret(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(what, path, f"cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(what, path, "is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(what, path, "is empty")
+    return secret
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    addresses: list[str] = list(args.api or [])
+    addresses: list[str] = []
+    for item in args.api or []:
+        addresses += [a.strip() for a in item.split(",") if a.strip()]
     secret: str | None = None
-    if args.config:
-        config = NodeConfig.from_toml(args.config)
-        if config.api_address:
-            addresses.append(config.api_address)
-        secret = config.cluster_secret
-    if not addresses and os.environ.get("STREAMBUS_CONSENSUS_API"):
-        addresses = os.environ["STREAMBUS_CONSENSUS_API"].split(",")
-    if args.secret_file:
-        try:
-            with open(args.secret_file, encoding="utf-8") as f:
-                secret = f.read().strip()
-        except OSError as exc:
-            raise ConfigError("--secret-file", args.secret_file,
-                              exc.strerror or "unreadable") from None
-    elif secret is None:
-        secret = os.environ.get("STREAMBUS_CONSENSUS_SECRET")
+    for path in args.config or []:
+        config = NodeConfig.from_toml(path)
+        if config.api_address is None:
+            raise ConfigError("--config", path, "has no api_address: that node serves no API")
+        addresses.append(config.api_address)
+        if secret is None:
+            secret = config.cluster_secret
+    if not addresses and os.environ.get(ENV_API):
+        addresses = [a.strip() for a in os.environ[ENV_API].split(",") if a.strip()]
     if not addresses:
-        raise ConfigError("--api", None, "give --api HOST:PORT, --config, or "
-                                         "$STREAMBUS_CONSENSUS_API")
-    return ApiClient(addresses, secret=secret, timeout=args.timeout)
+        raise _UsageError(f"no node API address: give --api HOST:PORT, --config FILE or "
+                          f"${ENV_API}")
+    if args.secret_file:
+        secret = _read_secret(args.secret_file, "--secret-file")
+    elif secret is None and os.environ.get(ENV_SECRET_FILE):
+        secret = _read_secret(os.environ[ENV_SECRET_FILE], ENV_SECRET_FILE)
+    elif secret is None:
+        secret = os.environ.get(ENV_SECRET) or None
+    return ApiClient(list(dict.fromkeys(addresses)), secret=secret, timeout=args.timeout)
 
 
-def _print(args: argparse.Namespace, data: Any, table: list[list[str]] | None = None) -> None:
-    if args.json or table is None:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
+def _statuses(client: ApiClient) -> list[tuple[str, dict[str, Any] | None]]:
+    """``(api address, status or None if it did not answer)`` for every address."""
+    found: list[tuple[str, dict[str, Any] | None]] = []
+    for address in client.addresses:
+        try:
+            found.append((address, client.status(address)))
+        except ClusterUnreachableError:
+            found.append((address, None))
+    if all(status is None for _, status in found):
+        raise ClusterUnreachableError("no node answered at " + ", ".join(client.addresses))
+    return found
 
 
-def _run_node(args: argparse.Namespace) -> int:
+def _retry_rejected(call: Callable[[], T], budget: float) -> T:
+    """Call, retrying for ``budget`` seconds while the cluster says "not now"
+    (another membership change in flight, an election, a leader not settled)."""
+    deadline = time.monotonic() + budget
+    while True:
+        try:
+            return call()
+        except ProposalRejectedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(_POLL_INTERVAL * 5)
+
+
+def _wait_for_leader(client: ApiClient, addresses: Sequence[str], accept: Callable[[str], bool],
+                     timeout: float) -> str | None:
+    """Poll the nodes at ``addresses`` until one knows a leader that ``accept`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for address in addresses:
+            try:
+                leader = client.status(address)["leader_id"]
+            except ConsensusError:
+                continue
+            if leader is not None and accept(leader):
+                return str(leader)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(_POLL_INTERVAL)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def _run_node(args: argparse.Namespace) -> _Output | None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = NodeConfig.from_toml(args.config).validate()
+    # This process is ours: drop prometheus-client's "<name>_created" series, which
+    # the text format shows as extra gauge families (a library must not do this).
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     from .raft.safety import MessageGuard
     from .server import KeyValueApplication, NodeServer
 
@@ -133,84 +229,353 @@ def _run_node(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     server.start()
     server.wait()
-    return 0
+    return None
 
 
-def _status(args: argparse.Namespace) -> int:
-    client = _client(args)
-    rows = [["NODE", "STATE", "LEADER", "TERM", "COMMIT", "APPLIED", "PEERS"]]
-    report = []
-    reachable = 0
-    for address in client.addresses:
-        try:
-            status = client.status(address)
-        except ClusterUnreachableError:
+def _status(args: argparse.Namespace) -> _Output:
+    report: list[dict[str, Any]] = []
+    rows = []
+    for address, status in _statuses(_client(args)):
+        if status is None:
             report.append({"api": address, "error": "unreachable"})
-            rows.append([address, "unreachable", "-", "-", "-", "-", "-"])
+            rows.append([None, address, "unreachable"] + [None] * 6)
             continue
-        reachable += 1
         report.append({"api": address, **status})
-        peers = ",".join(f"{p['node_id']}{'' if p['connected'] else '(down)'}"
-                         for p in status["peers"])
-        rows.append([status["node_id"], status["state"], str(status["leader_id"]),
-                     str(status["term"]), str(status["commit_index"]),
-                     str(status["applied_index"]), peers])
-    _print(args, report, rows)
-    if not reachable:
-        raise ClusterUnreachableError("no node answered")
-    return 0
+        peers = " ".join(
+            f"{p['node_id']}:{'up' if p['connected'] else 'down'}"
+            + (f"@{p['match_index']}" if p.get("match_index") is not None else "")
+            for p in status["peers"])
+        rows.append([status["node_id"], address, status["state"], status["leader_id"],
+                     status["term"], status["commit_index"], status["applied_index"],
+                     status["log_entries"], peers or None])
+    header = ["NODE", "API", "STATE", "LEADER", "TERM", "COMMIT", "APPLIED", "LOG", "PEERS"]
+    return _Output(report, format_table(header, rows))
 
 
-def _members(args: argparse.Namespace) -> int:
+def _members_table(members: dict[str, str], leader: str | None) -> str:
+    return format_table(["NODE", "ADDRESS", "ROLE"], [
+        [node, address, "leader" if node == leader else "voter"]
+        for node, address in sorted(members.items())])
+
+
+def _members(args: argparse.Namespace) -> _Output:
     client = _client(args)
+    current = client.request("GET", "/v1/members")
+    members: dict[str, str] = current["members"]
+    leader: str | None = current["leader_id"]
+    if args.members_command == "list":
+        return _Output(current, _members_table(members, leader))
+    node_id = args.node_id
     if args.members_command == "add":
-        result = client.request("POST", "/v1/members",
-                                {"node_id": args.node_id, "address": args.address})
-    elif args.members_command == "remove":
-        result = client.request("DELETE", f"/v1/members/{args.node_id}")
-    else:
-        result = client.request("GET", "/v1/members")
-    rows = [["NODE", "ADDRESS"]] + [[k, v] for k, v in sorted(result["members"].items())]
-    _print(args, result, rows)
-    return 0
+        if node_id in members:
+            raise ConsensusError(f"{node_id} is already a member (at {members[node_id]})")
+        result = _retry_rejected(lambda: client.request(
+            "POST", "/v1/members", {"node_id": node_id, "address": args.address}), args.timeout)
+        text = (f"added {node_id} at {args.address}; it catches up from the leader\n"
+                + _members_table(result["members"], leader))
+        return _Output(result, text)
+    if node_id not in members:
+        raise ConsensusError(f"{node_id} is not a member (members: {', '.join(sorted(members))})")
+    statuses = _statuses(client)
+    others = [a for a, s in statuses if s is not None and s["node_id"] != node_id]
+    notes = []
+    if leader == node_id:
+        # The leader cannot remove itself: move leadership first.
+        leader_api = next((a for a, s in statuses if s is not None
+                           and s["node_id"] == node_id and s["state"] == "leader"), None)
+        if leader_api is None:
+            raise ConsensusError(f"{node_id} leads and its API is not among the given "
+                                 f"addresses; run 'leader transfer' on it first")
+        client.request("POST", "/v1/leader/transfer", {"node_id": None}, address=leader_api)
+        new_leader = _wait_for_leader(client, [a for a, _ in statuses],
+                                      lambda lead: lead != node_id, args.timeout)
+        if new_leader is None:
+            raise ConsensusError(f"{node_id} leads and leadership did not move away within "
+                                 f"{args.timeout:g}s")
+        notes.append(f"moved leadership from {node_id} to {new_leader}")
+        leader = new_leader
+    if not others:
+        raise ConsensusError(f"give the API of a member other than {node_id}: a node does "
+                             "not remove itself")
+    result = _retry_rejected(lambda: client.request(
+        "DELETE", f"/v1/members/{node_id}", address=others[0]), args.timeout)
+    notes.append(f"removed {node_id}; stop its process now: the cluster no longer talks to it")
+    return _Output(result, "\n".join(notes) + "\n" + _members_table(result["members"], leader))
 
 
-def _leader(args: argparse.Namespace) -> int:
+def _leader(args: argparse.Namespace) -> _Output:
     client = _client(args)
-    leader = client.request("GET", "/v1/members")["leader_id"]
-    if leader is None:
-        raise ConsensusError("no leader is known")
-    # Transfers must be asked of the leader: find its API among the addresses.
-    for address in client.addresses:
-        try:
-            if client.status(address)["state"] == "leader":
-                client.request("POST", "/v1/leader/transfer", {"node_id": args.node_id},
-                               address=address)
-                _print(args, {"from": leader, "to": args.node_id or "most caught-up"})
-                return 0
-        except ClusterUnreachableError:
-            continue
-    raise ConsensusError(f"the leader {leader} is not among the given API addresses")
+    statuses = _statuses(client)
+    answered = [(a, s) for a, s in statuses if s is not None]
+    current = next(((a, s) for a, s in answered if s["state"] == "leader"), None)
+    if current is None:
+        known = next((s["leader_id"] for _, s in answered if s["leader_id"]), None)
+        if known is None:
+            raise ConsensusError("no leader is known; an election may be in progress")
+        raise ConsensusError(f"the leader {known} is not among the given API addresses "
+                             f"(transfers are asked of the leader)")
+    leader_api, leader_status = current
+    old = str(leader_status["node_id"])
+    target = args.node_id
+    if target == old:
+        return _Output({"from": old, "to": old, "seconds": 0.0}, f"{old} already leads")
+    if target is not None and target not in leader_status["members"]:
+        raise ConsensusError(f"{target} is not a member "
+                             f"(members: {', '.join(leader_status['members'])})")
+    started = time.monotonic()
+    client.request("POST", "/v1/leader/transfer", {"node_id": target}, address=leader_api)
+    new = _wait_for_leader(client, [a for a, _ in answered],
+                           lambda lead: lead == target if target else lead != old, args.wait)
+    elapsed = time.monotonic() - started
+    if new is None:
+        raise ConsensusError(f"leadership did not move from {old} to {target or 'a follower'} "
+                             f"within {args.wait:g}s")
+    return _Output({"from": old, "to": new, "seconds": round(elapsed, 4)},
+                   f"leadership moved from {old} to {new} in {elapsed:.3f}s")
+
+
+def _topic_text(topic: dict[str, Any]) -> str:
+    head = format_fields([
+        ("topic", topic["name"]), ("id", topic["topic_id"]),
+        ("partitions", topic["partition_count"]),
+        ("replication factor", topic["replication_factor"]),
+        ("config", " ".join(f"{k}={v}" for k, v in sorted(topic["config"].items()))),
+    ])
+    parts = topic.get("partitions")
+    if not parts:
+        return head
+    table = format_table(
+        ["PARTITION", "LEADER", "REPLICAS", "ISR", "LEADER EPOCH", "RECOVERING"],
+        [[p["index"], p["leader"], p["replicas"], p["isr"], p["leader_epoch"],
+          p.get("recovering", False)] for p in parts])
+    return head + "\n\n" + table
+
+
+def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"{flag} wants KEY=VALUE, got {item!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _topics(args: argparse.Namespace) -> _Output:
+    command = args.topics_command
+    if command == "create":
+        config = _key_values(args.topic_config, "--config")
+    elif command == "alter":
+        settings = _key_values(args.set, "--set")
+        if not settings and not args.delete:
+            raise _UsageError("topics alter: give at least one --set KEY=VALUE or --delete KEY")
+    client = _client(args)
+    suffix = "?linearizable=1" if getattr(args, "linearizable", False) else ""
+    if command == "list":
+        result = client.request("GET", "/v1/topics" + suffix)
+        return _Output(result, format_table(["TOPIC"], [[name] for name in result["topics"]]))
+    if command == "describe":
+        result = client.request("GET", f"/v1/topics/{args.name}{suffix}")
+        return _Output(result, _topic_text(result))
+    if command == "create":
+        result = client.request("POST", "/v1/topics", {
+            "name": args.name, "partitions": args.partitions,
+            "replication_factor": args.replication_factor, "config": config})
+        return _Output(result, f"created topic {args.name}\n" + _topic_text(result))
+    if command == "delete":
+        result = client.request("DELETE", f"/v1/topics/{args.name}")
+        return _Output(result, f"deleted topic {args.name}")
+    result = client.request("PUT", f"/v1/topics/{args.name}/config",
+                            {"set": settings, "delete": list(args.delete or [])})
+    return _Output(result, f"altered topic {args.name}\n" + _topic_text(result))
+
+
+def _brokers(args: argparse.Namespace) -> _Output:
+    client = _client(args)
+    if args.brokers_command == "list":
+        result = client.request("GET", "/v1/brokers")
+        brokers = sorted(result["brokers"], key=lambda b: b["broker_id"])
+        return _Output(result, format_table(
+            ["ID", "STATE", "ENDPOINT", "RACK", "EPOCH"],
+            [[b["broker_id"], b["state"], b["endpoint"], b["rack"], b["broker_epoch"]]
+             for b in brokers]))
+    result = client.request("GET", f"/v1/brokers/{args.broker_id}")
+    return _Output(result, format_fields([
+        ("broker", result["broker_id"]), ("state", result["state"]),
+        ("endpoint", result["endpoint"]), ("rack", result["rack"]),
+        ("incarnation", result["incarnation_id"]), ("epoch", result["broker_epoch"])]))
+
+
+# -- the parser -------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _connection_options(*config_flags: str) -> argparse.ArgumentParser:
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("connection and output")
+    group.add_argument("--api", action="append", metavar="HOST:PORT",
+                       help=f"a node's API address; repeat or comma-separate for several "
+                            f"(default: ${ENV_API})")
+    group.add_argument(*config_flags, dest="config", action="append", metavar="FILE",
+                       help="a node's TOML config: use its api_address and cluster secret; "
+                            "repeatable")
+    group.add_argument("--secret-file", metavar="FILE",
+                       help=f"file holding the cluster secret (default: the first --config's "
+                            f"secret, ${ENV_SECRET_FILE}, or ${ENV_SECRET})")
+    group.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
+                       help="timeout of each request, and of retries while the cluster is "
+                            "busy (default 10)")
+    group.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parent
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    conn = _connection_options("--config", "--node-config")
+    # In 'topics create', --config is a topic setting (as in kafka-topics.sh).
+    conn_create = _connection_options("--node-config")
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="streambus-consensus", formatter_class=formatter, epilog=_EPILOG,
+                     description="Run and administer a StreamBus metadata consensus cluster.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; COMMAND --help for more")
+
+    def command(parent: Any, name: str, help_text: str, description: str,
+                connection: argparse.ArgumentParser | None = conn) -> argparse.ArgumentParser:
+        parsed: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_text, description=description, formatter_class=formatter,
+            parents=[connection] if connection is not None else [])
+        return parsed
+
+    def group(name: str, help_text: str, dest: str) -> Any:
+        holder = sub.add_parser(name, help=help_text, description=help_text)
+        return holder.add_subparsers(dest=dest, required=True, metavar="ACTION",
+                                     help="ACTION --help for more")
+
+    node = group("node", "run a node", "node_command")
+    run = command(node, "run", "run a node in the foreground until SIGTERM or SIGINT",
+                  "Run one node (Raft, the application, the HTTP API and /metrics) in the "
+                  "foreground. Logs go to stderr.", connection=None)
+    run.add_argument("--config", required=True, metavar="FILE",
+                     help="the node's TOML config (see README, 'Configuration')")
+    run.add_argument("--app", choices=("metadata", "kv"), default="metadata",
+                     help="state machine: StreamBus metadata (default) or the example "
+                          "key-value store")
+    run.add_argument("--log-level", default="INFO", metavar="LEVEL",
+                     help="DEBUG, INFO (default), WARNING or ERROR")
+
+    command(sub, "status", "state, leader, term, indexes and peers of each node",
+            "Ask every given node for its Raft status. PEERS shows each peer's link "
+            "(up/down) and, on the leader, its match index (@N). Exits 3 only when no "
+            "node answers.")
+
+    members = group("members", "list, add or remove voting members", "members_command")
+    command(members, "list", "list the voting members",
+            "The voting members as the first node that answers sees them.")
+    add = command(members, "add", "add a voting member (start it first)",
+                  "Add a voting member. Start the new node first, with a fresh data_dir and "
+                  "a [cluster] table holding the current members plus itself. Changes are "
+                  "made one at a time; while another is in flight this command retries "
+                  "until --timeout.")
+    add.add_argument("node_id", help="the new member's node_id")
+    add.add_argument("address", metavar="HOST:PORT", help="the new member's cluster address")
+    remove = command(members, "remove", "remove a voting member",
+                     "Remove a voting member. When it leads, leadership is moved to another "
+                     "node first (its API must be among the addresses). Stop the removed "
+                     "node's process afterwards.")
+    remove.add_argument("node_id", help="the member to remove")
+
+    leader = group("leader", "leadership", "leader_command")
+    transfer = command(leader, "transfer", "move leadership to a node",
+                       "Ask the leader (whose API must be among the addresses) to hand "
+                       "leadership to NODE_ID, or to its most caught-up follower, and wait "
+                       "until a node reports the new leader.")
+    transfer.add_argument("node_id", nargs="?", help="the target (default: most caught-up)")
+    transfer.add_argument("--wait", type=_positive, default=5.0, metavar="SECONDS",
+                          help="how long to wait for the new leader (default 5)")
+
+    topics = group("topics", "create, list, describe, delete or alter topics",
+                   "topics_command")
+    tlist = command(topics, "list", "list topic names", "List the topics' names.")
+    create = command(topics, "create", "create a topic",
+                     "Create a topic; its replicas are placed over the active brokers. "
+                     "Here --config is a topic setting; give a node config with "
+                     "--node-config.", connection=conn_create)
+    create.add_argument("name", help="topic name: 1-249 characters of [a-zA-Z0-9._-]")
+    create.add_argument("--partitions", type=int, required=True, metavar="N",
+                        help="number of partitions (> 0)")
+    create.add_argument("--replication-factor", type=int, required=True, metavar="R",
+                        help="replicas per partition (at most the number of brokers)")
+    create.add_argument("--config", dest="topic_config", action="append", metavar="KEY=VALUE",
+                        help="a topic setting, e.g. retention.ms=86400000; repeatable")
+    describe = command(topics, "describe", "show a topic and its partitions",
+                       "Show a topic's settings and each partition's leader, replicas and ISR.")
+    describe.add_argument("name", help="topic name")
+    for read in (tlist, describe):
+        read.add_argument("--linearizable", action="store_true",
+                          help="read through the leader's log instead of the local copy")
+    delete = command(topics, "delete", "delete a topic", "Delete a topic and its partitions.")
+    delete.add_argument("name", help="topic name")
+    alter = command(topics, "alter", "change a topic's settings",
+                    "Set settings and/or reset them to their defaults.")
+    alter.add_argument("name", help="topic name")
+    alter.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="set a setting; repeatable")
+    alter.add_argument("--delete", action="append", metavar="KEY",
+                       help="reset a setting to its default; repeatable")
+
+    brokers = group("brokers", "list or describe registered brokers", "brokers_command")
+    command(brokers, "list", "list registered brokers",
+            "List the brokers registered in the metadata, with their state.")
+    bdescribe = command(brokers, "describe", "show one broker", "Show one registered broker.")
+    bdescribe.add_argument("broker_id", type=int, help="the broker's id")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    handlers = {"node": _run_node, "status": _status, "members": _members, "leader": _leader}
+    """Entry point of the console script; returns the exit code."""
     try:
-        return handlers[args.command](args)
+        args = _build_parser().parse_args(argv)
+        handlers: dict[str, Callable[[argparse.Namespace], _Output | None]] = {
+            "node": _run_node, "status": _status, "members": _members, "leader": _leader,
+            "topics": _topics, "brokers": _brokers}
+        output = handlers[args.command](args)
+    except _UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, str(exc))
     except ClusterUnreachableError as exc:
-        print(f"error: cluster unreachable: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(EXIT_UNREACHABLE, f"cluster unreachable: {exc}")
     except ConsensusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(EXIT_FAILED, _explain(exc))
     except KeyboardInterrupt:
         return 130
+    if output is not None:
+        print(json.dumps(output.data, indent=2, sort_keys=True) if args.json else output.text)
+    return EXIT_OK
+
+
+def _explain(exc: ConsensusError) -> str:
+    message = str(exc)
+    if message.startswith("not_found: no route for") and "/v1/" in message:
+        return f"{message} (is the node running another app? 'node run --app metadata')"
+    if message.startswith("unauthenticated:"):
+        return (f"{message} (give the cluster secret: --secret-file, --config or "
+                f"${ENV_SECRET_FILE})")
+    return message
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"streambus-consensus: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,13 +1,49 @@
 """Prometheus metrics for a node, named by the Prometheus guide under ``streambus_consensus_``.
 
-Gauges and counters are read at scrape time by :class:`NodeCollector` (nothing
-is pushed from the Raft thread); the three histograms (proposal latency,
-apply duration, fsync duration) are observed where the work happens, which
-costs one lock-protected bucket update each.
+Gauges and counters are read at scrape time by :class:`NodeCollector` from
+attributes the node keeps anyway (nothing is pushed from the Raft thread, and
+nothing here waits for it). The histograms (proposal latency, apply duration,
+fsync duration) are observed where the work happens, which costs one bucket
+update each.
+
+Naming: every name starts with :data:`PREFIX`; durations are ``_seconds``,
+sizes ``_bytes``; counters are declared without the suffix and
+``prometheus_client`` exposes them as ``<name>_total``; every series carries a
+``node_id`` label and no label takes unbounded values (``reason`` is an error
+class name, ``state`` a role or broker state).
+
+=============================================  ========  ==================================
+name (after the prefix)                        type      what
+=============================================  ========  ==================================
+``build_info{version,pysyncobj}``              gauge     always 1
+``node_state{state}``                          gauge     1 for the current Raft role
+``is_leader``, ``has_leader``                  gauge     0 or 1
+``term``                                       gauge     current Raft term
+``commit_index``, ``applied_index``            gauge     log indexes
+``connected_peers``                            gauge     peers with a live link
+``proposals_pending``                          gauge     proposals waiting for an outcome
+``last_snapshot_duration_seconds``             gauge     time the last snapshot took
+``last_snapshot_size_bytes``                   gauge     size of the last snapshot
+``leader_changes_seen_total``                  counter   leader changes seen
+``proposals_committed_total``                  counter   proposals applied
+``proposals_failed_total{reason}``             counter   proposals failed, by error class
+``entries_applied_total``                      counter   log entries applied here
+``snapshots_total``                            counter   snapshots written
+``fast_elections_total``                       counter   early elections (leader gone)
+``engine_commit_clamps_total``                 counter   engine fix E1 at work
+``engine_stale_appends_total``                 counter   engine fix E2 at work
+``proposal_duration_seconds``                  hist.     submit to outcome
+``apply_duration_seconds``                     hist.     state machine apply per entry
+``fsync_duration_seconds``                     hist.     write-ahead log fsync
+=============================================  ========  ==================================
+
+The metadata application adds its own gauges (``metadata_*``) through
+``collect_metrics``; see :mod:`streambus_consensus.metadata.service`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,70 +58,120 @@ from .raft.node import RaftNode
 __all__ = ["PREFIX", "NodeCollector", "NodeMetrics", "metrics_endpoint"]
 
 PREFIX = "streambus_consensus_"
+"""The one prefix of every metric name."""
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
-_FAST_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+_APPLY_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+# etcd's WAL fsync buckets (1 ms doubling to 8 s), with three below 1 ms for fast disks.
+_FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064,
+                  0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192)
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class NodeCollector(Collector):
-    """Reads a node's Raft figures when Prometheus scrapes."""
+    """Reads a node's Raft figures when Prometheus scrapes.
+
+    Every value is a single attribute read (or a copy of a small dict), safe
+    from the HTTP thread without asking the Raft thread anything.
+
+    Args:
+        node: the node to describe.
+        extra: more metrics to yield (the application's ``collect_metrics``).
+    """
 
     def __init__(self, node: RaftNode, extra: Callable[[], Iterator[Metric]] | None = None):
         self._node = node
         self._extra = extra
+        self._versions = (_version("streambus-consensus"), _version("pysyncobj"))
 
     def collect(self) -> Iterator[Metric]:
+        """Yield every metric family, read now."""
         node = self._node
+        node_id = node.node_id
+        nid = [node_id]
+        info = GaugeMetricFamily(PREFIX + "build_info",
+                                 "Versions of this node's software; always 1",
+                                 labels=["node_id", "version", "pysyncobj"])
+        info.add_metric([node_id, *self._versions], 1.0)
+        yield info
         state = node.state
-        labels = ["node_id"]
-        nid = [node.node_id]
-        g = GaugeMetricFamily(PREFIX + "node_state",
-                              "1 for the node's current Raft role", labels=["node_id", "state"])
+        roles = GaugeMetricFamily(PREFIX + "node_state", "1 for the node's current Raft role",
+                                  labels=["node_id", "state"])
         for s in NodeState:
-            g.add_metric([node.node_id, s.value], 1.0 if s is state else 0.0)
-        yield g
+            roles.add_metric([node_id, s.value], 1.0 if s is state else 0.0)
+        yield roles
         for name, doc, value in (
             ("is_leader", "1 if this node is the leader", state is NodeState.LEADER),
             ("has_leader", "1 if this node knows a leader", node.leader_id is not None),
             ("term", "Current Raft term", node.term),
             ("commit_index", "Highest log index known committed", node.commit_index),
             ("applied_index", "Highest log index applied", node.applied_index),
-            ("connected_peers", "Peers with a live authenticated link",
-             len(node.connected_peers)),
+            ("connected_peers", "Peers with a live authenticated link", _connected(node)),
             ("proposals_pending", "Proposals waiting for an outcome", node.pending_proposals),
-            ("last_snapshot_duration_seconds", "Time the last snapshot took",
+            ("last_snapshot_duration_seconds", "Time the last snapshot took to write",
              node.last_snapshot_seconds),
-            ("last_snapshot_size_bytes", "Size of the last snapshot", node.last_snapshot_bytes),
+            ("last_snapshot_size_bytes", "Size of the last snapshot written",
+             node.last_snapshot_bytes),
         ):
-            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["node_id"])
             gauge.add_metric(nid, float(value))
             yield gauge
+        # CounterMetricFamily appends "_total" to these names in the exposition.
         for name, doc, value in (
             ("leader_changes_seen", "Leader changes seen by this node", node.leader_changes),
-            ("proposals_committed", "Proposals applied with an outcome",
+            ("proposals_committed", "Proposals made on this node that were applied",
              node.proposals_committed),
+            ("entries_applied", "Log entries applied to the state machine on this node",
+             node.applied_entries),
             ("snapshots", "Snapshots written", node.snapshots_taken),
+            ("fast_elections", "Elections started early because the leader's address "
+             "refused connections", node.fast_elections),
             ("engine_commit_clamps", "Commit indexes lowered by engine fix E1",
              node.guard.commit_clamps),
             ("engine_stale_appends", "Stale appends answered by engine fix E2",
              node.guard.stale_appends),
         ):
-            counter = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["node_id"])
             counter.add_metric(nid, float(value))
             yield counter
         failed = CounterMetricFamily(PREFIX + "proposals_failed",
-                                     "Proposals that failed, by reason",
+                                     "Proposals made on this node that failed, by error class",
                                      labels=["node_id", "reason"])
-        for reason, count in sorted(node.proposals_failed.items()):
-            failed.add_metric([node.node_id, reason], float(count))
+        # A copy: the worker thread may add a reason while we iterate.
+        for reason, count in sorted(node.proposals_failed.copy().items()):
+            failed.add_metric([node_id, reason], float(count))
         yield failed
         if self._extra is not None:
             yield from self._extra()
 
 
+def _connected(node: RaftNode) -> int:
+    # The transport's connection map belongs to the Raft thread; copying it
+    # can meet a concurrent change. A scrape must not fail for that: retry.
+    for _ in range(3):
+        try:
+            return len(node.connected_peers)
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
+    return 0
+
+
 class NodeMetrics:
-    """The registry of one node: the collector plus histograms wired into the node."""
+    """The metrics of one node: the collector plus histograms wired into the node.
+
+    Args:
+        node: the node; its ``*_observer`` hooks are set to the histograms.
+        registry: where to register (default: a new registry of this node's own,
+            never the process-global one, so several nodes can share a process).
+        extra: more metrics for the collector (the application's).
+    """
 
     def __init__(
         self,
@@ -94,17 +180,19 @@ class NodeMetrics:
         registry: CollectorRegistry | None = None,
         extra: Callable[[], Iterator[Metric]] | None = None,
     ) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(NodeCollector(node, extra))
+        labels = ["node_id"]
         self.proposal_seconds = Histogram(
-            PREFIX + "proposal_duration_seconds", "Proposal latency, submit to outcome",
-            registry=self.registry, buckets=_LATENCY_BUCKETS)
+            PREFIX + "proposal_duration_seconds",
+            "Proposal latency on this node, submit to outcome (success or failure)",
+            labels, registry=self.registry, buckets=_LATENCY_BUCKETS).labels(node.node_id)
         self.apply_seconds = Histogram(
             PREFIX + "apply_duration_seconds", "State machine apply time per entry",
-            registry=self.registry, buckets=_FAST_BUCKETS)
+            labels, registry=self.registry, buckets=_APPLY_BUCKETS).labels(node.node_id)
         self.fsync_seconds = Histogram(
             PREFIX + "fsync_duration_seconds", "Write-ahead log fsync time",
-            registry=self.registry, buckets=_FAST_BUCKETS)
+            labels, registry=self.registry, buckets=_FSYNC_BUCKETS).labels(node.node_id)
         node.proposal_observer = self.proposal_seconds.observe
         node.apply_observer = self.apply_seconds.observe
         node.fsync_observer = self.fsync_seconds.observe
@@ -115,6 +203,9 @@ class NodeMetrics:
 
 
 def metrics_endpoint(node: RaftNode, application: Any) -> Callable[[], tuple[bytes, str]]:
-    """Build the node's metrics and return the ``/metrics`` renderer."""
+    """Build the node's metrics and return the ``/metrics`` renderer.
+
+    ``application.collect_metrics`` (optional) adds the application's metrics.
+    """
     extra = getattr(application, "collect_metrics", None)
     return NodeMetrics(node, extra=extra).render

@@ -271,12 +271,45 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
     refuse another (REQUEST_DENIED) until that index is applied. A change left
     by an earlier term needs no tracking: a new leader already waits for its
     no-op to be applied, which applies every earlier entry.
+
+    Leadership transfer fix: after sending ``timeout_now`` PySyncObj keeps
+    appending new commands, so under write load the target campaigns with a
+    log shorter than the old leader's and the other nodes' and loses the vote
+    (seen: 3 nodes under sequential writes, the old leader won the next term).
+    The Raft thesis (§3.10) has the leader stop accepting new commands during
+    a transfer; here they stay queued (not refused) from the first transfer
+    request, so that a target refused for lagging catches up on the next
+    round trip, until this node is no longer the leader or one maximum
+    election timeout has passed; then PySyncObj forwards them to the new
+    leader or appends them itself.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Set before SyncObj.__init__ so PySyncObj counts it among its own fields.
+        # Set before SyncObj.__init__ so PySyncObj counts them among its own fields.
         self._pending_change: tuple[int, int] | None = None
+        self._transfer_deadline: float | None = None
         super().__init__(*args, **kwargs)
+
+    def transferLeadership(self, node: Any = None, callback: Any = None) -> None:
+        started_hold = self._transfer_deadline is None and self._isLeader()
+        if started_hold:
+            self._transfer_deadline = time.monotonic() + self.conf.raftMaxTimeout
+
+        def answered(result: Any, code: int) -> None:
+            # Denied (the target lags): keep holding, the caller retries.
+            if started_hold and code not in (FAIL_REASON.SUCCESS, FAIL_REASON.REQUEST_DENIED):
+                self._transfer_deadline = None
+            if callback is not None:
+                callback(result, code)
+
+        super().transferLeadership(node, callback=answered)
+
+    def _checkCommandsToApply(self) -> None:
+        if self._transfer_deadline is not None:
+            if self._isLeader() and time.monotonic() < self._transfer_deadline:
+                return  # hold new commands while the target campaigns
+            self._transfer_deadline = None
+        super()._checkCommandsToApply()
 
     def _SyncObj__changeCluster(self, request: Any) -> bool:  # overrides the private method
         pending = self._pending_change
@@ -566,4 +599,18 @@ class Engine:
             self._stored_snapshot_id = blob[:_SNAPSHOT_ID_BYTES]
         self._restore(state)
         cluster = [Member(node_id, address) for node_id, address in header.members]
+        # Membership fix: a snapshot's member list is the one at the time it
+        # was taken, and a leader may send an older snapshot than its own
+        # membership: a node added after that snapshot, then elected, sends a
+        # member list without itself. PySyncObj replaces the receiver's members
+        # with that list; the receiver then drops the leader, whose connection
+        # and messages our transport refuses from non-members, so it never
+        # receives the entries after the snapshot that would add the leader
+        # back (seen: a node added during a 3 -> 5 grow wedged for good).
+        # The sender of an install is the current leader, which is in the
+        # latest configuration (PySyncObj never lets a leader remove itself),
+        # so keep it; the entries after the snapshot settle the rest.
+        leader = self._obj._getLeader() if hasattr(self, "_obj") else None
+        if leader is not None and leader != self._self and leader not in cluster:
+            cluster.append(Member(str(leader.id), str(leader.address)))
         return header.last_entry, header.prev_entry, cluster

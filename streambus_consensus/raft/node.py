@@ -34,7 +34,9 @@ from ..errors import (
     CommandRefusedError,
     NodeStoppedError,
     NoLeaderError,
+    NotLeaderError,
     ProposalTimeoutError,
+    RequestDeniedError,
     StorageError,
 )
 from ..interfaces import (
@@ -470,19 +472,76 @@ class RaftNode:
 
     def add_member(self, node_id: str, address: str, timeout: float | None = None) -> None:
         """Add a voting member (one change at a time; the new node must be started
-        with a ``cluster`` that includes itself and the current members)."""
+        with a ``cluster`` that includes itself and the current members).
+
+        Raises :class:`RequestDeniedError` (retriable) while another change or
+        a new leader's first entry is uncommitted, or when ``node_id`` is
+        already a member.
+        """
+        if node_id in self.members():
+            # The engine would deny it too, without saying why.
+            raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
         self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
 
     def remove_member(self, node_id: str, timeout: float | None = None) -> None:
-        """Remove a voting member (not this node; transfer leadership away first)."""
+        """Remove a voting member (not this node; transfer leadership away first).
+
+        Raises :class:`RequestDeniedError` (retriable) while another change is
+        uncommitted, when ``node_id`` is not a member, is this node, or leads.
+        """
+        members = self.members()
+        if node_id not in members or node_id == self.node_id:
+            # The engine would deny these too, without saying why.
+            reason = "is not a member" if node_id not in members else (
+                "is this node: ask another member")
+            raise RequestDeniedError(f"{node_id} {reason}", node_id=self.node_id)
         self._engine_request(lambda e, cb: e.remove_member(node_id, cb), timeout)
 
     def transfer_leadership(self, node_id: str | None = None, timeout: float | None = None) -> None:
         """Ask ``node_id`` (or the most caught-up follower) to take over leadership.
 
-        Returns once the request is sent; watch :attr:`leader_id` for the result.
+        Must be called on the leader (else :class:`NotLeaderError`). Returns
+        once the target has been told to campaign; watch :attr:`leader_id`
+        for the result.
+
+        PySyncObj refuses a target that has not yet acknowledged the leader's
+        last entry, which under write load is most of the time. The leader
+        holds new commands from the first request (see ``_SyncObj`` in
+        :mod:`.engine`), so the target catches up within a round trip; the
+        request is retried every 10 ms (at most ``tick_interval``) for up to
+        ``timeout`` (default ``election_timeout_max``) before
+        :class:`RequestDeniedError`.
         """
-        self._engine_request(lambda e, cb: e.transfer_leadership(node_id, cb), timeout)
+        if not self.is_leader:
+            leader = self.leader_id
+            raise NotLeaderError(f"not the leader (leader: {leader or 'unknown'}); transfers "
+                                 "are asked of the leader", leader_hint=leader,
+                                 node_id=self.node_id)
+        if node_id == self.node_id:
+            return
+        if node_id is not None and node_id not in self.members():
+            raise RequestDeniedError(f"{node_id} is not a member", node_id=self.node_id)
+        limit = self.config.election_timeout_max if timeout is None else timeout
+        deadline = time.monotonic() + limit
+
+        def attempt(engine: Engine) -> int:
+            # The engine answers a transfer request at once, on this thread.
+            codes: list[int] = []
+            engine.transfer_leadership(node_id, lambda _result, code: codes.append(code))
+            return codes[0] if codes else -1
+
+        while True:
+            code = self._call(attempt)
+            if code == 0:
+                return
+            error = error_for(code, node_id=self.node_id, leader_hint=self.leader_id)
+            if not isinstance(error, RequestDeniedError):
+                raise error
+            if time.monotonic() + self.config.tick_interval > deadline:
+                raise RequestDeniedError(
+                    f"{node_id or 'no follower'} did not catch up with the leader's log "
+                    f"within {limit:.3g}s; leadership stays", node_id=self.node_id)
+            time.sleep(min(self.config.tick_interval, 0.01))
 
     def snapshot_now(self) -> None:
         """Take a snapshot and compact the log at the next opportunity."""
