@@ -32,8 +32,9 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-## bench: benchmark scripts; QUICK=1 for a smoke run
+## bench: benchmark suite -> BENCHMARKS.md + results/*.json (< 20 min); QUICK=1: smoke run (< 3 min) -> results/quick/
 bench: $(STAMP)
+	$(PY) -m pip install --quiet 'py-spy>=0.3' || echo "py-spy unavailable: the profile section will be skipped"
 	$(PY) -m streambus_consensus.bench $(if $(QUICK),--quick,)
 
 bench-quick:

@@ -1,0 +1,354 @@
+"""BENCHMARKS.md from the collected results: tables, targets beside the figures.
+
+Everything is generated except the hand-written reading, which lives between
+``<!-- reading:begin -->`` and ``<!-- reading:end -->`` and is carried over
+from the existing file on every run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render", "target_rows"]
+
+BEGIN, END = "<!-- reading:begin -->", "<!-- reading:end -->"
+PLACEHOLDER = ("_Not written yet: read the tables below; which targets are met, which are "
+               "not and why goes here._")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ops(row: dict[str, Any]) -> int | None:
+    value = row.get("ops_per_s")
+    return None if value is None else round(value)
+
+
+def _load(section: dict[str, Any]) -> str:
+    timing = section.get("timing") or {}
+    if not timing:
+        return ""
+    return (f"\n\n_Section took {timing.get('seconds')} s; load average before "
+            f"{timing.get('loadavg_before')}, after {timing.get('loadavg_after')}._")
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def _reading(existing: Path) -> str:
+    try:
+        text = existing.read_text(encoding="utf-8")
+    except OSError:
+        return PLACEHOLDER
+    if BEGIN in text and END in text:
+        return text.split(BEGIN, 1)[1].split(END, 1)[0].strip() or PLACEHOLDER
+    return PLACEHOLDER
+
+
+def _error(section: dict[str, Any] | None) -> str | None:
+    if section is None:
+        return "not run"
+    if "error" in section:
+        return f"FAILED: {section['error']}"
+    return None
+
+
+# -- targets ------------------------------------------------------------------------
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def target_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """[target, figure, verdict] for every target with a figure in ``results``."""
+    out: list[list[Any]] = []
+    ov = results.get("overhead") or {}
+    if "variants" in ov:
+        for key, label in (("ours_vs_raw", "ours (fsync on)"),
+                           ("ours_nofsync_vs_raw", "ours (fsync off)")):
+            for ratio in ov[key]:
+                thr, p50 = ratio.get("throughput_ratio"), ratio.get("p50_ratio")
+                ok = None if thr is None else thr >= 0.9 and (p50 or 99) <= 1.0
+                out.append([f"2. {label} >= 0.9x raw throughput at equal or better p50 "
+                            f"({ratio['load']})",
+                            f"{_fmt(thr, 2)}x, p50 {_fmt(p50, 2)}x", _met(ok)])
+        for ratio in ov["fsync_vs_nofsync"]:
+            thr = ratio.get("throughput_ratio")
+            out.append([f"5. fsync on >= 0.7x fsync off throughput ({ratio['load']})",
+                        f"{_fmt(thr, 2)}x", _met(None if thr is None else thr >= 0.7)])
+    fo = results.get("failover") or {}
+    if "failover_next_commit_s" in fo:
+        commit = fo["failover_next_commit_s"]
+        out.append(["3. failover to next committed write: median <= 0.6 s",
+                    f"{commit['median']:.3f} s (n={commit['n']})", _met(commit["median"] <= 0.6)])
+        out.append(["3. failover to next committed write: p99 <= 1.2 s",
+                    f"{commit['p99']:.3f} s", _met(commit["p99"] <= 1.2)])
+        out.append(["issue 2: leader elected, 1 node <= 1 s (from process start)",
+                    f"{fo['leader_single_node_s']:.3f} s", _met(fo["leader_single_node_s"] <= 1)])
+        out.append(["issue 2: leader elected, 3 nodes <= 2 s (from process start)",
+                    f"{fo['leader_three_nodes_s']:.3f} s", _met(fo["leader_three_nodes_s"] <= 2)])
+    idle = results.get("idle") or {}
+    if "elections" in idle:
+        out.append([f"3. elections while idle = 0 ({idle['seconds']:.0f} s watched)",
+                    str(idle["elections"]), _met(idle["elections"] == 0)])
+    sc = results.get("scale") or {}
+    rows = sc.get("rows", [])
+    base = _find(rows, partitions=0)
+    big = max(rows, key=lambda r: r["partitions"]) if rows else None
+    if big is not None and big["partitions"] > 0:
+        where = f"{big['partitions']:,} partitions"
+        mark = "" if big["partitions"] >= 1_000_000 else " (target is set at 1M)"
+        out.append([f"4. restart-to-ready <= 15 s at {where}{mark}",
+                    f"{big['restart_to_ready_s']} s", _met(big["restart_to_ready_s"] <= 15)])
+        rss = max(big["rss_mb"].values())
+        out.append([f"4. RSS per node <= 1.5 GB at {where}{mark}", f"{rss:,.0f} MB",
+                    _met(rss <= 1536)])
+        if base is not None and base["create_topic"].get("p50_ms"):
+            ratio = big["create_topic"]["p50_ms"] / base["create_topic"]["p50_ms"]
+            out.append([f"4. create_topic p50 within 2x of the empty cluster at {where}{mark}",
+                        f"{big['create_topic']['p50_ms']:.2f} ms vs "
+                        f"{base['create_topic']['p50_ms']:.2f} ms ({ratio:.2f}x)",
+                        _met(ratio <= 2.0)])
+        out.append([f"4. no leader change while a new member catches up ({where})",
+                    str(big.get("catch_up_elections")),
+                    _met(big.get("catch_up_elections") == 0)])
+    lat = (results.get("latency") or {}).get("rows", [])
+    for path in ("embedded", "http"):
+        one = _find(lat, path=path, nodes=3, op="create_topic", callers=1)
+        many = _find(lat, path=path, nodes=3, op="create_topic", callers=32)
+        if one and "p50_ms" in one:
+            out.append([f"issue 3: create_topic 1 caller p50 <= 1 ms, p99 <= 3 ms ({path}, 3 "
+                        "nodes)", f"p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms",
+                        _met(one["p50_ms"] <= 1.0 and one["p99_ms"] <= 3.0)])
+        if many and "ops_per_s" in many:
+            out.append([f"issue 3: >= 10,000 creates/s with 32 callers ({path}, 3 nodes)",
+                        f"{many['ops_per_s']:,.0f}/s", _met(many["ops_per_s"] >= 10_000)])
+    return out
+
+
+# -- sections -----------------------------------------------------------------------
+
+
+def _latency(section: dict[str, Any]) -> str:
+    rows = [[r["nodes"], r["path"], r["op"], r["callers"], _ops(r), r.get("p50_ms"),
+             r.get("p99_ms"), r.get("max_ms"),
+             ", ".join(f"{k} {v}" for k, v in r.get("errors", {}).items()) or "-"]
+            for r in section["rows"]]
+    return (f"{section['seconds_per_point']} s per point after a 0.3 s warm-up. "
+            "`http`: a new connection per request, as `ApiClient` does; `http-keepalive`: "
+            "one kept connection. `embedded`: the bench process is a voting member and the "
+            "leader; callers call `MetadataStore` directly. Six brokers, three racks; "
+            "create_topic = a new topic of 3 partitions, RF 3; the read is "
+            "`describe_topic(linearizable=True)`, a read command through the log.\n\n"
+            + _table(["nodes", "path", "operation", "callers", "ops/s", "p50 ms", "p99 ms",
+                      "max ms", "errors"], rows))
+
+
+def _overhead(section: dict[str, Any]) -> str:
+    rows = []
+    for name, variant in section["variants"].items():
+        for r in variant:
+            load = f"{r['callers']} callers" if "callers" in r else f"window {r['window']}"
+            rows.append([name, load, _ops(r), r.get("p50_ms"), r.get("p99_ms"),
+                         r.get("max_ms"), r.get("fsync_groups"),
+                         "yes" if r.get("term_changed") else "no"])
+    ratios = []
+    for a, b, c in zip(section["ours_vs_raw"], section["ours_nofsync_vs_raw"],
+                       section["fsync_vs_nofsync"], strict=True):
+        ratios.append([a["load"], a.get("throughput_ratio"), a.get("p50_ratio"),
+                       b.get("throughput_ratio"), b.get("p50_ratio"),
+                       c.get("throughput_ratio"), c.get("p50_ratio")])
+    return (f"Three-process loopback clusters; the leader runs the load on itself (no HTTP). "
+            f"Every write carries the same encoded create_topic command bytes into a dict. "
+            f"{section['seconds_per_point']} s per point; median of {section['repeats']} "
+            f"runs in rotated order. `window N`: N writes kept in flight (saturation). "
+            f"Timeouts, batching (off), queue size and compaction threshold are our "
+            f"defaults for both; raw PySyncObj journals to a page-cache mmap and never "
+            f"fsyncs, and its transport is pickle without authentication (ours: our codec "
+            f"and HMAC on every frame).\n\n"
+            + _table(["variant", "load", "ops/s", "p50 ms", "p99 ms", "max ms",
+                      "fsync groups", "leader changed"], rows)
+            + "\n\nRatios (throughput: higher is better; p50: lower is better):\n\n"
+            + _table(["load", "ours/raw thr.", "ours/raw p50", "ours-nofsync/raw thr.",
+                      "ours-nofsync/raw p50", "fsync on/off thr.", "fsync on/off p50"],
+                     ratios))
+
+
+def _durability(section: dict[str, Any]) -> str:
+    floor = section["fsync_floor"]
+    rows = [[r["load"], r.get("throughput_ratio"), r.get("p50_ratio"), r.get("p99_ratio")]
+            for r in section["fsync_vs_nofsync"]]
+    return ("Same run as section 2: `ours` (fsync on, the default) against `ours-nofsync` "
+            "(page cache only). Target: fsync on >= 0.7x fsync off throughput.\n\n"
+            + _table(["load", "throughput on/off", "p50 on/off", "p99 on/off"], rows)
+            + f"\n\nFloor: the data disk's own append + fdatasync of {floor['bytes']} bytes: "
+            f"p50 {floor.get('p50_ms')} ms, p99 {floor.get('p99_ms')} ms, max "
+            f"{floor.get('max_ms')} ms (n={floor['n']}). Each group commit of the WAL costs "
+            "two of these in sequence (records, then the header that declares them), on the "
+            "leader and then on the followers before they acknowledge.")
+
+
+def _failover(section: dict[str, Any], idle: dict[str, Any] | None) -> str:
+    nl, nc = section["failover_new_leader_s"], section["failover_next_commit_s"]
+    rows = [
+        ["leader elected, 1 node, from process start", section["leader_single_node_s"], "<= 1.0"],
+        ["leader elected, 3 nodes, from process start", section["leader_three_nodes_s"],
+         "<= 2.0"],
+        [f"SIGKILL of the leader -> new leader agreed (n={nl['n']}): median / p99 / max",
+         f"{nl['median']:.3f} / {nl['p99']:.3f} / {nl['max']:.3f}", "-"],
+        [f"SIGKILL of the leader -> next write committed (n={nc['n']}): median / p99 / max",
+         f"{nc['median']:.3f} / {nc['p99']:.3f} / {nc['max']:.3f}", "median <= 0.6, p99 <= 1.2"],
+    ]
+    if idle and "elections" in idle:
+        where = ("while the other sections ran" if idle.get("concurrent_with_other_sections")
+                 else "alone")
+        rows.append([f"elections in an idle 3-node cluster, {idle['seconds']:.0f} s watched "
+                     f"{where}", idle["elections"], "0"])
+    writes = section.get("writes", {})
+    return (f"Three metadata node processes; a writer sends a create_topic (1 partition, RF 3) "
+            f"every 50 ms to any node that answers ({writes.get('total', '?')} writes, "
+            f"{writes.get('failed', '?')} failed and retried during failovers). Times in "
+            "seconds, from the SIGKILL. The killed node is restarted and caught up before the "
+            "next round. p99 of 20 samples is their maximum.\n\n"
+            + _table(["measure", "seconds", "target"], rows))
+
+
+def _scale(section: dict[str, Any]) -> str:
+    rows = []
+    for r in section["rows"]:
+        off = r["offline"]
+        snap = r.get("cluster_snapshot", {})
+        rows.append([r["partitions"], r["topics"], off["file_bytes"] / 1e6, off["build_s"],
+                     off["encode_s"], snap.get("seconds"), off.get("restore_s"),
+                     r["cold_start_all_s"], r["restart_to_ready_s"], r.get("restart_elections"),
+                     r["catch_up_s"], r["catch_up_elections"], max(r["rss_mb"].values()),
+                     r.get("rss_mb_new_member"), r["create_topic"].get("p50_ms"),
+                     r["create_topic"].get("p99_ms"), off.get("full_gc_pause_s"),
+                     off.get("full_gc_pause_after_freeze_s"), r.get("metrics_scrape_s")])
+    return ("**How the state was built**: offline, in a child process, a "
+            "`MetadataStateMachine` applied the real commands (100 brokers in 5 racks "
+            "registered active, then N/100 `CreateTopic` of 100 partitions each, RF 3) "
+            "through its normal `apply_at`; its snapshot, packed in the node snapshot format "
+            "with the three members and term 1, was written with `DiskStorage` as each "
+            "member's `snapshot.bin` before the nodes started (so every start is a restart "
+            "from disk). The new member of the catch-up column is added with "
+            "`POST /v1/members` and receives the leader's snapshot over the wire.\n\n"
+            "Columns: snapshot file size; offline build (apply) time; snapshot encode time "
+            "(offline) and the leader's in-cluster snapshot (capture + encode + write + "
+            "fsync, background thread); `MetadataStateMachine.restore` alone; cold start of "
+            "all 3 members together; restart-to-ready of one member (SIGKILL, start, until "
+            "it has applied the leader's commit index) and the elections (term bumps) the "
+            "other members saw meanwhile and 3 s after; catch-up of a new empty member "
+            "(add request until applied) and the elections seen during it and 5 s after; "
+            "largest RSS of the 3 members and of the new one; create_topic "
+            f"over HTTP, 1 caller, {section['creates']} calls (3 partitions, RF 3); a full "
+            "garbage collection's pause with the state loaded, without and with "
+            "`gc.freeze()` (build process); one Prometheus scrape of the leader's /metrics.\n\n"
+            + _table(["partitions", "topics", "snapshot MB", "build s", "encode s",
+                      "leader snapshot s", "restore s", "cold start s", "restart s",
+                      "elections (restart)", "catch-up s", "elections (catch-up)", "RSS MB",
+                      "new RSS MB", "create p50 ms", "create p99 ms", "full GC s",
+                      "GC after freeze s", "scrape s"], rows))
+
+
+def _profile(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return f"Skipped: {section['skipped']}."
+    parts = [f"`py-spy record --gil` at {section['rate_hz']} Hz for {section['seconds']} s "
+             "on the leader process: only the thread holding the GIL is sampled, i.e. the "
+             "work that serializes a Python process (time blocked in fsync or select is not "
+             "in it). µs/op = that category's GIL time divided by the operations committed "
+             "while sampling."]
+    for key in ("consensus", "metadata_http"):
+        p = section.get(key)
+        if not p:
+            continue
+        parts.append(f"**{p['load']}**: {p['ops_per_s']} ops/s, GIL held "
+                     f"{p['gil_busy_fraction']:.0%} of the time "
+                     f"({p['samples']} samples).\n\n"
+                     + _table(["category", "share of GIL time", "µs per committed op"],
+                              [[c["category"], f"{c['share']:.0%}", c["us_per_op"]]
+                               for c in p["categories"]])
+                     + "\n\nTop functions (self time):\n\n"
+                     + _table(["function", "share"],
+                              [[f["function"].replace("|", "/"), f"{f['share']:.1%}"]
+                               for f in p["top_functions"][:10]]))
+    return "\n\n".join(parts)
+
+
+def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
+           results_dir: Path) -> str:
+    """The whole BENCHMARKS.md."""
+    machine, ver = meta["machine"], meta["versions"]
+    disk = machine["disk"]
+    rel = os.path.relpath(results_dir, existing.parent)
+    head = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench{' QUICK=1' if meta['mode'] == 'quick' else ''}` "
+        f"({meta['mode']} run) on {meta['date']}; machine-readable results with the same "
+        f"description are in `{rel}/*.json`. Every comparison below is between figures of "
+        "this one run.",
+        "",
+        f"- **command**: `{meta['command']}`",
+        f"- **machine**: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_gib']} GiB memory, {machine['kernel']}; data disk "
+        f"{disk['device']} ({disk['fs']}, sysfs says {disk['kind']}) at {disk['mount']}",
+        f"- **versions**: Python {ver['python']}, PySyncObj {ver['pysyncobj']}, "
+        f"streambus-consensus {ver['streambus_consensus']} (commit {ver['git_commit']})",
+        f"- **load average** (1/5/15 min) at start {meta['loadavg_at_start']}, at end "
+        f"{meta.get('loadavg_at_end')}: other work on a shared machine moves every figure; "
+        f"the run took {meta.get('total_seconds', 0):.0f} s",
+        "",
+        "## Reading",
+        "",
+        BEGIN,
+        _reading(existing),
+        END,
+        "",
+        "## Targets at a glance",
+        "",
+        _table(["target", "figure", "verdict"], target_rows(results)),
+    ]
+    body: list[str] = []
+    sections = [
+        ("1. Latency and throughput: create_topic and linearizable reads", "latency", _latency),
+        ("2. Adapter overhead: raw PySyncObj against RaftNode", "overhead", _overhead),
+        ("3. Failover and idle elections", "failover",
+         lambda s: _failover(s, results.get("idle"))),
+        ("4. Scale: 10k, 100k and 1M partitions", "scale", _scale),
+        ("5. Durability cost: fsync on against page cache only", "overhead", _durability),
+        ("6. Profile: where the time goes per committed operation", "profile", _profile),
+    ]
+    for title, key, fn in sections:
+        body += ["", f"## {title}", ""]
+        section = results.get(key)
+        problem = _error(section)
+        body.append(problem if problem else fn(section) + _load(section))  # type: ignore[arg-type]
+    return "\n".join(head + body) + "\n"
