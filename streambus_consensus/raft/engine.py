@@ -342,6 +342,7 @@ class Engine:
         guard: MessageGuard,
         on_snapshot: Callable[[float, int], None] | None = None,
         app_handler: Callable[[str, Mapping[str, Any]], None] | None = None,
+        on_restored: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._storage = storage
@@ -350,6 +351,7 @@ class Engine:
         self._capture = snapshot_capture
         self._restore = restore
         self._on_snapshot = on_snapshot
+        self._on_restored = on_restored
         self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._snapshot_lock = threading.Lock()
         self.snapshot_error: BaseException | None = None
@@ -525,6 +527,11 @@ class Engine:
         return len(self._journal)
 
     @property
+    def single_voter(self) -> bool:
+        """Whether this node is the only voting member."""
+        return not self._obj.otherNodes
+
+    @property
     def has_quorum(self) -> bool:
         return bool(self._obj.hasQuorum)
 
@@ -590,6 +597,21 @@ class Engine:
                 self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
             return int(status)
 
+    def _restart_election_timer(self) -> None:
+        """Engine issue E11: a snapshot load blocks the Raft thread for as long
+        as the state takes to restore (seconds at a million partitions) while
+        PySyncObj's election deadline, set before the load, runs out. With no
+        pre-vote, the node then campaigns at the next tick and its higher term
+        deposes a healthy leader. The snapshot came from the leader (or, at
+        start, from our own disk, before any peer was heard), so the load
+        counts as hearing from it: start a fresh randomized timeout.
+        PySyncObj has no call for this; the adapter sets the deadline itself.
+        """
+        obj = getattr(self, "_obj", None)
+        if obj is not None:
+            obj._SyncObj__raftElectionDeadline = (
+                time.monotonic() + obj._SyncObj__generateRaftTimeout())
+
     def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
         with open(path, "rb") as f:
             blob = f.read()
@@ -598,6 +620,9 @@ class Engine:
             self._storage.save_snapshot(blob)  # an install: make it durable before using it
             self._stored_snapshot_id = blob[:_SNAPSHOT_ID_BYTES]
         self._restore(state)
+        self._restart_election_timer()
+        if self._on_restored is not None:
+            self._on_restored()
         cluster = [Member(node_id, address) for node_id, address in header.members]
         # Membership fix: a snapshot's member list is the one at the time it
         # was taken, and a leader may send an older snapshot than its own

@@ -139,6 +139,8 @@ class RaftNode:
         self.fsync_observer: Callable[[float], None] | None = None
         self.apply_observer: Callable[[float], None] | None = None
         self.proposal_observer: Callable[[float], None] | None = None
+        self.restore_observer: Callable[[], None] | None = None
+        """Called on the Raft thread after a snapshot is restored."""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -178,6 +180,7 @@ class RaftNode:
                     snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
+                    on_restored=self._on_restored,
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected, self._on_peer_refused)
@@ -242,7 +245,11 @@ class RaftNode:
                 self._flush(storage, transport)
                 self._watch_leader(engine)
                 self._maybe_campaign(engine)
-                transport.poll(tick)
+                # A lone voter commits its own entries at the next tick: do
+                # not wait for network events that will never come.
+                lone_work = (engine.single_voter
+                             and engine.commit_index < engine.last_log_index)
+                transport.poll(0.0 if lone_work else tick)
                 self._flush(storage, transport)
         except StorageError as exc:
             # After a failed write or fsync the kernel may have dropped data:
@@ -334,6 +341,10 @@ class RaftNode:
             return self._sm.prepare_snapshot()
         data = self._sm.snapshot()
         return lambda: data
+
+    def _on_restored(self) -> None:
+        if self.restore_observer is not None:
+            self.restore_observer()
 
     def _snapshot_done(self, seconds: float, size: int) -> None:
         self.snapshots_taken += 1
