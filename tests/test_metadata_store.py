@@ -10,9 +10,11 @@ Every store is closed by its fixture, whatever the test does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,19 @@ from streambus_consensus.metadata import (
     Broker,
     BrokerState,
     ChangeKind,
-    CreateTopic,
     MetadataImage,
     Partition,
     RequestId,
     Topic,
 )
+from streambus_consensus.metadata.controller import Controller
 from streambus_consensus.metadata.feed import MetadataEvent, WatchedStateMachine
 from streambus_consensus.metadata.store import AsyncMetadataStore, MetadataStore
 from streambus_consensus.raft.node import RaftNode
 from streambus_consensus.testing.harness import free_ports, wait_until
 
-FAST = {"election_timeout_min": 0.2, "election_timeout_max": 0.4, "heartbeat_interval": 0.05}
-"""Raft timings short enough for in-process tests, long enough for two busy cores."""
+FAST = {"election_timeout_min": 0.4, "election_timeout_max": 0.8, "heartbeat_interval": 0.05}
+"""Default election timeouts (no spurious elections on two busy cores), quicker heartbeats."""
 
 FAST_SINGLE = {"election_timeout_min": 0.1, "election_timeout_max": 0.15,
                "heartbeat_interval": 0.03, "tick_interval": 0.03}
@@ -142,10 +144,9 @@ class Brokers:
             with self._lock:
                 beating = [(b, e) for b, e in self.epochs.items() if b not in self._silent]
             for broker_id, epoch in beating:
-                try:
+                # No leader right now: a real broker retries at its next interval.
+                with contextlib.suppress(ConsensusError):
                     self._via().heartbeat(broker_id, epoch)
-                except ConsensusError:
-                    pass  # no leader right now: a real broker retries next interval
 
     def close(self) -> None:
         self._stop.set()
@@ -245,17 +246,18 @@ def test_registered_broker_is_fenced_until_it_heartbeats(
     assert seen == broker, "heartbeat answers the registration as this node knows it"
     wait_until(lambda: store.image().brokers[7].state is BrokerState.ACTIVE, 5,
                "the controller to unfence broker 7")
-    assert store.controller.unfenced_by_controller == 1
+    # Counted once the controller's proposal returns, just after the image changed.
+    wait_until(lambda: store.controller.unfenced_by_controller == 1, 5, "the count")
     assert store.image().brokers[7].broker_epoch == broker.broker_epoch
 
 
 def test_heartbeat_with_a_stale_epoch_does_not_unfence(
         open_cluster: Callable[..., list[MetadataStore]]) -> None:
     (store,) = open_cluster(1, broker_session_timeout=0.5)
-    old = store.register_broker(1, "127.0.0.1:9092", incarnation_id=str(_uuid(1)))
-    new = store.register_broker(1, "127.0.0.1:9092", incarnation_id=str(_uuid(2)))
+    old = store.register_broker(1, "127.0.0.1:9092", incarnation_id=_uuid(1))
+    new = store.register_broker(1, "127.0.0.1:9092", incarnation_id=_uuid(2))
     assert new.broker_epoch > old.broker_epoch, "a new incarnation bumps the epoch"
-    again = store.register_broker(1, "127.0.0.1:9092", incarnation_id=str(_uuid(2)))
+    again = store.register_broker(1, "127.0.0.1:9092", incarnation_id=_uuid(2))
     assert again == new, "the same incarnation again is a no-op"
     deadline = time.monotonic() + 0.75
     while time.monotonic() < deadline:  # heartbeats of the old incarnation only
@@ -264,6 +266,22 @@ def test_heartbeat_with_a_stale_epoch_does_not_unfence(
     assert store.image().brokers[1].state is BrokerState.FENCED
     store.heartbeat(1, new.broker_epoch)
     wait_until(lambda: store.image().brokers[1].is_active, 5, "the new incarnation's unfencing")
+
+
+def test_heartbeats_of_an_older_incarnation_do_not_keep_the_new_one_alive(
+        open_cluster: Callable[..., list[MetadataStore]]) -> None:
+    session = 0.5
+    (store,) = open_cluster(1, broker_session_timeout=session)
+    old = store.register_broker(1, "127.0.0.1:9092", incarnation_id=_uuid(1), fenced=False)
+    new = store.register_broker(1, "127.0.0.1:9092", incarnation_id=_uuid(2), fenced=False)
+    assert new.is_active and new.broker_epoch > old.broker_epoch
+    # Only the old process (a zombie) keeps heartbeating, every 50 ms.
+    wait_until(lambda: store.heartbeat(1, old.broker_epoch) and (
+        store.image().brokers[1].state is BrokerState.FENCED), session * 6,
+        "the silent new incarnation to be fenced")
+    wait_until(lambda: store.controller.fenced_by_controller == 1, 5, "the count")
+    wait_until(lambda: store.heartbeat(1, new.broker_epoch) and store.image().brokers[1].is_active,
+               session * 6, "the new incarnation's own heartbeats to unfence it")
 
 
 def _uuid(n: int) -> str:
@@ -449,9 +467,9 @@ def test_topics_created_on_any_store_are_seen_by_every_store(
                    5, f"{s.node.node_id} to apply both")
         assert s.image().topics["from-leader"] == on_leader
         assert s.image().topics["from-follower"] == on_follower
-    images = [s.image() for s in stores]
     wait_until(lambda: len({s.image().offset for s in stores}) == 1, 5, "equal offsets")
-    assert all(state_of(s.image()) == state_of(images[0]) for s in stores)
+    images = [s.image() for s in stores]
+    assert all(state_of(image) == state_of(images[0]) for image in images)
 
 
 def test_a_request_id_retried_on_another_node_applies_once(
@@ -504,7 +522,8 @@ def test_watch_delivers_every_change_once_in_log_order_with_offsets(
     assert kinds[6] == ["topic_changed"] + ["partition_created"] * 2
     assert kinds[7][0] == "broker_fenced" and set(kinds[7][1:]) <= {"partition_changed"}
     assert replay(events) == state_of(store.image()), "the changes rebuild the metadata"
-    assert watch.offset == offsets[-1]
+    # The watch moves its cursor just after the listener returns.
+    wait_until(lambda: watch.offset == offsets[-1], 5, "the watch's cursor")
     assert watch.delivered == len(events)
     assert not any(name.startswith("raft-") for name in recorder.threads), (
         "listeners run off the Raft thread")
@@ -552,7 +571,7 @@ def test_a_watcher_that_raises_keeps_receiving(
         store.create_topic(f"t{i}", 1, 1)
     wait_until(lambda: received and received[-1] == store.image().offset, 5, "every event")
     assert len(received) == 4 and received == sorted(received)
-    assert watch.delivered == 4
+    wait_until(lambda: watch.delivered == 4, 5, "the watch to count the last delivery")
     logged = [r for r in caplog.records
               if r.name == "streambus_consensus.metadata.feed" and r.exc_info]
     assert len(logged) == 2, "each exception is logged, with its traceback"
@@ -639,6 +658,118 @@ def test_async_store_awaits_every_operation() -> None:
 # The controller: leader-only fencing and unfencing
 
 
+class FakeNode:
+    """The little of a RaftNode the controller reads: role and term."""
+
+    node_id = "fake"
+
+    def __init__(self) -> None:
+        self.is_leader = True
+        self.term = 1
+
+    def on_app_message(self, handler: Callable[[str, Any], None]) -> None:
+        self.app_handler = handler
+
+
+class FakeStore:
+    """A store whose image the test sets and whose fence/unfence calls it records."""
+
+    def __init__(self, *brokers: Broker) -> None:
+        self.node = FakeNode()
+        self.brokers = {b.broker_id: b for b in brokers}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def image(self) -> MetadataImage:
+        return MetadataImage(len(self.calls), dict(self.brokers), {}, {})
+
+    def fence_broker(self, broker_id: int, epoch: int, *, timeout: float) -> None:
+        self.calls.append(("fence", broker_id, epoch))
+        self.brokers[broker_id] = replace(self.brokers[broker_id], state=BrokerState.FENCED)
+
+    def unfence_broker(self, broker_id: int, epoch: int, *, timeout: float) -> None:
+        self.calls.append(("unfence", broker_id, epoch))
+        self.brokers[broker_id] = replace(self.brokers[broker_id], state=BrokerState.ACTIVE)
+
+
+class Clock:
+    """Monotonic seconds that only move when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def a_broker(broker_id: int, epoch: int, state: BrokerState = BrokerState.ACTIVE) -> Broker:
+    return Broker(broker_id, f"b{broker_id}:9092", None, _uuid(broker_id), epoch, state)
+
+
+def stepped_controller(*brokers: Broker) -> tuple[Controller, FakeStore, Clock]:
+    store, clock = FakeStore(*brokers), Clock()
+    return Controller(store, session_timeout=10.0, clock=clock), store, clock  # type: ignore[arg-type]
+
+
+def test_controller_session_rules_with_a_stepped_clock() -> None:
+    controller, store, clock = stepped_controller(
+        a_broker(1, 5), a_broker(2, 6), a_broker(3, 7, BrokerState.FENCED))
+    controller.check()  # becomes leader at t=100: everyone's session starts now
+    controller.record_heartbeat(1, 5)
+    controller.record_heartbeat(2, 4)  # an older incarnation of broker 2
+    controller.record_heartbeat(3, 7)  # the fenced broker is back
+    controller.check()
+    assert store.calls == [("unfence", 3, 7)], "a heartbeat with the current epoch unfences"
+    clock.now = 109.9
+    controller.check()
+    assert len(store.calls) == 1, "nobody is fenced within the first session"
+    controller.record_heartbeat(1, 5)  # broker 1 keeps beating; the others fall silent
+    clock.now = 110.1
+    controller.check()
+    assert ("fence", 2, 6) in store.calls, "a stale-epoch heartbeat does not keep broker 2"
+    assert ("fence", 1, 5) not in store.calls and ("fence", 3, 7) in store.calls
+    controller.record_heartbeat(1, 5)
+    clock.now = 119.0
+    controller.check()
+    assert ("fence", 1, 5) not in store.calls
+    assert (controller.fenced_by_controller, controller.unfenced_by_controller) == (2, 1)
+
+
+def test_controller_does_nothing_while_a_follower_and_starts_afresh_as_leader() -> None:
+    controller, store, clock = stepped_controller(a_broker(1, 5))
+    store.node.is_leader = False
+    controller.record_heartbeat(1, 5)
+    clock.now = 1000.0
+    controller.check()
+    assert store.calls == [], "a follower fences nobody"
+    store.node.is_leader, store.node.term = True, 2
+    controller.check()
+    clock.now = 1009.0
+    controller.check()
+    assert store.calls == [], "a full session from the start of leadership"
+    clock.now = 1010.5
+    controller.check()
+    assert store.calls == [("fence", 1, 5)]
+
+
+def test_controller_gives_a_fresh_session_when_leadership_came_back_unseen() -> None:
+    """Leadership lost and won again between two passes (a new term) must not
+    count the time another leader was in charge against the brokers."""
+    controller, store, clock = stepped_controller(a_broker(1, 5))
+    controller.check()
+    controller.record_heartbeat(1, 5)  # last heartbeat to this node, t=100
+    clock.now = 109.0
+    controller.check()
+    store.node.term = 3  # meanwhile: another leader for a while, then this node again
+    clock.now = 109.5
+    controller.check()
+    clock.now = 111.0  # 11 s since the last heartbeat here, 1.5 s into this term
+    controller.check()
+    assert store.calls == [], "the broker heartbeat to the other leader meanwhile"
+    clock.now = 119.6
+    controller.check()
+    assert store.calls == [("fence", 1, 5)]
+
+
 def test_controller_fences_a_silent_broker_and_unfences_it_when_it_returns(
         open_cluster: Callable[..., list[MetadataStore]],
         make_brokers: Callable[..., Brokers]) -> None:
@@ -677,15 +808,21 @@ def test_controller_fences_a_silent_broker_and_unfences_it_when_it_returns(
         else:
             assert (p.leader, p.leader_epoch) == (old.leader, old.leader_epoch)
     assert image.active_broker_ids() == (1, 2, 3), "the others kept their sessions"
-    fenced = [c for e in recorder.snapshot() for c in e.changes
-              if c.kind is ChangeKind.BROKER_FENCED]
-    assert [c.key for c in fenced] == [victim], "fenced once"
 
     brokers.resume(victim)
     wait_until(lambda: leader.image().brokers[victim].is_active, session * 4,
                "the returning broker to be unfenced")
-    assert (leader.controller.fenced_by_controller,
-            leader.controller.unfenced_by_controller) == (1, 5)
+
+    def broker_changes() -> list[tuple[str, object]]:
+        return [(str(c.kind), c.key) for e in recorder.snapshot() for c in e.changes
+                if isinstance(c.record, Broker)]
+
+    wait_until(lambda: len(broker_changes()) >= 2, 5, "the watch to deliver both")
+    assert broker_changes() == [("broker_fenced", victim), ("broker_unfenced", victim)], (
+        "fenced once, unfenced once, nobody else touched")
+    wait_until(lambda: (leader.controller.fenced_by_controller,
+                        leader.controller.unfenced_by_controller) == (1, 5), 5,
+               "the leader's controller to count one fencing and five unfencings")
     for follower in followers:  # nothing of this ran on a follower
         assert (follower.controller.fenced_by_controller,
                 follower.controller.unfenced_by_controller) == (0, 0)
@@ -700,8 +837,13 @@ def test_controller_on_a_follower_does_nothing(
     leader = leader_of(stores)
     followers = [s for s in stores if s is not leader]
     broker = leader.register_broker(1, "127.0.0.1:9092", fenced=False)  # never heartbeats
+
+    def fenced_on(s: MetadataStore) -> bool:
+        b = s.image().brokers.get(1)  # a follower may not have applied the registration yet
+        return b is not None and b.state is BrokerState.FENCED
+
     for store in stores:
-        wait_until(lambda s=store: s.image().brokers[1].state is BrokerState.FENCED, 5,
+        wait_until(lambda s=store: fenced_on(s), 5,
                    "the leader's controller to fence the silent broker")
     # A follower that hears from the broker (a stale forward, say) must not act on it.
     for follower in followers:
@@ -735,21 +877,24 @@ def test_controller_gives_every_broker_a_full_session_after_failover(
     brokers.silence(2)  # broker 2 dies with the old leader; 0 and 1 live on
     current[0] = survivors[0]  # heartbeats now go through a survivor, to whoever leads
     old_leader.close()
-    new_leader = wait_until(lambda: next((s for s in survivors if s.node.is_leader), None),
-                            10, "a new leader", interval=0.005)
-    elected = time.monotonic()
-    wait_until(lambda: new_leader.image().brokers[2].state is BrokerState.FENCED,
+    wait_until(lambda: any(s.node.is_leader for s in survivors), 10, "a new leader",
+               interval=0.005)
+    elected = time.monotonic()  # leadership may still move once more; that only delays fencing
+    wait_until(lambda: survivors[0].image().brokers[2].state is BrokerState.FENCED,
                session * 4, "the silent broker to be fenced by the new leader")
     fenced_after = time.monotonic() - elected
     assert fenced_after >= session - 0.1, (
         f"fenced {fenced_after:.2f}s after the failover: the new leader must first give "
         f"it a full session of {session}s")
+    wait_until(lambda: any(c.kind is ChangeKind.BROKER_FENCED for e in recorder.snapshot()
+                           for c in e.changes), 5, "the watch to deliver the fencing")
     time.sleep(session)  # live brokers heartbeat on: another full session and nobody else goes
     fenced = [c.key for e in recorder.snapshot() for c in e.changes
               if c.kind is ChangeKind.BROKER_FENCED]
     assert fenced == [2], "live brokers were never fenced across the failover"
+    new_leader = leader_of(survivors)
     assert new_leader.image().active_broker_ids() == (0, 1)
-    assert new_leader.controller.fenced_by_controller == 1
+    assert sum(s.controller.fenced_by_controller for s in survivors) == 1, "counted by then"
 
 
 def test_controller_and_the_node_stop_with_the_store(

@@ -47,10 +47,13 @@ class Controller:
         self._last_seen: dict[int, tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._leading_since: float | None = None
+        self._leading_term: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fenced_by_controller = 0
+        """Brokers this node's controller fenced for silence."""
         self.unfenced_by_controller = 0
+        """Fenced brokers this node's controller unfenced because they heartbeat again."""
 
     def start(self) -> None:
         """Start checking; listen for heartbeats forwarded by followers."""
@@ -91,31 +94,43 @@ class Controller:
         """One pass: fence silent brokers, unfence returning ones (leader only)."""
         node = self._store.node
         if not node.is_leader:
-            self._leading_since = None
+            self._leading_since = self._leading_term = None
             with self._lock:
                 self._last_seen.clear()
             return
         now = self._clock()
-        if self._leading_since is None:
-            self._leading_since = now  # a fresh session for everyone from here
+        term = node.term
+        if self._leading_since is None or term != self._leading_term:
+            # A fresh session for everyone from the start of this leadership, also
+            # when it was lost and won back between two passes (a new term).
+            self._leading_since, self._leading_term = now, term
         image = self._store.image()
         with self._lock:
             seen = dict(self._last_seen)
         for broker in image.brokers.values():
             last, epoch = seen.get(broker.broker_id, (self._leading_since, -1))
+            if epoch != broker.broker_epoch:
+                # A heartbeat names the incarnation it comes from (as in KRaft):
+                # an older incarnation's says nothing about the current one.
+                last = self._leading_since
             silent = now - max(last, self._leading_since)
             if broker.state is BrokerState.ACTIVE and silent > self.session_timeout:
                 logger.warning("broker %d silent for %.1fs: fencing", broker.broker_id, silent)
-                self._propose(self._store.fence_broker, broker.broker_id, broker.broker_epoch)
-                self.fenced_by_controller += 1
+                if self._propose(self._store.fence_broker, broker.broker_id,
+                                 broker.broker_epoch):
+                    self.fenced_by_controller += 1
             elif (broker.state is BrokerState.FENCED and epoch == broker.broker_epoch
                   and silent <= self.session_timeout):
                 logger.info("broker %d heartbeating again: unfencing", broker.broker_id)
-                self._propose(self._store.unfence_broker, broker.broker_id, broker.broker_epoch)
-                self.unfenced_by_controller += 1
+                if self._propose(self._store.unfence_broker, broker.broker_id,
+                                 broker.broker_epoch):
+                    self.unfenced_by_controller += 1
 
-    def _propose(self, action: Callable[..., None], broker_id: int, epoch: int) -> None:
+    def _propose(self, action: Callable[..., None], broker_id: int, epoch: int) -> bool:
+        """Carry out one fence or unfence; whether the state machine accepted it."""
         try:
             action(broker_id, epoch, timeout=self.session_timeout)
         except CommandRefusedError as exc:
             logger.info("controller action on broker %d refused: %s", broker_id, exc)
+            return False
+        return True

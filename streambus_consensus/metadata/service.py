@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..api import ApiError, ApiRequest, Route
+from ..api import ApiError, ApiRequest, Handler, Route
+from ..errors import CodecError
 from ..metrics import PREFIX
 from ..raft.node import RaftNode
 from .commands import RequestId
@@ -87,16 +89,24 @@ def _body(request: ApiRequest) -> dict[str, Any]:
     return request.body
 
 
+_KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false",
+               dict: "an object", list: "an array"}
+
+
 def _field(body: dict[str, Any], name: str, kind: type, *, default: Any = ...) -> Any:
-    if name not in body:
+    """``body[name]`` checked against ``kind``. A field with a default may be
+    absent or ``null`` (both give the default); a required one must be there."""
+    value = body.get(name)
+    if value is None:
         if default is ...:
-            raise ApiError(400, "invalid_argument", f"missing field {name!r}")
+            what = "missing field" if name not in body else "null given for field"
+            raise ApiError(400, "invalid_argument", f"{what} {name!r}")
         return default
-    value = body[name]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ApiError(400, "invalid_argument", f"{name!r} must be an integer")
-    if kind is not int and value is not None and not isinstance(value, kind):
-        raise ApiError(400, "invalid_argument", f"{name!r} must be {kind.__name__}")
+    if not isinstance(value, kind):
+        raise ApiError(400, "invalid_argument",
+                       f"{name!r} must be {_KIND_NAMES.get(kind, kind.__name__)}")
     return value
 
 
@@ -116,6 +126,35 @@ def _int_arg(text: str, what: str) -> int:
         return int(text)
     except ValueError:
         raise ApiError(400, "invalid_argument", f"{what} must be an integer") from None
+
+
+def _seconds_arg(text: str | None, what: str, limit: float) -> float:
+    """A duration query parameter, clamped to ``0..limit`` (absent: 0)."""
+    if text in (None, ""):
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise ApiError(400, "invalid_argument", f"{what} must be a number of seconds")
+    return min(max(value, 0.0), limit)
+
+
+def _checked(handler: Handler) -> Handler:
+    """Report arguments that cannot be encoded into a command as a 400.
+
+    The command codec checks every field's type and range before anything is
+    proposed (:func:`~.commands.encode_command`); here a CodecError can only
+    come from the caller's arguments, never from the cluster.
+    """
+    def run(request: ApiRequest) -> Any:
+        try:
+            return handler(request)
+        except CodecError as exc:
+            raise ApiError(400, "invalid_argument", str(exc)) from None
+
+    return run
 
 
 class MetadataApplication:
@@ -253,11 +292,11 @@ class MetadataApplication:
         def watch(req: ApiRequest) -> Any:
             after_text = req.param("after")
             after = None if after_text in (None, "") else _int_arg(after_text, "after")
-            wait = min(max(float(req.param("wait") or 0), 0.0), 30.0)
+            wait = _seconds_arg(req.param("wait"), "wait", 30.0)
             events = s().state_machine.feed.read(after, timeout=wait)
             return {"events": [to_json(e) for e in events]}
 
-        return [
+        routes = [
             Route("GET", "/v1/topics", list_topics),
             Route("POST", "/v1/topics", create_topic),
             Route("GET", "/v1/topics/{name}", describe_topic),
@@ -275,6 +314,7 @@ class MetadataApplication:
             Route("POST", "/v1/brokers/{id}/{action}", broker_action),
             Route("GET", "/v1/watch", watch),
         ]
+        return [Route(r.method, r.pattern, _checked(r.handler)) for r in routes]
 
     def collect_metrics(self) -> Iterator[Metric]:
         """Metadata gauges, read at scrape time from the local image."""
