@@ -42,6 +42,7 @@ from pysyncobj.transport import Transport as _PsoTransport
 from ..config import NodeConfig
 from ..errors import (
     ConsensusError,
+    CorruptStorageError,
     LeadershipLostError,
     NoLeaderError,
     NotLeaderError,
@@ -359,6 +360,11 @@ class Engine:
         recovered = storage.open()
         journal = _Journal(storage, recovered)
         existing = storage.load_snapshot()
+        if existing is None and recovered.entries and recovered.entries[0].index > 1:
+            # The node compacts its log only behind a durable snapshot.
+            raise CorruptStorageError(
+                storage.snapshot_path, "missing, but the log was compacted to start at index "
+                f"{recovered.entries[0].index}")
         self._stored_snapshot_id = b"" if existing is None else existing[:_SNAPSHOT_ID_BYTES]
         if existing is not None:
             header, _ = unpack_snapshot(existing, storage.snapshot_path)

@@ -220,6 +220,11 @@ class DiskStorage:
             unpack_snapshot(snapshot, self.snapshot_path)
         if self._wal_path.exists():
             self._load_wal()
+        elif snapshot is not None:
+            # A log is created before any snapshot can exist; losing it loses
+            # the term, the vote and every entry after the snapshot.
+            raise CorruptStorageError(str(self._wal_path),
+                                      "missing, but snapshot.bin is present")
         else:
             self._write_new_wal([])
         self._fd = os.open(self._wal_path, os.O_WRONLY)
@@ -246,9 +251,6 @@ class DiskStorage:
                 path, f"truncated: file is {len(data)} bytes but {committed} were committed",
                 offset=len(data),
             )
-        if len(data) > committed:
-            logger.warning("%s: dropping %d bytes written after the last fsync "
-                           "(never acknowledged)", path, len(data) - committed)
         pos = HEADER_SIZE
         while pos < committed:
             if committed - pos < _RECORD.size:
@@ -265,10 +267,33 @@ class DiskStorage:
                 raise CorruptStorageError(path, f"record {damage}", offset=pos)
             self._replay(kind, payload, path, pos)
             pos = end
-        self._committed = committed
-        if len(data) > committed:
+        # Past the declared length lies the last group (its header update
+        # rides with the next group). Keep its intact records; a torn or
+        # unwritten tail was never acknowledged and is dropped.
+        while pos < len(data):
+            if len(data) - pos < _RECORD.size:
+                break
+            length, crc, kind = _RECORD.unpack_from(data, pos)
+            end = pos + _RECORD.size + length
+            if length > MAX_RECORD_BYTES or end > len(data):
+                break
+            payload = data[pos + _RECORD.size : end]
+            if zlib.crc32(bytes((kind,)) + payload) != crc:
+                break
+            self._replay(kind, payload, path, pos)
+            pos = end
+        if pos < len(data):
+            logger.warning("%s: dropping %d bytes of a write that never completed "
+                           "(never acknowledged)", path, len(data) - pos)
+        self._committed = pos
+        if pos != committed or pos < len(data):
             with open(self._wal_path, "r+b") as f:
-                f.truncate(committed)
+                f.truncate(pos)
+                f.seek(0)
+                f.write(_header(pos))
+                f.flush()
+                if self._fsync:
+                    os.fdatasync(f.fileno())
 
     def _replay(self, kind: int, payload: bytes, path: str, pos: int) -> None:
         try:
@@ -345,16 +370,15 @@ class DiskStorage:
         fd = self._fd
         if fd is None:
             raise StorageError("storage is closed")
-        # Records first, made durable, then the header that declares them
-        # committed, made durable: after a power loss the header never
-        # claims records the disk does not hold.
+        # One fdatasync per group. The header written with this group declares
+        # only what the *previous* sync made durable, so after a power loss it
+        # never claims bytes the disk may not hold; this group's records are
+        # found past it on open by their checksums.
         try:
             started = time.perf_counter()
             os.pwrite(fd, chunk, self._committed)
-            if self._fsync:
-                os.fdatasync(fd)
-            self._committed += len(chunk)
             os.pwrite(fd, _header(self._committed), 0)
+            self._committed += len(chunk)
             if self._fsync:
                 os.fdatasync(fd)
                 if self._on_fsync is not None:
@@ -405,10 +429,16 @@ class DiskStorage:
             raise StorageError(f"cannot read {self.snapshot_path}: {exc.strerror}") from None
 
     def close(self) -> None:
-        """Sync and close the log. Idempotent."""
+        """Sync and close the log, its header declaring everything. Idempotent."""
         if self._fd is not None:
             if self._pending:
                 self.sync()
+            try:
+                os.pwrite(self._fd, _header(self._committed), 0)
+                if self._fsync:
+                    os.fdatasync(self._fd)
+            except OSError as exc:
+                logger.error("%s: could not finalize the header: %s", self._wal_path, exc)
             os.close(self._fd)
             self._fd = None
 
