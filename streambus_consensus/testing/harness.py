@@ -6,6 +6,10 @@ leader through the nodes' HTTP APIs and injects faults: SIGKILL, SIGSTOP /
 SIGCONT pauses, graceful stops and restarts from the same data directory.
 Everything it starts it stops, on :meth:`LocalCluster.close`, on leaving the
 ``with`` block, and at interpreter exit as a last resort.
+
+With ``proxied=True`` every directed link between two nodes runs through a
+TCP proxy process (:mod:`.faults`), and :attr:`LocalCluster.network` cuts and
+heals links: isolate a node, split the cluster, cut one direction only.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from typing import Any, TypeVar
 
 from ..client import ApiClient, ClusterUnreachableError
 from ..errors import ConsensusError
+from .faults import LinkProxy, Partitioner, link_name
 
-__all__ = ["LocalCluster", "NodeProcess", "free_ports", "wait_until"]
+__all__ = ["LocalCluster", "NodeProcess", "free_ports", "rss_bytes", "wait_until"]
 
 T = TypeVar("T")
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE: set[subprocess.Popen[Any]] = set()
 
 
 @atexit.register
@@ -121,6 +126,8 @@ class LocalCluster:
         secret: cluster secret; ``None`` runs unauthenticated (loopback only).
         settings: extra config fields for every node (e.g. snapshot interval).
         env: extra environment variables for the node processes.
+        proxied: route every directed node-to-node link through the link
+            proxy, so that :attr:`network` can partition the cluster.
     """
 
     size: int
@@ -130,6 +137,9 @@ class LocalCluster:
     settings: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
+    proxied: bool = False
+    network: Partitioner | None = field(default=None, init=False)
+    """Cuts and heals links (``proxied=True`` only)."""
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir)
@@ -138,6 +148,18 @@ class LocalCluster:
             node_id = f"n{i + 1}"
             self.nodes[node_id] = NodeProcess(node_id, ports[2 * i], ports[2 * i + 1],
                                               self.base_dir / node_id)
+        self._peer_address: dict[tuple[str, str], str] = {
+            (a, b): self.nodes[b].raft_address for a in self.nodes for b in self.nodes if a != b
+        }
+        if self.proxied:
+            proxy = LinkProxy({link_name(a, b): address
+                               for (a, b), address in self._peer_address.items()})
+            proxy.start()
+            if proxy.process is not None:
+                _LIVE.add(proxy.process)
+            self.network = Partitioner(proxy, list(self.nodes))
+            for a, b in self._peer_address:
+                self._peer_address[a, b] = f"127.0.0.1:{proxy.ports[link_name(a, b)]}"
         for node in self.nodes.values():
             self._write_config(node)
 
@@ -155,8 +177,15 @@ class LocalCluster:
         for key, value in self.settings.items():
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("[cluster]")
-        lines += [f'{n.node_id} = "{n.raft_address}"' for n in self.nodes.values()]
+        # Each node reaches its peers through its own links (the proxy, when proxied).
+        lines += [f'{n.node_id} = "{self._address_of(n.node_id, seen_from=node.node_id)}"'
+                  for n in self.nodes.values()]
         node.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _address_of(self, node_id: str, *, seen_from: str) -> str:
+        if node_id == seen_from:
+            return self.nodes[node_id].raft_address
+        return self._peer_address[seen_from, node_id]
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -246,7 +275,7 @@ class LocalCluster:
         self.start(node_id)
 
     def close(self) -> None:
-        """Stop every process this cluster started. Idempotent."""
+        """Stop every process this cluster started (the link proxy too). Idempotent."""
         for node in self.nodes.values():
             if node.proc is not None and node.alive:
                 with contextlib.suppress(ProcessLookupError):
@@ -256,6 +285,24 @@ class LocalCluster:
                 node.proc.wait(10)
             if node.proc is not None:
                 _LIVE.discard(node.proc)
+        if self.network is not None:
+            proxy = self.network.proxy
+            process = proxy.process
+            proxy.close()
+            if process is not None:
+                _LIVE.discard(process)
+
+    def pid(self, node_id: str) -> int | None:
+        """The process id of a running node."""
+        node = self.nodes[node_id]
+        return node.proc.pid if node.proc is not None and node.alive else None
+
+    def rss_bytes(self, node_id: str) -> int:
+        """Resident memory of a running node's process (``VmRSS`` in /proc/PID/status)."""
+        pid = self.pid(node_id)
+        if pid is None:
+            raise RuntimeError(f"{node_id} is not running")
+        return rss_bytes(pid)
 
     # -- observing ---------------------------------------------------------------
 
@@ -308,6 +355,15 @@ class LocalCluster:
         """Each node's log file."""
         for node_id, node in self.nodes.items():
             yield node_id, node.log_path
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from ``VmRSS`` in ``/proc/PID/status``."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def _toml_value(value: Any) -> str:
