@@ -251,3 +251,88 @@ def test_torn_write_past_the_last_fsync_is_dropped(pristine: Pristine, tmp_path:
     assert sorted(_serve_and_list(node_dir, pristine)) == sorted(TOPICS)
     assert time.monotonic() - started < 30
     assert wal.stat().st_size >= committed
+
+
+# -- the last group after a crash -----------------------------------------------------------
+#
+# The header of wal.log declares what the previous group made durable; the
+# group written by the last sync before a crash lies past it and is found by
+# its checksums (one fdatasync per group). That group was acknowledged once
+# its fdatasync returned.
+
+CRASH_TOPICS = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
+    """A node SIGKILLed right after its last acknowledged write (no snapshot)."""
+    base = tmp_path_factory.mktemp("crashed")
+    with LocalCluster(1, base / "cluster", app="metadata",
+                      settings={"broker_session_timeout": 86_400.0}) as cluster:
+        cluster.start()
+        cluster.wait_for_leader()
+        client = cluster.client()
+        client.request("POST", "/v1/brokers", {"broker_id": 1, "endpoint": "b1.test:9092",
+                                               "fenced": False})
+        for name in CRASH_TOPICS:
+            client.request("POST", "/v1/topics", {"name": name, "partitions": 1,
+                                                  "replication_factor": 1})
+        cluster.kill("n1")
+        node = cluster.nodes["n1"]
+        assert cluster.secret is not None
+        return Pristine(node.directory, node.api_address, cluster.secret)
+
+
+def _tail_records(path: Path) -> list[tuple[int, int, int]]:
+    """(offset, type, payload length) of the records past the header's committed length."""
+    data = path.read_bytes()
+    committed = struct.unpack_from(">8sIQI", data, 0)[2]
+    records, pos = [], committed
+    while pos + 9 <= len(data):
+        length, _crc, kind = struct.unpack_from(">IIB", data, pos)
+        records.append((pos, kind, length))
+        pos += 9 + length
+    return records
+
+
+def _tail_entry(node_dir: Path) -> tuple[int, int]:
+    entries = [(pos, length) for pos, kind, length in _tail_records(node_dir / "data" / "wal.log")
+               if kind == 1]
+    if not entries:
+        pytest.skip("the crash left no group past the header; nothing to damage")
+    return entries[-1]
+
+
+def test_a_crash_keeps_the_last_acknowledged_group(crashed: Pristine, tmp_path: Path) -> None:
+    node_dir = _copy(crashed, tmp_path)
+    _tail_entry(node_dir)
+    assert sorted(_serve_and_list(node_dir, crashed)) == sorted(CRASH_TOPICS)
+
+
+def test_a_zeroed_sector_in_the_last_group_is_a_torn_write(crashed: Pristine,
+                                                           tmp_path: Path) -> None:
+    """All-zero bytes where the last group should be: the write never reached the disk,
+    so it was never acknowledged; the node drops it and starts."""
+    node_dir = _copy(crashed, tmp_path)
+    _tail_entry(node_dir)
+    wal = node_dir / "data" / "wal.log"
+    data = bytearray(wal.read_bytes())
+    first = _tail_records(wal)[0][0]
+    data[first:] = bytes(len(data) - first)
+    wal.write_bytes(bytes(data))
+    served = _serve_and_list(node_dir, crashed)
+    assert set(served) <= set(CRASH_TOPICS) and len(served) >= len(CRASH_TOPICS) - 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a bit flip in the last group of wal.log after a crash is taken for a torn write: "
+    "the node drops the group, logs 'a write that never completed (never acknowledged)' and "
+    "serves without the acknowledged create it held (DiskStorage._load_wal breaks at the "
+    "first checksum mismatch past the header's length, since 16c8c07). etcd's WAL tells them "
+    "apart: only a record with an all-zero 512-byte sector is a torn write (isTornEntry); "
+    "any other mismatch is corruption"))
+def test_a_bit_flip_in_the_last_group_is_refused(crashed: Pristine, tmp_path: Path) -> None:
+    node_dir = _copy(crashed, tmp_path)
+    pos, length = _tail_entry(node_dir)
+    _assert_refused(node_dir, "wal.log",
+                    _flip("wal.log", lambda p: pos + 9 + length // 2), r"checksum mismatch")
