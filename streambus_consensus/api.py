@@ -15,10 +15,12 @@ machine, 503 retry later or elsewhere (no leader, not leader, queue full),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 CLOCK_SKEW_SECONDS = 60
 SOCKET_TIMEOUT = 10.0
+"""Longest a client may take to send one whole request (and idle between requests)."""
 
 
 def sign_request(secret: str, method: str, target: str, timestamp: str, body: bytes) -> str:
@@ -218,6 +221,22 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
         # the body until the client's delayed ACK (~40 ms per kept-alive request).
         disable_nagle_algorithm = True
 
+        def handle_one_request(self) -> None:
+            # One deadline for receiving the whole request: the socket timeout
+            # alone is per read, so a client sending a byte at a time would
+            # hold a server thread forever. Handling is not bounded by it.
+            self._read_deadline = threading.Timer(SOCKET_TIMEOUT, self._abort)
+            self._read_deadline.daemon = True
+            self._read_deadline.start()
+            try:
+                super().handle_one_request()
+            finally:
+                self._read_deadline.cancel()
+
+        def _abort(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("api %s " + format, self.client_address[0], *args)
 
@@ -233,11 +252,13 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self, method: str) -> None:
             if method == "GET" and urlsplit(self.path).path == "/metrics" and api._metrics:
+                self._read_deadline.cancel()  # no body: the request is in
                 payload, content_type = api._metrics()
                 self._send(200, payload, content_type)
                 return
             try:
                 raw = self._read_body()
+                self._read_deadline.cancel()
                 status, result = api.dispatch(method, self.path, self.headers, raw)
                 body = {"result": result}
             except Exception as exc:

@@ -67,7 +67,7 @@ class ApiClient:
         for target in targets:
             try:
                 status, payload = self._send(target, method, path, body)
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # e.g. cut mid-answer
                 errors.append(f"{target}: {exc}")
                 continue
             if address is None:

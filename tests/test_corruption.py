@@ -324,13 +324,6 @@ def test_a_zeroed_sector_in_the_last_group_is_a_torn_write(crashed: Pristine,
     assert set(served) <= set(CRASH_TOPICS) and len(served) >= len(CRASH_TOPICS) - 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a bit flip in the last group of wal.log after a crash is taken for a torn write: "
-    "the node drops the group, logs 'a write that never completed (never acknowledged)' and "
-    "serves without the acknowledged create it held (DiskStorage._load_wal breaks at the "
-    "first checksum mismatch past the header's length, since 16c8c07). etcd's WAL tells them "
-    "apart: only a record with an all-zero 512-byte sector is a torn write (isTornEntry); "
-    "any other mismatch is corruption"))
 def test_a_bit_flip_in_the_last_group_is_refused(crashed: Pristine, tmp_path: Path) -> None:
     node_dir = _copy(crashed, tmp_path)
     pos, length = _tail_entry(node_dir)

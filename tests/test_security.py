@@ -162,11 +162,6 @@ def test_truncated_frame_on_the_raft_port_is_dropped(cluster: LocalCluster) -> N
     assert_serving(cluster)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a peer that trickles a handshake frame one byte every 0.5 s is never dropped: "
-    "TcpTransport._maintain measures HANDSHAKE_TIMEOUT from the last byte received "
-    "(conn.last_recv), not from the connection's creation, so an unauthenticated "
-    "connection that keeps sending stays open (for ~35 min for one 4 KiB frame)"))
 def test_slow_frame_on_the_raft_port_is_dropped(cluster: LocalCluster) -> None:
     node = cluster.leader() or "n1"
     with connect(cluster.nodes[node].raft_port) as sock:
@@ -385,11 +380,6 @@ def test_truncated_request_on_the_api_port_is_dropped(cluster: LocalCluster) -> 
     assert_serving(cluster)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an HTTP client that sends its request one byte every 0.5 s is never dropped: the "
-    "API's only limit is a 10 s socket timeout per read (BaseHTTPRequestHandler.timeout), "
-    "with no deadline for the whole request, so each slow client holds a server thread "
-    "indefinitely"))
 def test_slow_request_on_the_api_port_is_dropped(cluster: LocalCluster) -> None:
     node = cluster.nodes[cluster.leader() or "n1"]
     request = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"

@@ -279,6 +279,11 @@ class DiskStorage:
                 break
             payload = data[pos + _RECORD.size : end]
             if zlib.crc32(bytes((kind,)) + payload) != crc:
+                if any(data[pos:]):
+                    # A write cut short leaves a short or zero tail; a whole
+                    # record with a bad checksum is damage (it may have been
+                    # acknowledged), as etcd's WAL also decides.
+                    raise CorruptStorageError(path, "record checksum mismatch", offset=pos)
                 break
             self._replay(kind, payload, path, pos)
             pos = end

@@ -274,10 +274,17 @@ class TcpTransport:
         for conn in [*self._out.values(), *self._in]:
             if conn.closed:
                 continue
-            limit = self._dead_timeout if conn.ready or conn.outgoing else HANDSHAKE_TIMEOUT
-            if now - conn.last_recv > limit:
-                logger.info("%s: connection %s silent for %.1fs, closing",
-                            self.node_id, _describe(conn), now - conn.last_recv)
+            if conn.ready:
+                silent_for = now - conn.last_recv
+                limit = self._dead_timeout
+            else:
+                # A handshake has one deadline from the connection's start, so a
+                # peer trickling a byte at a time cannot hold it open.
+                silent_for = now - conn.created
+                limit = self._dead_timeout if conn.outgoing else HANDSHAKE_TIMEOUT
+            if silent_for > limit:
+                logger.info("%s: connection %s silent or stalled for %.1fs, closing",
+                            self.node_id, _describe(conn), silent_for)
                 self._close(conn)
             elif conn.ready and now - conn.last_send >= self._ping_interval:
                 self._frame(conn, _PING)
