@@ -70,7 +70,7 @@ def leader_client(cluster: LocalCluster) -> tuple[str, ApiClient]:
     return leader, cluster.client(leader)
 
 
-def wait_agreement(cluster: LocalCluster, expected: set[str], timeout: float = 20) -> None:
+def wait_agreement(cluster: LocalCluster, expected: set[str], timeout: float = 60) -> None:
     """Until every node in ``expected`` runs, agrees on one leader among them,
     sees exactly ``expected`` as the members and has applied the leader's commit index."""
     def agreed() -> bool:
