@@ -29,6 +29,8 @@ def main() -> int:
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="streambus-demo-"))
 
     with LocalCluster(3, base, app="kv") as cluster:
+        say(f"Made a random cluster secret ({cluster.secret_file.name}, mode 0600) and each "
+            "node's config, as 'streambus-consensus cluster init' does")
         say(f"Starting three node processes (configs, data and logs under {base})")
         started = time.monotonic()
         cluster.start()

@@ -7,6 +7,7 @@ from .config import NodeConfig
 from .errors import (
     CodecError,
     CommandRefusedError,
+    CommandTooLargeError,
     ConfigError,
     ConsensusError,
     CorruptStorageError,
@@ -39,6 +40,7 @@ from .raft import DiskStorage, MemoryStorage, RaftNode, TcpTransport
 __all__ = [
     "CodecError",
     "CommandRefusedError",
+    "CommandTooLargeError",
     "ConfigError",
     "ConsensusError",
     "ConsistentSnapshotter",

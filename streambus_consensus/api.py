@@ -1,10 +1,17 @@
 """The node's HTTP API: JSON over HTTP/1.1, one server per node.
 
-Requests to ``/v1/...`` are authenticated when the cluster has a secret: the
+Requests to ``/v1/...`` are authenticated with the cluster secret: the
 client sends ``X-SBC-Timestamp`` (Unix seconds) and ``X-SBC-Signature``, the
 hex HMAC-SHA256 of ``METHOD \\n PATH?QUERY \\n TIMESTAMP \\n BODY`` under the
 secret; requests more than 60 s old or new are refused, as is anything
-unsigned. ``/metrics`` is open (Prometheus scrapes it).
+unsigned. With ``api_tls`` the server speaks TLS and, by default, requires a
+client certificate from the cluster's CA before any request is read.
+
+``/metrics`` needs no signature (Prometheus cannot sign), so it exposes only
+operational numbers whose labels are node ids, Raft roles, error class names
+and broker states: never topic names, broker ids or endpoints, config values
+or secrets (a test holds it to that). Behind ``api_tls`` with client
+certificates, scrapers need a certificate like every other client.
 
 Errors come back as ``{"error": {"type", "code", "message", "retriable",
 "leader_hint"}}`` with a status that says what the caller can do: 400 bad
@@ -21,6 +28,7 @@ import hmac
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +45,8 @@ from .errors import (
     NotLeaderError,
     OutcomeUnknownError,
 )
+from .logutil import RateLimitedLog
+from .tls import describe_failure
 
 __all__ = ["ApiError", "ApiRequest", "ApiServer", "Route", "sign_request"]
 
@@ -144,15 +154,19 @@ class ApiServer:
         address: str,
         routes: list[Route],
         *,
-        secret: str | None,
+        secret: str,
         metrics: Callable[[], tuple[bytes, str]] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        if not secret:
+            raise ConfigError("cluster_secret", "<redacted>", "the API needs the cluster secret")
         self.address = address
         self.routes = routes
         self._secret = secret
         self._metrics = metrics
         host, port = parse_address(address, field_name="api_address")
         self._httpd = _Server((host, port), _make_handler(self))
+        self._httpd.tls_context = tls_context
         self._thread: threading.Thread | None = None
 
     @property
@@ -175,8 +189,6 @@ class ApiServer:
         self._httpd.server_close()
 
     def authorize(self, method: str, target: str, headers: Any, body: bytes) -> None:
-        if self._secret is None:
-            return
         timestamp = headers.get("X-SBC-Timestamp", "")
         signature = headers.get("X-SBC-Signature", "")
         try:
@@ -206,10 +218,34 @@ class ApiServer:
         raise ApiError(404, "not_found", f"no route for {method} {parts.path}")
 
 
+_tls_failures = RateLimitedLog(logger)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 resets connections under concurrent callers
+    tls_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Run the TLS handshake (if any) on the connection's own thread, then serve it."""
+        if self.tls_context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(SOCKET_TIMEOUT)
+        try:
+            wrapped = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            _tls_failures.log(str(getattr(exc, "reason", exc)), logging.INFO,
+                              "api: TLS handshake from %s failed: %s", client_address[0],
+                              describe_failure(exc))
+            return
+        except OSError:
+            return  # closed or timed out mid-handshake
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
 
 
 def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:

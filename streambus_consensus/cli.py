@@ -25,8 +25,9 @@ from typing import Any, NoReturn, TypeVar
 import prometheus_client
 
 from .client import ApiClient, ClusterUnreachableError
-from .config import NodeConfig
+from .config import NodeConfig, parse_address
 from .errors import ConfigError, ConsensusError, ProposalRejectedError
+from .tls import client_context
 
 __all__ = ["format_fields", "format_table", "main"]
 
@@ -34,6 +35,9 @@ EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 2, 3, 4
 ENV_API = "STREAMBUS_CONSENSUS_API"
 ENV_SECRET = "STREAMBUS_CONSENSUS_SECRET"
 ENV_SECRET_FILE = "STREAMBUS_CONSENSUS_SECRET_FILE"
+ENV_CA_FILE = "STREAMBUS_CONSENSUS_CA_FILE"
+ENV_CERT_FILE = "STREAMBUS_CONSENSUS_CERT_FILE"
+ENV_KEY_FILE = "STREAMBUS_CONSENSUS_KEY_FILE"
 UNSAFE_NO_ENGINE_FIXES = "STREAMBUS_CONSENSUS_UNSAFE_DISABLE_ENGINE_FIXES"
 _POLL_INTERVAL = 0.02
 """Seconds between checks while waiting for the cluster (leadership, retries)."""
@@ -41,13 +45,22 @@ _POLL_INTERVAL = 0.02
 T = TypeVar("T")
 
 _EPILOG = f"""\
+a new cluster:
+  streambus-consensus cluster init --nodes n1=10.0.0.1:7001,n2=10.0.0.2:7001,n3=10.0.0.3:7001 \\
+      --api n1=10.0.0.1:9101,n2=10.0.0.2:9101,n3=10.0.0.3:9101 --dir cluster [--tls]
+  writes cluster/cluster.secret (0600) and cluster/n1.toml ...; copy each node
+  its TOML, the secret and (with --tls) its tls/ files.
+
 connecting:
   Admin commands need node API addresses: --api HOST:PORT (repeatable, or
-  comma-separated), --config NODE.toml (its api_address and cluster secret;
-  repeatable; alias --node-config), or ${ENV_API}.
+  comma-separated), --config NODE.toml (its api_address, cluster secret and
+  TLS files; repeatable; alias --node-config), or ${ENV_API}.
   The cluster secret signs every request: --secret-file FILE, else the
   secret of the first --config, else ${ENV_SECRET_FILE},
   else ${ENV_SECRET}.
+  APIs served with api_tls need --ca-file (and --cert-file/--key-file for a
+  client certificate), or ${ENV_CA_FILE} / ${ENV_CERT_FILE} /
+  ${ENV_KEY_FILE}, or a --config whose node has api_tls.
 
 exit codes:
   0  success
@@ -133,6 +146,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
     for item in args.api or []:
         addresses += [a.strip() for a in item.split(",") if a.strip()]
     secret: str | None = None
+    tls_files: tuple[str | None, str | None, str | None] = (None, None, None)
     for path in args.config or []:
         config = NodeConfig.from_toml(path)
         if config.api_address is None:
@@ -140,6 +154,8 @@ def _client(args: argparse.Namespace) -> ApiClient:
         addresses.append(config.api_address)
         if secret is None:
             secret = config.cluster_secret
+        if config.api_tls and tls_files[0] is None:
+            tls_files = (config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
     if not addresses and os.environ.get(ENV_API):
         addresses = [a.strip() for a in os.environ[ENV_API].split(",") if a.strip()]
     if not addresses:
@@ -151,19 +167,36 @@ def _client(args: argparse.Namespace) -> ApiClient:
         secret = _read_secret(os.environ[ENV_SECRET_FILE], ENV_SECRET_FILE)
     elif secret is None:
         secret = os.environ.get(ENV_SECRET) or None
-    return ApiClient(list(dict.fromkeys(addresses)), secret=secret, timeout=args.timeout)
+    for address in addresses:
+        parse_address(address, field_name="api address")
+    if not secret:
+        raise _UsageError(f"no cluster secret: give --secret-file FILE, --config NODE.toml or "
+                          f"${ENV_SECRET_FILE} (the file 'cluster init' wrote)")
+    ca_file = args.ca_file or os.environ.get(ENV_CA_FILE) or tls_files[0]
+    cert_file = args.cert_file or os.environ.get(ENV_CERT_FILE) or tls_files[1]
+    key_file = args.key_file or os.environ.get(ENV_KEY_FILE) or tls_files[2]
+    context = None
+    if ca_file is not None:
+        context = client_context(ca_file, cert_file, key_file)
+    elif cert_file is not None:
+        raise _UsageError("--cert-file needs --ca-file (the CA the nodes' certificates "
+                          "chain to)")
+    return ApiClient(list(dict.fromkeys(addresses)), secret=secret, timeout=args.timeout,
+                     tls=context)
 
 
 def _statuses(client: ApiClient) -> list[tuple[str, dict[str, Any] | None]]:
     """``(api address, status or None if it did not answer)`` for every address."""
     found: list[tuple[str, dict[str, Any] | None]] = []
+    errors: list[str] = []
     for address in client.addresses:
         try:
             found.append((address, client.status(address)))
-        except ClusterUnreachableError:
+        except ClusterUnreachableError as exc:
             found.append((address, None))
+            errors.append(str(exc).removeprefix("no node answered: "))
     if all(status is None for _, status in found):
-        raise ClusterUnreachableError("no node answered at " + ", ".join(client.addresses))
+        raise ClusterUnreachableError("no node answered: " + "; ".join(errors))
     return found
 
 
@@ -230,6 +263,47 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
     server.start()
     server.wait()
     return None
+
+
+def _pairs(text: str, flag: str) -> dict[str, str]:
+    """``"n1=host:port,n2=host:port"`` (or repeated flags joined by commas) as a dict."""
+    result: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise _UsageError(f"{flag} wants NODE_ID=HOST:PORT, got {item!r}")
+        if key.strip() in result:
+            raise _UsageError(f"{flag} names {key.strip()!r} twice")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _cluster(args: argparse.Namespace) -> _Output:
+    from .provision import init_cluster
+
+    nodes = _pairs(",".join(args.nodes), "--nodes")
+    api = _pairs(",".join(args.api_addresses or []), "--api")
+    files = init_cluster(args.dir, nodes, api=api, tls=args.tls, force=args.force)
+    lines = [f"wrote {files.secret_file} (the cluster secret, mode 0600)"]
+    lines += [f"wrote {path}" for path in files.configs.values()]
+    data: dict[str, Any] = {"secret_file": str(files.secret_file),
+                            "configs": {k: str(v) for k, v in files.configs.items()}}
+    if files.admin_tls is not None:
+        tls_dir = files.admin_tls.ca_file.parent
+        lines.append(f"wrote {tls_dir}/: ca.pem, a certificate per node, admin.pem/.key "
+                     "for the CLI (ca.key signs them: keep it offline or delete it)")
+        data["tls"] = {"ca_file": str(files.admin_tls.ca_file),
+                       "cert_file": str(files.admin_tls.cert_file),
+                       "key_file": str(files.admin_tls.key_file)}
+    first = next(iter(files.configs.values()))
+    lines += ["", "start each node with:",
+              f"  streambus-consensus node run --config {files.directory}/<node id>.toml"]
+    if api:
+        lines += ["and administer the cluster with:",
+                  f"  streambus-consensus status --config {first}"]
+    return _Output(data, "\n".join(lines))
 
 
 def _status(args: argparse.Namespace) -> _Output:
@@ -431,6 +505,13 @@ def _connection_options(*config_flags: str) -> argparse.ArgumentParser:
     group.add_argument("--secret-file", metavar="FILE",
                        help=f"file holding the cluster secret (default: the first --config's "
                             f"secret, ${ENV_SECRET_FILE}, or ${ENV_SECRET})")
+    group.add_argument("--ca-file", metavar="FILE",
+                       help=f"CA bundle for APIs served over TLS (default: ${ENV_CA_FILE}, or "
+                            f"the first --config's tls_ca_file when its node has api_tls)")
+    group.add_argument("--cert-file", metavar="FILE",
+                       help=f"client certificate for TLS APIs (default: ${ENV_CERT_FILE})")
+    group.add_argument("--key-file", metavar="FILE",
+                       help=f"its private key (default: ${ENV_KEY_FILE})")
     group.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
                        help="timeout of each request, and of retries while the cluster is "
                             "busy (default 10)")
@@ -471,6 +552,26 @@ def _build_parser() -> argparse.ArgumentParser:
                           "key-value store")
     run.add_argument("--log-level", default="INFO", metavar="LEVEL",
                      help="DEBUG, INFO (default), WARNING or ERROR")
+
+    cluster = group("cluster", "make a new cluster's secret and configs", "cluster_command")
+    init = command(cluster, "init", "write a cluster secret and every node's config",
+                   "Write a new random cluster secret (mode 0600) and one TOML config per "
+                   "node into --dir, and with --tls a throwaway CA, a certificate per node "
+                   "and one for the admin client. Refuses to replace existing files "
+                   "without --force.", connection=None)
+    init.add_argument("--nodes", action="append", required=True, metavar="ID=HOST:PORT,...",
+                      help="each node's id and cluster (Raft) address; comma-separate or "
+                           "repeat")
+    init.add_argument("--api", dest="api_addresses", action="append",
+                      metavar="ID=HOST:PORT,...",
+                      help="each node's HTTP API address (optional; a node without one "
+                           "serves no API)")
+    init.add_argument("--dir", default=".", metavar="DIR",
+                      help="where to write the files (default: the current directory)")
+    init.add_argument("--tls", action="store_true",
+                      help="also make a CA and certificates; turns on peer_tls and api_tls")
+    init.add_argument("--force", action="store_true", help="replace files that exist")
+    init.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     command(sub, "status", "state, leader, term, indexes and peers of each node",
             "Ask every given node for its Raft status. PEERS shows each peer's link "
@@ -545,8 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace], _Output | None]] = {
-            "node": _run_node, "status": _status, "members": _members, "leader": _leader,
-            "topics": _topics, "brokers": _brokers}
+            "node": _run_node, "cluster": _cluster, "status": _status, "members": _members,
+            "leader": _leader, "topics": _topics, "brokers": _brokers}
         output = handlers[args.command](args)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))

@@ -1,14 +1,18 @@
 """A small HTTP client for the node API, used by the CLI, the tests and the examples.
 
 It signs requests with the cluster secret (see :mod:`streambus_consensus.api`),
-tries the given nodes in turn and turns error bodies back into the package's
-typed errors.
+speaks TLS when given a context (:func:`streambus_consensus.tls.client_context`),
+keeps connections alive in a small pool per node, tries the given nodes in
+turn and turns error bodies back into the package's typed errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import ssl
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,14 +21,20 @@ from .api import sign_request
 from .config import parse_address
 from .errors import (
     CommandRefusedError,
+    ConfigError,
     ConsensusError,
     NoLeaderError,
     NotLeaderError,
     OutcomeUnknownError,
     ProposalRejectedError,
 )
+from .tls import describe_failure
 
 __all__ = ["ApiClient", "ClusterUnreachableError"]
+
+POOL_IDLE_SECONDS = 4.0
+"""A kept-alive connection idle for longer is not reused: the server closes
+idle connections after 10 s, and reusing one it is closing would fail."""
 
 
 class ClusterUnreachableError(ConsensusError):
@@ -39,20 +49,29 @@ class ApiClient:
     Args:
         addresses: ``host:port`` of node APIs; tried in order, starting with
             the last one that answered.
-        secret: the cluster secret, when the cluster has one.
+        secret: the cluster secret (every request is signed with it).
         timeout: socket timeout per request.
+        tls: a client TLS context, for nodes that serve the API with ``api_tls``.
+        pool_size: kept-alive connections held per node.
     """
 
-    def __init__(self, addresses: Sequence[str], *, secret: str | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(self, addresses: Sequence[str], *, secret: str, timeout: float = 10.0,
+                 tls: ssl.SSLContext | None = None, pool_size: int = 8) -> None:
         if not addresses:
             raise ValueError("at least one API address is needed")
+        if not secret:
+            raise ConfigError("cluster secret", "<redacted>",
+                              "is required to sign requests (see 'cluster init')")
         for address in addresses:
             parse_address(address, field_name="api address")
         self.addresses = list(addresses)
         self.secret = secret
         self.timeout = timeout
+        self.tls = tls
         self._preferred = 0
+        self._pool_size = pool_size
+        self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
 
     def request(self, method: str, path: str, body: Any = None, *,
                 address: str | None = None) -> Any:
@@ -67,8 +86,15 @@ class ApiClient:
         for target in targets:
             try:
                 status, payload = self._send(target, method, path, body)
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                errors.append(f"{target}: TLS handshake failed: {describe_failure(exc)}")
+                continue
             except (OSError, http.client.HTTPException) as exc:  # e.g. cut mid-answer
-                errors.append(f"{target}: {exc}")
+                hint = ""
+                if self.tls is None and isinstance(exc, http.client.RemoteDisconnected
+                                                   | ConnectionResetError):
+                    hint = " (if the node serves its API over TLS, give its CA file)"
+                errors.append(f"{target}: {exc or type(exc).__name__}{hint}")
                 continue
             if address is None:
                 self._preferred = self.addresses.index(target)
@@ -76,24 +102,89 @@ class ApiClient:
         raise ClusterUnreachableError("no node answered: " + "; ".join(errors))
 
     def _send(self, address: str, method: str, path: str, body: Any) -> tuple[int, Any]:
-        host, port = parse_address(address)
         raw = b"" if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(raw))}
-        if self.secret is not None:
-            timestamp = f"{time.time():.3f}"
-            headers["X-SBC-Timestamp"] = timestamp
-            headers["X-SBC-Signature"] = sign_request(self.secret, method, path, timestamp, raw)
-        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        conn, reused = self._checkout(address)
         try:
-            conn.request(method, path, body=raw, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        finally:
+            status, data, keep = self._exchange(conn, method, path, raw)
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            if not reused:
+                raise
+            # The node closed a kept-alive connection as we reused it: once more, fresh.
+            conn, _ = self._connect(address), False
+            try:
+                status, data, keep = self._exchange(conn, method, path, raw)
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        if keep:
+            self._checkin(address, conn)
+        else:
             conn.close()
         try:
-            return response.status, json.loads(data) if data else None
+            return status, json.loads(data) if data else None
         except ValueError:
-            raise OSError(f"non-JSON answer with status {response.status}") from None
+            raise OSError(f"non-JSON answer with status {status}") from None
+
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
+                  raw: bytes) -> tuple[int, bytes, bool]:
+        timestamp = f"{time.time():.3f}"
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(raw)),
+                   "X-SBC-Timestamp": timestamp,
+                   "X-SBC-Signature": sign_request(self.secret, method, path, timestamp, raw)}
+        conn.request(method, path, body=raw, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, data, not response.will_close
+
+    def _connect(self, address: str) -> http.client.HTTPConnection:
+        host, port = parse_address(address)
+        if self.tls is not None:
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout,
+                                               context=self.tls)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
+
+    def _checkout(self, address: str) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection to ``address`` if one is fresh, else a new one."""
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(address, [])
+            while idle:
+                since, conn = idle.pop()
+                if now - since < POOL_IDLE_SECONDS:
+                    return conn, True
+                conn.close()
+        return self._connect(address), False
+
+    def _checkin(self, address: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(address, [])
+            if len(idle) < self._pool_size:
+                idle.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close every kept-alive connection. The client stays usable."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for _, conn in conns:
+                conn.close()
+
+    def __del__(self) -> None:
+        # Kept-alive sockets must not outlive the client that pooled them.
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def status(self, address: str) -> dict[str, Any]:
         """``GET /v1/status`` of one node."""

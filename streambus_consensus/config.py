@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import ipaddress
 import math
 import re
 import tomllib
@@ -23,6 +22,10 @@ __all__ = ["NodeConfig", "parse_address"]
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_SECRET_LENGTH = 16
+FRAME_ENVELOPE_BYTES = 64 * 1024
+"""Room in a frame for the message's own fields around its entries or chunk."""
+INIT_HINT = "run 'streambus-consensus cluster init' to make a secret and every node's config"
+_PATH_FIELDS = ("data_dir", "tls_cert_file", "tls_key_file", "tls_ca_file")
 
 
 def parse_address(address: str, *, field_name: str = "address") -> tuple[str, int]:
@@ -44,15 +47,6 @@ def parse_address(address: str, *, field_name: str = "address") -> tuple[str, in
     if not 1 <= port <= 65535:
         raise ConfigError(field_name, address, "port must be in 1..65535")
     return host, port
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(kw_only=True)
@@ -81,8 +75,10 @@ class NodeConfig:
     keeps everything in memory: state is lost when the process exits."""
 
     cluster_secret: str | None = None
-    """Shared secret that authenticates all cluster traffic (HMAC-SHA256),
-    at least 16 characters. Required when any address is not loopback."""
+    """Shared secret that authenticates all cluster traffic and every API
+    request (HMAC-SHA256), at least 16 characters. Required: there is no
+    unauthenticated mode, on loopback either. ``streambus-consensus cluster
+    init`` makes one (and every node's config file)."""
 
     election_timeout_min: float = 0.4
     """Lower bound of the randomized election timeout."""
@@ -122,8 +118,16 @@ class NodeConfig:
     snapshot_chunk_bytes: int = 1 << 20
     """Size of the pieces a snapshot is sent to a lagging follower in."""
 
-    max_message_bytes: int = 64 << 20
-    """Largest frame accepted on the cluster port; larger ones drop the connection."""
+    max_command_bytes: int = 1 << 20
+    """Largest command a proposal may carry; larger ones are refused with
+    :class:`~streambus_consensus.errors.CommandTooLargeError` before they
+    reach the log. Also bounds what a peer may send (see
+    :attr:`max_frame_bytes`)."""
+
+    peer_frame_timeout: float = 5.0
+    """Once the first byte of a frame from a peer has arrived, the whole frame
+    must arrive within this long, or the connection is dropped: a peer that
+    trickles cannot hold a buffer open."""
 
     connect_retry_interval: float = 0.2
     """Wait between attempts to (re)connect to a peer."""
@@ -142,10 +146,35 @@ class NodeConfig:
     the leader (KRaft's default). Brokers should heartbeat every ~2 s."""
 
     api_address: str | None = None
-    """Where this node serves its HTTP API (JSON, authenticated with the
-    cluster secret) and Prometheus ``/metrics``, e.g. ``"127.0.0.1:9101"``.
-    ``None`` (default) serves nothing. Binding a non-loopback address needs
-    a cluster secret, like the cluster port."""
+    """Where this node serves its HTTP API (JSON, every request signed with
+    the cluster secret) and Prometheus ``/metrics``, e.g.
+    ``"127.0.0.1:9101"``. ``None`` (default) serves nothing."""
+
+    tls_cert_file: str | None = None
+    """PEM certificate chain of this node, presented to peers (both when it
+    dials and when it is dialled) and to API clients. Needed by
+    ``peer_tls`` and ``api_tls``."""
+
+    tls_key_file: str | None = None
+    """PEM private key of ``tls_cert_file``."""
+
+    tls_ca_file: str | None = None
+    """PEM bundle of the CA(s) that peers' certificates, and API clients'
+    certificates when ``api_client_cert_required``, must chain to."""
+
+    peer_tls: bool = False
+    """Encrypt cluster traffic with mutual TLS (1.2 or newer): each side
+    presents ``tls_cert_file`` and verifies the other's against
+    ``tls_ca_file``, the dialler also checks the certificate names the
+    peer's host. The cluster-secret handshake still runs inside TLS as the
+    membership check. Every member must agree."""
+
+    api_tls: bool = False
+    """Serve the HTTP API (and ``/metrics``) over TLS with ``tls_cert_file``."""
+
+    api_client_cert_required: bool = True
+    """With ``api_tls``: refuse API clients (``/metrics`` scrapers included)
+    that present no certificate signed by ``tls_ca_file``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.cluster, dict):
@@ -157,6 +186,24 @@ class NodeConfig:
         if self.leader_stepdown_timeout is None:
             return self.election_timeout_max
         return self.leader_stepdown_timeout
+
+    @property
+    def secret(self) -> str:
+        """``cluster_secret``, which :meth:`validate` requires; a
+        :class:`ConfigError` saying how to make one when it is missing."""
+        if not self.cluster_secret:
+            raise ConfigError("cluster_secret", None, f"is required; {INIT_HINT}")
+        return self.cluster_secret
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame accepted from a peer, derived from what a peer may
+        legitimately send: an append of ``max_append_bytes`` plus one
+        command that overshoots it, or one snapshot chunk, plus envelope.
+        Larger frames are refused from their length header, before any of
+        their bytes are buffered."""
+        return (max(self.max_append_bytes + self.max_command_bytes, self.snapshot_chunk_bytes)
+                + FRAME_ENVELOPE_BYTES)
 
     @property
     def effective_bind_address(self) -> str:
@@ -197,26 +244,18 @@ class NodeConfig:
                 "node_id + cluster", self.node_id,
                 f"node_id must be one of the cluster members {sorted(self.cluster)}",
             )
-        bind_host, _ = parse_address(self.effective_bind_address, field_name="bind_address")
-        if self.cluster_secret is not None and (
-            not isinstance(self.cluster_secret, str) or len(self.cluster_secret) < MIN_SECRET_LENGTH
-        ):
+        parse_address(self.effective_bind_address, field_name="bind_address")
+        if self.cluster_secret is None:
+            raise ConfigError("cluster_secret", None, f"is required; {INIT_HINT}")
+        if not isinstance(self.cluster_secret, str) or len(self.cluster_secret) < MIN_SECRET_LENGTH:
             raise ConfigError(
                 "cluster_secret", "<redacted>",
-                f"must be a string of at least {MIN_SECRET_LENGTH} characters",
+                f"must be a string of at least {MIN_SECRET_LENGTH} characters; {INIT_HINT}",
             )
-        if self.cluster_secret is None:
-            exposed = [a for a in [self.effective_bind_address, *self.cluster.values()]
-                       if not _is_loopback(parse_address(a)[0])]
-            if exposed or not _is_loopback(bind_host):
-                raise ConfigError(
-                    "cluster_secret + addresses", exposed[0] if exposed else bind_host,
-                    "a cluster_secret is required when any address is not loopback",
-                )
         self._check_positive("election_timeout_min", "election_timeout_max",
                              "heartbeat_interval", "tick_interval", "proposal_timeout",
                              "snapshot_interval_seconds", "connect_retry_interval",
-                             "broker_session_timeout")
+                             "broker_session_timeout", "peer_frame_timeout")
         if self.election_timeout_min <= 3 * self.heartbeat_interval:
             raise ConfigError(
                 "election_timeout_min + heartbeat_interval",
@@ -238,7 +277,8 @@ class NodeConfig:
         if stepdown_value is not None and (isinstance(stepdown_value, bool)
                                            or not isinstance(stepdown_value, int | float)):
             raise ConfigError("leader_stepdown_timeout", stepdown_value, "must be a number")
-        for name in ("fsync", "batch_appends", "fast_failover"):
+        for name in ("fsync", "batch_appends", "fast_failover", "peer_tls", "api_tls",
+                     "api_client_cert_required"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "must be true or false")
         stepdown = self.effective_stepdown_timeout
@@ -249,21 +289,29 @@ class NodeConfig:
             )
         for name, low in (("max_append_bytes", 1024), ("max_pending_proposals", 1),
                           ("snapshot_interval_entries", 2), ("snapshot_chunk_bytes", 1024),
-                          ("max_message_bytes", 64 * 1024)):
+                          ("max_command_bytes", 1024)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(name, value, f"must be an integer >= {low}")
-        if self.max_message_bytes < 2 * max(self.max_append_bytes, self.snapshot_chunk_bytes):
-            raise ConfigError(
-                "max_message_bytes", self.max_message_bytes,
-                "must be at least twice max_append_bytes and snapshot_chunk_bytes",
-            )
         if self.api_address is not None:
-            api_host, _ = parse_address(self.api_address, field_name="api_address")
-            if self.cluster_secret is None and not _is_loopback(api_host):
-                raise ConfigError("cluster_secret + api_address", self.api_address,
-                                  "a cluster_secret is required to serve the API off loopback")
+            parse_address(self.api_address, field_name="api_address")
+        self._check_tls()
         return self
+
+    def _check_tls(self) -> None:
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(name, value, "must be a non-empty path")
+        users = [name for name in ("peer_tls", "api_tls") if getattr(self, name)]
+        if self.api_tls and self.api_address is None:
+            raise ConfigError("api_tls + api_address", None,
+                              "api_tls needs an api_address to serve")
+        for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):
+            if users and getattr(self, name) is None:
+                raise ConfigError(f"{users[0]} + {name}", None,
+                                  f"{users[0]} needs {name}; 'streambus-consensus cluster "
+                                  "init --tls' makes a CA and certificates for a local cluster")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -288,8 +336,8 @@ class NodeConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         """Load from a TOML file: top-level keys are field names, ``[cluster]``
-        is a table of ``node_id = "host:port"``. Relative ``data_dir`` is
-        resolved against the file's directory. Also accepts
+        is a table of ``node_id = "host:port"``. Relative ``data_dir`` and
+        ``tls_*_file`` paths are resolved against the file's directory. Also accepts
         ``cluster_secret_file`` (a path whose stripped contents are the secret).
         """
         path = Path(path)
@@ -315,8 +363,9 @@ class NodeConfig:
             except UnicodeDecodeError:
                 raise ConfigError("cluster_secret_file", str(secret_path),
                                   "is not UTF-8 text") from None
-        if isinstance(data.get("data_dir"), str):
-            data["data_dir"] = str((path.parent / data["data_dir"]).resolve())
+        for name in _PATH_FIELDS:
+            if isinstance(data.get(name), str) and data[name]:
+                data[name] = str((path.parent / data[name]).resolve())
         return cls.from_dict(data)
 
 

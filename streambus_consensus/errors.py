@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "CodecError",
     "CommandRefusedError",
+    "CommandTooLargeError",
     "ConfigError",
     "ConsensusError",
     "CorruptStorageError",
@@ -133,6 +134,13 @@ class QueueFullError(ProposalRejectedError):
 
 class ProposalDiscardedError(ProposalRejectedError):
     """The entry was overwritten by a new leader before it committed."""
+
+
+class CommandTooLargeError(ProposalRejectedError):
+    """The command is larger than ``max_command_bytes``; it was not proposed.
+    Retrying the same command cannot succeed."""
+
+    retriable = False
 
 
 class RequestDeniedError(ConsensusError):

@@ -20,6 +20,7 @@ from .interfaces import NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
 from .raft.node import RaftNode
 from .raft.safety import MessageGuard
+from .tls import api_server_context
 
 __all__ = ["Application", "KeyValueApplication", "NodeServer", "status_json"]
 
@@ -171,6 +172,8 @@ class NodeServer:
         # million partitions, longer than an election timeout).
         self.node.restore_observer = gc.freeze
         self.api: ApiServer | None = None
+        # Load the API's certificate now: a bad file stops the node before it starts.
+        self._api_tls = api_server_context(self.config) if self.config.api_tls else None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -184,8 +187,9 @@ class NodeServer:
                 self.api = ApiServer(
                     self.config.api_address,
                     admin_routes(self.node) + self.application.routes(self.node),
-                    secret=self.config.cluster_secret,
+                    secret=self.config.secret,
                     metrics=metrics_endpoint(self.node, self.application),
+                    tls_context=self._api_tls,
                 )
                 self.api.start()
         except BaseException:

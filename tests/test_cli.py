@@ -126,11 +126,18 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path) -> None:
 
 def test_an_unreachable_cluster_exits_3() -> None:
     a, b = free_ports(2)
-    fails(3, "cluster unreachable", "status", "--api", f"127.0.0.1:{a},127.0.0.1:{b}")
-    fails(3, "cluster unreachable", "members", "list", "--api", f"127.0.0.1:{a}")
-    fails(3, "cluster unreachable", "topics", "list", "--json", "--api", f"127.0.0.1:{a}")
-    env = {"STREAMBUS_CONSENSUS_API": f"127.0.0.1:{a}"}
+    env = {"STREAMBUS_CONSENSUS_SECRET": "s" * 32}
+    fails(3, "cluster unreachable", "status", "--api", f"127.0.0.1:{a},127.0.0.1:{b}", env=env)
+    fails(3, "cluster unreachable", "members", "list", "--api", f"127.0.0.1:{a}", env=env)
+    fails(3, "cluster unreachable", "topics", "list", "--json", "--api", f"127.0.0.1:{a}",
+          env=env)
+    env["STREAMBUS_CONSENSUS_API"] = f"127.0.0.1:{a}"
     fails(3, "cluster unreachable", "leader", "transfer", env=env)
+
+
+def test_no_secret_exits_2_saying_where_one_comes_from() -> None:
+    (a,) = free_ports(1)
+    fails(2, "no cluster secret: .*cluster init", "status", "--api", f"127.0.0.1:{a}")
 
 
 # -- against a metadata cluster of three processes --------------------------------------
@@ -185,13 +192,13 @@ def test_admin_requests_need_the_cluster_secret(cluster: LocalCluster, tmp_path:
     node_config = str(cluster.nodes["n1"].config_path)  # holds api_address and the secret
     out = ok("members", "list", "--config", node_config)
     assert {r[0] for r in rows(out)} == {"n1", "n2", "n3"}
-    fails(4, "unauthenticated", "members", "list", "--api", apis(cluster, "n1"))
+    fails(2, "no cluster secret", "members", "list", "--api", apis(cluster, "n1"))
     wrong = tmp_path / "wrong.secret"
     wrong.write_text("not-the-cluster-secret-at-all\n")
     fails(4, "unauthenticated.*wrong cluster secret", "topics", "list", "--api",
           apis(cluster, "n1"), "--secret-file", str(wrong))
     env = {"STREAMBUS_CONSENSUS_API": apis(cluster),
-           "STREAMBUS_CONSENSUS_SECRET": cluster.secret or ""}
+           "STREAMBUS_CONSENSUS_SECRET": cluster.secret}
     assert json.loads(ok("members", "list", "--json", env=env))["leader_id"]
 
 
@@ -293,21 +300,23 @@ def test_members_add_and_remove_the_leader(make_cluster: ClusterFactory) -> None
 
 
 @pytest.mark.cluster
-def test_the_example_cluster_starts_with_run_sh(tmp_path: Path) -> None:
-    """examples/cluster as shipped, moved to free ports and a temporary directory."""
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_example_cluster_starts_with_run_sh(tmp_path: Path, tls: bool) -> None:
+    """examples/cluster as shipped, its configs made by 'cluster init' on free ports."""
     example = tmp_path / "cluster"
     shutil.copytree(ROOT / "examples" / "cluster", example,
-                    ignore=shutil.ignore_patterns("data", "logs"))
+                    ignore=shutil.ignore_patterns("data", "logs", "*.toml", "tls",
+                                                  "cluster.secret"))
     ports = free_ports(6)
-    for path in example.glob("node*.toml"):
-        text = path.read_text(encoding="utf-8")
-        for i, port in enumerate(("7001", "7002", "7003", "9101", "9102", "9103")):
-            text = text.replace(f":{port}\"", f":{ports[i]}\"")
-        path.write_text(text, encoding="utf-8")
+    nodes = ",".join(f"n{i}=127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3))
+    apis = ",".join(f"n{i}=127.0.0.1:{ports[i + 2]}" for i in (1, 2, 3))
+    made = ok("cluster", "init", "--nodes", nodes, "--api", apis, "--dir", str(example),
+              *(["--tls"] if tls else []))
+    assert "cluster.secret (the cluster secret, mode 0600)" in made
     env = {**ENV, "PATH": f"{Path(SCRIPT).parent}{os.pathsep}{ENV.get('PATH', '')}"}
     proc = subprocess.Popen([str(example / "run.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    configs = [arg for n in (1, 2, 3) for arg in ("--config", str(example / f"node{n}.toml"))]
+    configs = [arg for n in (1, 2, 3) for arg in ("--config", str(example / f"n{n}.toml"))]
     try:
         def has_leader() -> bool:
             result = run("status", "--json", *configs)
@@ -317,6 +326,16 @@ def test_the_example_cluster_starts_with_run_sh(tmp_path: Path) -> None:
         assert ok("leader", "transfer", *configs).startswith("leadership moved from")
         assert sorted((example / "data").iterdir()) == [example / "data" / f"n{n}"
                                                        for n in (1, 2, 3)]
+        if tls:  # without the CA the CLI cannot talk to a TLS API, and says why
+            api = f"127.0.0.1:{ports[3]}"
+            secret = ["--secret-file", str(example / "cluster.secret")]
+            fails(3, "give its CA file", "status", "--api", api, *secret)
+            fails(3, "TLS handshake failed: .*requires? a client certificate",
+                  "status", "--api", api, *secret, "--ca-file", str(example / "tls/ca.pem"))
+            table = ok("status", "--api", api, *secret, "--ca-file", str(example / "tls/ca.pem"),
+                       "--cert-file", str(example / "tls/admin.pem"), "--key-file",
+                       str(example / "tls/admin.key"))
+            assert "n2:up n3:up" in table
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # run.sh stops its three nodes
         try:

@@ -37,18 +37,26 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "snapshot_interval_entries": 10_000,
     "snapshot_interval_seconds": 3600.0,
     "snapshot_chunk_bytes": 1 << 20,
-    "max_message_bytes": 64 << 20,
+    "max_command_bytes": 1 << 20,
+    "peer_frame_timeout": 5.0,
     "connect_retry_interval": 0.2,
     "fast_failover": True,
     "fsync": True,
     "broker_session_timeout": 9.0,
     "api_address": None,
+    "tls_cert_file": None,
+    "tls_key_file": None,
+    "tls_ca_file": None,
+    "peer_tls": False,
+    "api_tls": False,
+    "api_client_cert_required": True,
 }
 
 
 def make(**changes: Any) -> NodeConfig:
     """A valid three-node loopback config for n1, with ``changes`` applied."""
-    fields: dict[str, Any] = {"node_id": "n1", "cluster": dict(LOOPBACK_CLUSTER)}
+    fields: dict[str, Any] = {"node_id": "n1", "cluster": dict(LOOPBACK_CLUSTER),
+                              "cluster_secret": SECRET}
     fields.update(changes)
     return NodeConfig(**fields)
 
@@ -80,7 +88,7 @@ def test_every_default_is_the_documented_value() -> None:
 
 def test_required_fields_have_no_default() -> None:
     with pytest.raises(TypeError):
-        NodeConfig(node_id="n1")  # type: ignore[call-arg]
+        NodeConfig(cluster_secret=SECRET, node_id="n1")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         NodeConfig(cluster={"n1": "127.0.0.1:7001"})  # type: ignore[call-arg]
 
@@ -99,8 +107,8 @@ def test_effective_defaults_resolve() -> None:
     assert custom.effective_bind_address == "127.0.0.2:9000"
 
 
-def test_minimal_loopback_config_validates() -> None:
-    config = NodeConfig(node_id="n1", cluster={"n1": "127.0.0.1:7001"})
+def test_minimal_config_validates() -> None:
+    config = NodeConfig(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, cluster_secret=SECRET)
     assert config.validate() is config
 
 
@@ -110,13 +118,17 @@ def test_minimal_loopback_config_validates() -> None:
     {"n1": "[::1]:7001", "n2": "[::1]:7002"},
     {"n1": "127.0.0.1:1", "n2": "127.9.9.9:65535"},
 ])
-def test_loopback_clusters_validate_without_secret(cluster: dict[str, str]) -> None:
-    NodeConfig(node_id="n1", cluster=cluster).validate()
+def test_loopback_clusters_need_a_secret_too(cluster: dict[str, str]) -> None:
+    """There is no unauthenticated mode: a local process could otherwise join."""
+    exc = refused(NodeConfig(node_id="n1", cluster=cluster), "cluster_secret", None)
+    assert "streambus-consensus cluster init" in exc.rule
+    assert "\n" not in str(exc)
+    NodeConfig(node_id="n1", cluster=cluster, cluster_secret=SECRET).validate()
 
 
 def test_constructor_copies_cluster_dict() -> None:
     cluster = {"n1": "127.0.0.1:7001"}
-    config = NodeConfig(node_id="n1", cluster=cluster)
+    config = NodeConfig(cluster_secret=SECRET, node_id="n1", cluster=cluster)
     cluster["n2"] = "127.0.0.1:7002"
     assert config.cluster == {"n1": "127.0.0.1:7001"}
 
@@ -137,7 +149,8 @@ def test_config_error_is_value_error_and_consensus_error() -> None:
 @pytest.mark.parametrize("node_id", ["", "-lead", "_x", ".x", "a b", "a/b", "n:1", "ä", "x" * 65,
                                      "n1\t"])
 def test_bad_node_id_is_refused(node_id: str) -> None:
-    config = NodeConfig(node_id=node_id, cluster={node_id: "127.0.0.1:7001"})
+    config = NodeConfig(cluster_secret=SECRET, node_id=node_id,
+                        cluster={node_id: "127.0.0.1:7001"})
     refused(config, "node_id", node_id)
 
 
@@ -148,16 +161,18 @@ def test_non_string_node_id_is_refused(node_id: Any) -> None:
 
 @pytest.mark.parametrize("node_id", ["a", "9", "x" * 64, "broker-1.rack_a", "N0DE"])
 def test_good_node_ids_pass(node_id: str) -> None:
-    NodeConfig(node_id=node_id, cluster={node_id: "127.0.0.1:7001"}).validate()
+    NodeConfig(cluster_secret=SECRET, node_id=node_id,
+               cluster={node_id: "127.0.0.1:7001"}).validate()
 
 
 def test_node_id_with_trailing_newline_is_refused() -> None:
     with pytest.raises(ConfigError):
-        NodeConfig(node_id="n1\n", cluster={"n1\n": "127.0.0.1:7001"}).validate()
+        NodeConfig(cluster_secret=SECRET, node_id="n1\n",
+                   cluster={"n1\n": "127.0.0.1:7001"}).validate()
 
 
 def test_empty_cluster_is_refused() -> None:
-    refused(NodeConfig(node_id="n1", cluster={}), "cluster", {})
+    refused(NodeConfig(cluster_secret=SECRET, node_id="n1", cluster={}), "cluster", {})
 
 
 def test_bad_member_id_is_refused() -> None:
@@ -233,8 +248,8 @@ def test_non_loopback_without_secret_is_refused(
     cluster: dict[str, str], bind: str | None, exposed: str
 ) -> None:
     config = NodeConfig(node_id="n1", cluster=cluster, bind_address=bind)
-    exc = refused(config, "cluster_secret + addresses", exposed)
-    assert "not loopback" in exc.rule
+    exc = refused(config, "cluster_secret", None)
+    assert "cluster init" in exc.rule
     # The same layout is fine once the traffic is authenticated.
     config.clone(cluster_secret=SECRET).validate()
 
@@ -269,17 +284,51 @@ def test_secret_of_exactly_minimum_length_passes() -> None:
 def test_api_address_rules() -> None:
     make(api_address="127.0.0.1:9101").validate()
     refused(make(api_address="127.0.0.1:0"), "api_address", "127.0.0.1:0")
-    exc = refused(make(api_address="0.0.0.0:9101"), "cluster_secret + api_address",
-                  "0.0.0.0:9101")
-    assert "loopback" in exc.rule
-    make(api_address="0.0.0.0:9101", cluster_secret=SECRET).validate()
+    make(api_address="0.0.0.0:9101").validate()
+    refused(make(api_address="0.0.0.0:9101", cluster_secret=None), "cluster_secret", None)
+
+
+def test_secret_property_says_how_to_make_one() -> None:
+    assert make().secret == SECRET
+    with pytest.raises(ConfigError, match="cluster init"):
+        _ = make(cluster_secret=None).secret
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+TLS_FILES = {"tls_cert_file": "n1.pem", "tls_key_file": "n1.key", "tls_ca_file": "ca.pem"}
+
+
+@pytest.mark.parametrize("user", ["peer_tls", "api_tls"])
+@pytest.mark.parametrize("missing", sorted(TLS_FILES))
+def test_tls_needs_all_three_files(user: str, missing: str) -> None:
+    files = {k: v for k, v in TLS_FILES.items() if k != missing}
+    config = make(api_address="127.0.0.1:9101", **{user: True}, **files)
+    exc = refused(config, f"{user} + {missing}", None)
+    assert "cluster init --tls" in exc.rule
+    make(api_address="127.0.0.1:9101", **{user: True}, **TLS_FILES).validate()
+
+
+def test_api_tls_needs_an_api_address() -> None:
+    refused(make(api_tls=True, **TLS_FILES), "api_tls + api_address", None)
+
+
+@pytest.mark.parametrize("name", ["peer_tls", "api_tls", "api_client_cert_required"])
+def test_tls_switches_must_be_booleans(name: str) -> None:
+    refused(make(api_address="127.0.0.1:9101", **TLS_FILES, **{name: "yes"}), name, "yes")
+
+
+@pytest.mark.parametrize("name", sorted(TLS_FILES))
+def test_tls_paths_must_be_non_empty_strings(name: str) -> None:
+    refused(make(**{name: ""}), name, "")
+    refused(make(**{name: 5}), name, 5)
 
 
 # -- timings ----------------------------------------------------------------------------
 
 POSITIVE_FIELDS = ["election_timeout_min", "election_timeout_max", "heartbeat_interval",
                    "tick_interval", "proposal_timeout", "snapshot_interval_seconds",
-                   "connect_retry_interval"]
+                   "connect_retry_interval", "peer_frame_timeout"]
 
 
 @pytest.mark.parametrize("name", POSITIVE_FIELDS)
@@ -332,13 +381,12 @@ def test_stepdown_of_wrong_type_is_refused(stepdown: Any) -> None:
 
 INTEGER_MINIMUMS = {"max_append_bytes": 1024, "max_pending_proposals": 1,
                     "snapshot_interval_entries": 2, "snapshot_chunk_bytes": 1024,
-                    "max_message_bytes": 64 * 1024}
+                    "max_command_bytes": 1024}
 
 
 def _small_ints(**changes: Any) -> NodeConfig:
-    # Keep max_message_bytes >= 2 x the others so only the rule under test fires.
     fields: dict[str, Any] = {"max_append_bytes": 1024, "snapshot_chunk_bytes": 1024,
-                              "max_message_bytes": 64 * 1024}
+                              "max_command_bytes": 1024}
     fields.update(changes)
     return make(**fields)
 
@@ -367,12 +415,13 @@ def test_bool_true_for_max_pending_proposals_is_refused() -> None:
     refused(make(max_pending_proposals=True), "max_pending_proposals", True)
 
 
-@pytest.mark.parametrize("other", ["max_append_bytes", "snapshot_chunk_bytes"])
-def test_max_message_must_be_twice_the_largest_chunk(other: str) -> None:
-    config = make(**{other: 1 << 20, "max_message_bytes": (2 << 20) - 1})
-    exc = refused(config, "max_message_bytes", (2 << 20) - 1)
-    assert "at least twice" in exc.rule
-    make(**{other: 1 << 20, "max_message_bytes": 2 << 20}).validate()
+def test_max_frame_is_derived_from_what_a_peer_may_send() -> None:
+    envelope = 64 << 10
+    assert make().max_frame_bytes == (2 << 20) + envelope  # 1 MiB append + 1 MiB command
+    assert make(max_append_bytes=4096, max_command_bytes=2048,
+                snapshot_chunk_bytes=1024).max_frame_bytes == 6144 + envelope
+    assert make(max_append_bytes=4096, max_command_bytes=2048,
+                snapshot_chunk_bytes=1 << 20).max_frame_bytes == (1 << 20) + envelope
 
 
 # -- clone ------------------------------------------------------------------------------------
@@ -389,9 +438,9 @@ def test_clone_is_a_deep_copy() -> None:
 
 def test_clone_applies_changes_only_to_the_clone() -> None:
     original = make()
-    twin = original.clone(heartbeat_interval=0.05, cluster_secret=SECRET)
-    assert (twin.heartbeat_interval, twin.cluster_secret) == (0.05, SECRET)
-    assert (original.heartbeat_interval, original.cluster_secret) == (0.1, None)
+    twin = original.clone(heartbeat_interval=0.05, cluster_secret=SECRET * 2)
+    assert (twin.heartbeat_interval, twin.cluster_secret) == (0.05, SECRET * 2)
+    assert (original.heartbeat_interval, original.cluster_secret) == (0.1, SECRET)
 
 
 def test_clone_with_unknown_field_raises() -> None:
@@ -404,7 +453,8 @@ def test_clone_with_unknown_field_raises() -> None:
 # -- from_dict --------------------------------------------------------------------------------
 
 def test_from_dict_builds_the_same_config() -> None:
-    data = {"node_id": "n1", "cluster": dict(LOOPBACK_CLUSTER), "heartbeat_interval": 0.05}
+    data = {"node_id": "n1", "cluster": dict(LOOPBACK_CLUSTER), "heartbeat_interval": 0.05,
+            "cluster_secret": SECRET}
     assert NodeConfig.from_dict(data) == make(heartbeat_interval=0.05)
 
 
@@ -566,9 +616,11 @@ def test_validation_survives_python_dash_o() -> None:
             sys.exit(3)
         cases = [
             dict(node_id="bad id", cluster={"bad id": "127.0.0.1:7001"}),
-            dict(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, heartbeat_interval=-1),
-            dict(node_id="n1", cluster={"n1": "10.0.0.1:7001"}),
-            dict(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, election_timeout_max=0.1),
+            dict(node_id="n1", cluster={"n1": "127.0.0.1:7001"}),
+            dict(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, heartbeat_interval=-1,
+                 cluster_secret="s" * 16),
+            dict(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, election_timeout_max=0.1,
+                 cluster_secret="s" * 16),
         ]
         for kwargs in cases:
             try:
@@ -585,6 +637,6 @@ def test_validation_survives_python_dash_o() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split("\n")[:4] == [
-        "refused node_id", "refused heartbeat_interval", "refused cluster_secret + addresses",
+        "refused node_id", "refused cluster_secret", "refused heartbeat_interval",
         "refused election_timeout_max + election_timeout_min",
     ]

@@ -11,6 +11,7 @@ from streambus_consensus import errors
 from streambus_consensus.errors import (
     CodecError,
     CommandRefusedError,
+    CommandTooLargeError,
     ConfigError,
     ConsensusError,
     CorruptStorageError,
@@ -41,6 +42,7 @@ TREE: list[tuple[type[ConsensusError], type[Exception], bool]] = [
     (NoLeaderError, ProposalRejectedError, True),
     (QueueFullError, ProposalRejectedError, True),
     (ProposalDiscardedError, ProposalRejectedError, True),
+    (CommandTooLargeError, ProposalRejectedError, False),
     (RequestDeniedError, ConsensusError, True),
     (OutcomeUnknownError, ConsensusError, True),
     (ProposalTimeoutError, OutcomeUnknownError, True),
@@ -92,7 +94,7 @@ def test_rejected_and_unknown_outcomes_are_disjoint() -> None:
     rejected = {cls for cls, _, _ in TREE if issubclass(cls, ProposalRejectedError)}
     unknown = {cls for cls, _, _ in TREE if issubclass(cls, OutcomeUnknownError)}
     assert rejected == {ProposalRejectedError, NotLeaderError, NoLeaderError, QueueFullError,
-                        ProposalDiscardedError}
+                        ProposalDiscardedError, CommandTooLargeError}
     assert unknown == {OutcomeUnknownError, ProposalTimeoutError, LeadershipLostError}
     assert not rejected & unknown
 

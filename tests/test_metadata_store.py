@@ -34,8 +34,11 @@ from streambus_consensus.metadata import (
 from streambus_consensus.metadata.controller import Controller
 from streambus_consensus.metadata.feed import MetadataEvent, WatchedStateMachine
 from streambus_consensus.metadata.store import AsyncMetadataStore, MetadataStore
+from streambus_consensus.provision import generate_secret
 from streambus_consensus.raft.node import RaftNode
 from streambus_consensus.testing.harness import free_ports, wait_until
+
+SECRET = generate_secret()
 
 FAST = {"election_timeout_min": 0.4, "election_timeout_max": 0.8, "heartbeat_interval": 0.05}
 """Default election timeouts (no spurious elections on two busy cores), quicker heartbeats."""
@@ -53,7 +56,7 @@ def configs(size: int, data_root: Path | None = None, **settings: Any) -> list[N
     ports = free_ports(size)
     cluster = {f"n{i + 1}": f"127.0.0.1:{port}" for i, port in enumerate(ports)}
     return [
-        NodeConfig(node_id=node_id, cluster=cluster,
+        NodeConfig(node_id=node_id, cluster=cluster, cluster_secret=SECRET,
                    data_dir=None if data_root is None else str(data_root / node_id),
                    **{**(FAST_SINGLE if size == 1 else FAST), **settings})
         for node_id in cluster

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streambus_consensus import NodeConfig, RaftNode
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
 from streambus_consensus.metrics import PREFIX, NodeMetrics
+from streambus_consensus.provision import generate_secret
 from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
 from tests.conftest import ClusterFactory
 
@@ -52,7 +53,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def node(tmp_path: Path) -> Iterator[RaftNode]:
     (port,) = free_ports(1)
     config = NodeConfig(node_id="n1", cluster={"n1": f"127.0.0.1:{port}"},
-                        data_dir=str(tmp_path / "n1"))
+                        data_dir=str(tmp_path / "n1"), cluster_secret=generate_secret())
     n = RaftNode(config, KeyValueStateMachine())
     n.start()
     try:

@@ -12,6 +12,7 @@ import pytest
 
 from streambus_consensus import (
     CommandRefusedError,
+    CommandTooLargeError,
     ConfigError,
     NodeConfig,
     NodeState,
@@ -21,7 +22,10 @@ from streambus_consensus import (
     RaftNode,
 )
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
+from streambus_consensus.provision import generate_secret
 from streambus_consensus.testing.harness import free_ports, wait_until
+
+SECRET = generate_secret()
 
 
 def test_node_state_names_are_readable() -> None:
@@ -31,7 +35,7 @@ def test_node_state_names_are_readable() -> None:
 
 def config(node_id: str, cluster: dict[str, str], tmp: Path | None = None,
            **changes: Any) -> NodeConfig:
-    return NodeConfig(node_id=node_id, cluster=cluster,
+    return NodeConfig(node_id=node_id, cluster=cluster, cluster_secret=SECRET,
                       data_dir=str(tmp / node_id) if tmp else None, **changes)
 
 
@@ -52,7 +56,8 @@ def node(tmp_path: Path) -> Iterator[RaftNode]:
 
 
 def test_invalid_config_is_refused_before_anything_starts() -> None:
-    bad = NodeConfig(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, election_timeout_min=0.1)
+    bad = NodeConfig(node_id="n1", cluster={"n1": "127.0.0.1:7001"}, election_timeout_min=0.1,
+                     cluster_secret=SECRET)
     with pytest.raises(ConfigError, match="election_timeout_min"):
         RaftNode(bad, KeyValueStateMachine())
 
@@ -184,5 +189,20 @@ def test_a_state_machine_that_raises_does_not_stop_the_node(tmp_path: Path) -> N
             n.propose(b"boom", timeout=5)
         assert caught.value.code == "apply_failed" and "boom" in str(caught.value)
         assert n.propose(kv_command("set", "still", "fine"), timeout=5) is None
+    finally:
+        n.stop()
+
+
+def test_a_command_over_max_command_bytes_is_refused_before_the_log(tmp_path: Path) -> None:
+    n = single(tmp_path, max_command_bytes=1024)
+    n.start()
+    try:
+        n.wait_for_leader(5)
+        before = n.commit_index
+        with pytest.raises(CommandTooLargeError, match="over max_command_bytes") as info:
+            n.propose(kv_command("set", "k", "v" * 2000))
+        assert info.value.retriable is False
+        assert n.commit_index == before
+        assert n.propose(kv_command("set", "k", "v" * 100)) is None
     finally:
         n.stop()

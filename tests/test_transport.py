@@ -10,6 +10,7 @@ transport never would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 
 from streambus_consensus import codec
-from streambus_consensus.errors import TransportError
+from streambus_consensus.errors import ConfigError, TransportError
 from streambus_consensus.raft import transport as transport_module
 from streambus_consensus.raft.transport import TcpTransport
 
@@ -131,10 +132,10 @@ class Net:
         self.raw: list[RawClient] = []
         self._all: list[Peer] = []
 
-    def start(self, node_id: str, cluster: Mapping[str, str], *, secret: str | None = SECRET,
+    def start(self, node_id: str, cluster: Mapping[str, str], *, secret: str = SECRET,
               address: str | None = None, **options: Any) -> Peer:
         address = address or cluster[node_id]
-        options.setdefault("max_message_bytes", MAX_MESSAGE)
+        options.setdefault("max_frame_bytes", MAX_MESSAGE)
         options.setdefault("ping_interval", 0.05)
         options.setdefault("dead_timeout", 1.0)
         options.setdefault("retry_interval", 0.05)
@@ -274,9 +275,11 @@ def test_nothing_is_connected_before_the_peer_exists(net: Net) -> None:
     assert a.connected == ["b"] and b.connected == ["a"]
 
 
-def test_no_secret_works_on_loopback(net: Net) -> None:
-    peers = net.cluster("a", "b", secret=None)
-    exchange(net, peers["a"], peers["b"], "no-secret")
+@pytest.mark.parametrize("secret", [None, ""])
+def test_there_is_no_transport_without_a_secret(secret: Any) -> None:
+    """An empty key would let any local process complete the handshake as a member."""
+    with pytest.raises(ConfigError, match="cluster_secret"):
+        TcpTransport("a", f"127.0.0.1:{free_port()}", {}, secret=secret)
 
 
 # -- sending --------------------------------------------------------------------
@@ -339,7 +342,7 @@ def test_large_release_to_a_healthy_peer_is_delivered(net: Net) -> None:
     peers = net.cluster("a", "b")
     a, b = peers["a"], peers["b"]
     chunk = b"z" * (MAX_MESSAGE - 1024)  # each message is within the limit
-    for i in range(6):  # ~6 x 63 KiB held: more than 4 x max_message_bytes in total
+    for i in range(6):  # ~6 x 63 KiB held: more than 4 x max_frame_bytes in total
         assert a.transport.send("b", {"type": "chunk", "i": i, "data": chunk})
     a.transport.release()
     net.pump(lambda: len(b.messages) == 6 or bool(a.disconnected), what="delivery")
@@ -429,13 +432,10 @@ def test_binding_a_port_in_use_raises_transport_error(net: Net) -> None:
 
 # -- authentication -----------------------------------------------------------------
 
-@pytest.mark.parametrize(("secret_a", "secret_b"), [(SECRET, OTHER_SECRET), (SECRET, None)])
-def test_wrong_secret_fails_the_handshake(
-    net: Net, secret_a: str, secret_b: str | None
-) -> None:
+def test_wrong_secret_fails_the_handshake(net: Net) -> None:
     cluster = addresses("a", "b")
-    a = net.start("a", cluster, secret=secret_a)
-    b = net.start("b", cluster, secret=secret_b)
+    a = net.start("a", cluster, secret=SECRET)
+    b = net.start("b", cluster, secret=OTHER_SECRET)
     net.pump(lambda: a.transport.dropped_connections >= 2
              and b.transport.dropped_connections >= 2, what="handshakes refused")
     assert a.transport.connected_peers() == b.transport.connected_peers() == frozenset()
@@ -651,3 +651,95 @@ def test_wake_interrupts_a_long_poll(net: Net) -> None:
         thread.join(timeout=5.0)
     assert not thread.is_alive()
     assert elapsed and elapsed[0] < 2.0
+
+
+# -- bounded memory per peer ---------------------------------------------------------------
+
+
+def test_a_trickled_frame_is_dropped_by_its_deadline(net: Net) -> None:
+    """A member trickling one frame a byte at a time is never silent, so only the
+    per-frame deadline can free what it holds."""
+    cluster = addresses("a", "b", "c")
+    a = net.start("a", cluster, frame_timeout=0.6)
+    client = net.raw_client(a.address)
+    authenticate(net, client, "c")
+    frame = client.frame(codec.encode({"type": "slow"}))
+    started = time.monotonic()
+    sent = 0
+    while not client.eof and time.monotonic() - started < 5.0:
+        if sent < len(frame) - 1:  # never the last byte
+            client.send(frame[sent:sent + 1])
+            sent += 1
+        net.pump_for(0.1)
+    assert client.eof, "a trickling peer held its frame open"
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert a.received_from("c") == []
+
+
+def test_a_member_has_one_incoming_connection(net: Net) -> None:
+    cluster = addresses("a", "b", "c")
+    a = net.start("a", cluster)
+    first = net.raw_client(a.address)
+    authenticate(net, first, "c")
+    second = net.raw_client(a.address)
+    authenticate(net, second, "c")
+    net.pump(lambda: first.eof, what="the older connection to be replaced")
+    assert not second.eof
+    second.send(second.frame(codec.encode({"type": "hello"})))
+    net.pump(lambda: a.received_from("c") == [{"type": "hello"}], what="delivery")
+
+
+def test_pending_handshakes_are_capped(net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "MAX_PENDING_HANDSHAKES", 4)
+    cluster = addresses("a", "b", "c")
+    a = net.start("a", cluster)
+    b = net.start("b", cluster)
+    net.pump(lambda: a.transport.connected_peers() == {"b"}
+             and b.transport.connected_peers() == {"a"}, what="a<->b")
+    clients = [net.raw_client(a.address) for _ in range(10)]
+    net.pump(lambda: sum(c.eof for c in clients) >= 6, what="the extra connections closed")
+    net.pump_for(0.2)
+    assert sum(not c.eof for c in clients) == 4
+    exchange(net, a, b, "while-capped")
+
+
+def test_a_message_over_the_frame_limit_is_not_sent(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    peers = net.cluster("a", "b")
+    a, b = peers["a"], peers["b"]
+    with caplog.at_level("ERROR", logger=transport_module.__name__):
+        assert a.transport.send("b", {"type": "huge", "data": b"x" * MAX_MESSAGE}) is False
+    assert "over the 65536-byte frame limit" in caplog.text
+    exchange(net, a, b, "after-huge")
+
+
+def test_repeated_failures_are_logged_once_per_interval(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    cluster = addresses("a", "b")
+    a = net.start("a", cluster)
+    with caplog.at_level("WARNING", logger=transport_module.__name__):
+        for _ in range(20):
+            client = net.raw_client(a.address)
+            with contextlib.suppress(AssertionError):
+                authenticate(net, client, "intruder")
+            net.pump(lambda c=client: c.eof, what="intruder dropped")  # type: ignore[misc]
+    assert a.transport.dropped_connections == 20
+    lines = [r for r in caplog.records if "not a cluster member" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+def test_a_frame_late_because_this_node_was_paused_is_not_dropped(net: Net) -> None:
+    """After a pause (SIGSTOP, a long apply) the rest of a frame may wait in the kernel
+    past the frame deadline: the delay is ours, not the peer's."""
+    cluster = addresses("a", "b", "c")
+    a = net.start("a", cluster, frame_timeout=0.3, max_frame_bytes=1 << 20)
+    client = net.raw_client(a.address)
+    authenticate(net, client, "c")
+    frame = client.frame(codec.encode({"type": "big", "data": b"q" * 600_000}))
+    client.send(frame[:100])
+    net.pump_for(0.1)  # the frame has begun
+    client.send(frame[100:])  # lands in the kernel while "a" is not polled
+    time.sleep(0.5)  # "a" is paused past the frame deadline
+    net.pump(lambda: len(a.received_from("c")) == 1 or client.eof, what="the frame")
+    assert not client.eof
+    assert a.received_from("c")[0]["type"] == "big"

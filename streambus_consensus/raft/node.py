@@ -29,9 +29,11 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
+from .. import tls
 from ..config import NodeConfig
 from ..errors import (
     CommandRefusedError,
+    CommandTooLargeError,
     NodeStoppedError,
     NoLeaderError,
     NotLeaderError,
@@ -162,18 +164,16 @@ class RaftNode:
             if self._started:
                 return
             cfg = self.config
+            transport = self._transport_arg or _tcp_transport(cfg)  # TLS files load first
             storage = self._storage_arg
             if storage is None:
-                storage = (DiskStorage(cfg.data_dir, fsync=cfg.fsync,
-                                       on_fsync=self._observe_fsync)
-                           if cfg.data_dir is not None else MemoryStorage())
-            transport = self._transport_arg or TcpTransport(
-                cfg.node_id, cfg.effective_bind_address, cfg.cluster,
-                secret=cfg.cluster_secret, max_message_bytes=cfg.max_message_bytes,
-                ping_interval=cfg.heartbeat_interval,
-                dead_timeout=max(cfg.election_timeout_max, 4 * cfg.heartbeat_interval),
-                retry_interval=cfg.connect_retry_interval,
-            )
+                try:
+                    storage = (DiskStorage(cfg.data_dir, fsync=cfg.fsync,
+                                           on_fsync=self._observe_fsync)
+                               if cfg.data_dir is not None else MemoryStorage())
+                except BaseException:
+                    transport.close()
+                    raise
             try:
                 self._engine = Engine(
                     cfg, storage, transport, apply=self._apply,
@@ -396,7 +396,13 @@ class RaftNode:
         The future fails with a :class:`ConsensusError`: a
         :class:`ProposalRejectedError` subclass when the command was not
         applied, :class:`OutcomeUnknownError` when it may have been.
+        Raises :class:`CommandTooLargeError` at once for a command over
+        ``max_command_bytes``.
         """
+        if len(command) > self.config.max_command_bytes:
+            raise CommandTooLargeError(
+                f"command of {len(command)} bytes is over max_command_bytes "
+                f"({self.config.max_command_bytes})", node_id=self.node_id)
         return self._submit(_USER + bytes(command))
 
     def propose(self, command: bytes, timeout: float | None = None) -> Any:
@@ -676,3 +682,19 @@ class RaftNode:
             peers=peers, members=tuple(sorted(members)),
         )
 
+
+
+def _tcp_transport(cfg: NodeConfig) -> TcpTransport:
+    """The cluster transport a config asks for (TLS contexts loaded here, so a
+    bad certificate stops the node at start with a :class:`ConfigError`)."""
+    server_tls = client_tls = None
+    if cfg.peer_tls:
+        server_tls, client_tls = tls.peer_server_context(cfg), tls.peer_client_context(cfg)
+    return TcpTransport(
+        cfg.node_id, cfg.effective_bind_address, cfg.cluster,
+        secret=cfg.secret, max_frame_bytes=cfg.max_frame_bytes,
+        frame_timeout=cfg.peer_frame_timeout, ping_interval=cfg.heartbeat_interval,
+        dead_timeout=max(cfg.election_timeout_max, 4 * cfg.heartbeat_interval),
+        retry_interval=cfg.connect_retry_interval,
+        server_tls=server_tls, client_tls=client_tls,
+    )

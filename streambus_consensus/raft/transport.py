@@ -9,16 +9,27 @@ real one-way cut.
 node id, its own nonce and ``HMAC(secret, "c" | nonce_s | nonce_c | id)``; the
 listener checks that the id is a member and the MAC is right and answers with
 ``HMAC(secret, "s" | nonce_c | nonce_s)``, which the dialer checks. Both then
-derive a session key from the two nonces. Without a cluster secret (allowed
-on loopback only, see :class:`~streambus_consensus.config.NodeConfig`) the
-same exchange runs with an empty key, which authenticates nothing.
+derive a session key from the two nonces. There is no mode without a
+secret: an empty one is refused.
+
+**TLS** (optional, ``peer_tls``): the same bytes travel inside mutual TLS
+1.2+, run over the non-blocking sockets through memory BIOs so the Raft
+thread never blocks on a handshake. The secret handshake above still runs
+inside the tunnel: a certificate alone does not make a member.
 
 **Frames.** ``u32 length | payload | 16-byte HMAC(session key, seq | payload)``,
 with a per-direction sequence number, so frames cannot be forged, replayed or
 reordered. Payloads are :mod:`streambus_consensus.codec` (never pickle); an
-empty payload is a ping. A frame longer than ``max_message_bytes``, a bad
-MAC, undecodable bytes or a peer silent for ``dead_timeout`` close that one
-connection and nothing else.
+empty payload is a ping. A bad MAC, undecodable bytes or a peer silent for
+``dead_timeout`` close that one connection and nothing else.
+
+**Bounded memory.** A frame whose length header exceeds ``max_frame_bytes``
+(derived from the append and snapshot chunk sizes, see
+:attr:`~streambus_consensus.config.NodeConfig.max_frame_bytes`) is refused
+before any of its bytes are buffered; a frame must arrive whole within
+``frame_timeout`` of its first byte; each member has at most one incoming
+connection (a newer one replaces it) and at most
+``MAX_PENDING_HANDSHAKES`` unauthenticated connections wait at once.
 
 **Liveness.** Both ends of every connection send a ping after
 ``ping_interval`` without traffic. This keeps follower-to-follower links
@@ -40,6 +51,7 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -47,7 +59,9 @@ from typing import Any
 
 from .. import codec
 from ..config import parse_address
-from ..errors import CodecError, TransportError
+from ..errors import CodecError, ConfigError, TransportError
+from ..logutil import RateLimitedLog
+from ..tls import describe_failure
 
 __all__ = ["TcpTransport"]
 
@@ -60,6 +74,14 @@ MAC_SIZE = 16
 NONCE_SIZE = 16
 HANDSHAKE_MAX = 4096
 HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 64
+"""Unauthenticated incoming connections held at once; more are closed on accept."""
+OUTBUF_LIMIT = 64 << 20
+"""Bytes queued to a peer that does not read before its connection is closed
+(Raft re-sends what is lost); a snapshot in flight stays well under it."""
+LOG_EVERY = 10.0
+"""Seconds between two log lines about the same kind of dropped connection."""
+_TLS_RECORD_START = b"\x16\x03"
 _PING = b""
 
 MessageHandler = Callable[[str, Mapping[str, Any]], None]
@@ -83,6 +105,15 @@ class _Conn:
         self.session_key = b""
         self.send_seq = 0
         self.recv_seq = 0
+        self.frame_started: float | None = None
+        """When the first byte of the frame being received arrived."""
+        self.tls: ssl.SSLObject | None = None
+        self.tls_in = ssl.MemoryBIO()
+        self.tls_out = ssl.MemoryBIO()
+        self.tls_done = False
+        self.plain_pending = bytearray()
+        """Plaintext written before the TLS handshake finished."""
+        self.address = ""
         now = time.monotonic()
         self.created = now
         self.last_recv = now
@@ -97,11 +128,15 @@ class TcpTransport:
         node_id: this node's id.
         bind_address: ``"host:port"`` to listen on.
         peers: ``{node_id: "host:port"}`` of the other members.
-        secret: the cluster secret, or ``None`` (loopback only).
-        max_message_bytes: largest frame accepted.
+        secret: the cluster secret (required, non-empty).
+        max_frame_bytes: largest frame accepted.
+        frame_timeout: longest a frame may take to arrive once begun.
         ping_interval: idle time before a ping is sent.
         dead_timeout: silence after which a connection is closed.
         retry_interval: wait between connection attempts to a peer.
+        server_tls: with ``client_tls``, run every connection inside TLS:
+            the context incoming connections are accepted with.
+        client_tls: the context peers are dialled with.
     """
 
     def __init__(
@@ -110,17 +145,29 @@ class TcpTransport:
         bind_address: str,
         peers: Mapping[str, str],
         *,
-        secret: str | None,
-        max_message_bytes: int = 64 << 20,
+        secret: str,
+        max_frame_bytes: int = (2 << 20) + (64 << 10),
+        frame_timeout: float = 5.0,
         ping_interval: float = 0.1,
         dead_timeout: float = 1.0,
         retry_interval: float = 0.2,
+        server_tls: ssl.SSLContext | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
+        if not isinstance(secret, str) or not secret:
+            raise ConfigError("cluster_secret", "<redacted>",
+                              "the transport needs a non-empty cluster secret")
+        if (server_tls is None) != (client_tls is None):
+            raise ConfigError("server_tls + client_tls", None, "give both TLS contexts or neither")
         self.node_id = node_id
         self.bind_address = bind_address
         self._peers: dict[str, tuple[str, int]] = {}
-        self._key = (secret or "").encode("utf-8")
-        self._max = max_message_bytes
+        self._key = secret.encode("utf-8")
+        self._max = max_frame_bytes
+        self._frame_timeout = frame_timeout
+        self._outbuf_limit = max(OUTBUF_LIMIT, 4 * max_frame_bytes)
+        self._server_tls, self._client_tls = server_tls, client_tls
+        self._limited = RateLimitedLog(logger, LOG_EVERY)
         self._ping_interval = ping_interval
         self._dead_timeout = dead_timeout
         self._retry_interval = retry_interval
@@ -217,7 +264,14 @@ class TcpTransport:
         conn = self._out.get(node_id)
         if conn is None or not conn.ready:
             return False
-        conn.held.append(codec.encode(dict(message)))
+        payload = codec.encode(dict(message))
+        if len(payload) + MAC_SIZE > self._max:
+            self._log_limited("oversized", logging.ERROR,
+                              "not sending a %s message of %d bytes to %s: over the %d-byte "
+                              "frame limit that every member enforces", message.get("type"),
+                              len(payload), node_id, self._max)
+            return False
+        conn.held.append(payload)
         return True
 
     def release(self) -> None:
@@ -230,7 +284,7 @@ class TcpTransport:
                         self._flush(conn)
                 conn.held.clear()
                 self._flush(conn)
-                if not conn.closed and len(conn.outbuf) > 4 * self._max:
+                if not conn.closed and len(conn.outbuf) > self._outbuf_limit:
                     # Raft re-sends what is lost; memory must stay bounded.
                     self._close(conn, reason="peer is not reading; output buffer full")
 
@@ -274,6 +328,11 @@ class TcpTransport:
         for conn in [*self._out.values(), *self._in]:
             if conn.closed:
                 continue
+            if conn.ready and conn.frame_started is not None and (
+                    now - conn.frame_started > self._frame_timeout) and not _unread(conn):
+                self._drop(conn, f"a frame took over {self._frame_timeout:g}s to arrive "
+                                 "(peer trickling?)")
+                continue
             if conn.ready:
                 silent_for = now - conn.last_recv
                 limit = self._dead_timeout
@@ -282,6 +341,11 @@ class TcpTransport:
                 # peer trickling a byte at a time cannot hold it open.
                 silent_for = now - conn.created
                 limit = self._dead_timeout if conn.outgoing else HANDSHAKE_TIMEOUT
+                if silent_for > limit and not conn.connecting:
+                    # A paused or overloaded peer looks the same, so this is not a warning.
+                    self._drop(conn, f"handshake not finished within {limit:g}s (peer paused "
+                               "or overloaded, or TLS on at one end only?)", logging.INFO)
+                    continue
             if silent_for > limit:
                 logger.info("%s: connection %s silent or stalled for %.1fs, closing",
                             self.node_id, _describe(conn), silent_for)
@@ -311,6 +375,10 @@ class TcpTransport:
                 self._on_refused(peer)
             return
         conn = _Conn(sock, outgoing=True, peer=peer)
+        conn.address = f"{host}:{port}"
+        if self._client_tls is not None:
+            conn.tls = self._client_tls.wrap_bio(conn.tls_in, conn.tls_out, server_side=False,
+                                                 server_hostname=host)
         self._out[peer] = conn
         self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
@@ -323,11 +391,22 @@ class TcpTransport:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                logger.warning("%s: accept failed: %s", self.node_id, exc)
+                self._log_limited("accept", logging.WARNING, "accept failed: %s", exc)
                 return
+            if sum(1 for c in self._in if not c.ready) >= MAX_PENDING_HANDSHAKES:
+                sock.close()
+                self.dropped_connections += 1
+                self._log_limited("pending", logging.WARNING,
+                                  "refusing a connection: %d handshakes already pending",
+                                  MAX_PENDING_HANDSHAKES)
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock, outgoing=False, peer=None)
+            with contextlib.suppress(OSError):
+                conn.address = "{}:{}".format(*sock.getpeername()[:2])
+            if self._server_tls is not None:
+                conn.tls = self._server_tls.wrap_bio(conn.tls_in, conn.tls_out, server_side=True)
             self._in.add(conn)
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self._raw_frame(conn, PROTOCOL + conn.nonce_mine)
@@ -359,6 +438,9 @@ class TcpTransport:
                 raise _Dropped(f"{peer!r} failed authentication (wrong cluster secret?)")
             if peer not in self._peers:
                 raise _Dropped(f"{peer!r} is not a cluster member")
+            for older in [c for c in self._in if c.peer == peer and c is not conn]:
+                # A member reconnecting replaces its old link: one per member.
+                self._close(older, reason="replaced by a newer connection", quiet=True)
             conn.peer = peer
             conn.nonce_theirs = nonce
             self._raw_frame(conn, self._mac(b"s", nonce, conn.nonce_mine))
@@ -378,13 +460,63 @@ class TcpTransport:
     # -- bytes in and out --------------------------------------------------------
 
     def _raw_frame(self, conn: _Conn, payload: bytes) -> None:
-        conn.outbuf += _LEN.pack(len(payload)) + payload
+        self._emit(conn, _LEN.pack(len(payload)) + payload)
 
     def _frame(self, conn: _Conn, payload: bytes) -> None:
         mac = hmac.new(conn.session_key, _SEQ.pack(conn.send_seq) + payload, hashlib.sha256)
         conn.send_seq += 1
-        conn.outbuf += _LEN.pack(len(payload) + MAC_SIZE) + payload + mac.digest()[:MAC_SIZE]
+        self._emit(conn, _LEN.pack(len(payload) + MAC_SIZE) + payload + mac.digest()[:MAC_SIZE])
         conn.last_send = time.monotonic()
+
+    def _emit(self, conn: _Conn, data: bytes) -> None:
+        """Queue bytes for the wire (through TLS when the link has it)."""
+        if conn.tls is None:
+            conn.outbuf += data
+        elif not conn.tls_done:
+            conn.plain_pending += data
+        else:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[conn.tls.write(view):]
+            except ssl.SSLError as exc:
+                self._close(conn, reason=f"TLS write failed: {describe_failure(exc)}")
+                return
+            conn.outbuf += conn.tls_out.read()
+
+    def _tls_advance(self, conn: _Conn, data: bytes) -> bytes:
+        """Feed received ciphertext to the TLS layer; return the plaintext it yields."""
+        tls = conn.tls
+        if tls is None:
+            return data
+        conn.tls_in.write(data)
+        plain = bytearray()
+        try:
+            if not conn.tls_done:
+                tls.do_handshake()
+                conn.tls_done = True
+                pending, conn.plain_pending = bytes(conn.plain_pending), bytearray()
+                self._emit(conn, pending)
+            while True:
+                chunk = tls.read(1 << 18)
+                if not chunk:
+                    break
+                plain += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            conn.outbuf += conn.tls_out.read()  # the alert, so the peer learns why
+            self._flush(conn)
+            raise _Dropped(f"TLS handshake failed: {describe_failure(exc)}") from None
+        conn.outbuf += conn.tls_out.read()
+        return bytes(plain)
+
+    def _start_tls(self, conn: _Conn) -> None:
+        """The dialler's first TLS flight, once its TCP connection is up."""
+        if conn.tls is not None and conn.outgoing:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                conn.tls.do_handshake()
+            conn.outbuf += conn.tls_out.read()
 
     def _flush(self, conn: _Conn) -> None:
         if conn.closed or conn.connecting:
@@ -411,6 +543,7 @@ class TcpTransport:
                 return
             conn.connecting = False
             conn.last_recv = time.monotonic()
+            self._start_tls(conn)
         self._flush(conn)
 
     def _on_readable(self, conn: _Conn) -> None:
@@ -425,17 +558,34 @@ class TcpTransport:
             self._close(conn, reason="closed by peer", quiet=True)
             return
         conn.last_recv = time.monotonic()
-        conn.inbuf += data
         try:
+            if conn.tls is not None:
+                data = self._tls_advance(conn, data)
+                self._flush(conn)
+                if conn.closed:
+                    return
+            elif not conn.ready and not conn.outgoing and data.startswith(_TLS_RECORD_START):
+                raise _Dropped("the other side speaks TLS: is peer_tls on there and off here?")
+            conn.inbuf += data
             self._consume(conn)
         except _Dropped as drop:
-            self.dropped_connections += 1
-            logger.warning("%s: dropping connection %s: %s", self.node_id, _describe(conn), drop)
-            self._close(conn)
+            self._drop(conn, str(drop))
+
+    def _drop(self, conn: _Conn, reason: str, level: int = logging.WARNING) -> None:
+        self.dropped_connections += 1
+        source = conn.peer or conn.address.rpartition(":")[0]  # not the ephemeral port
+        self._log_limited(f"{conn.outgoing}|{source}|{reason}", level,
+                          "dropping connection %s: %s", _describe(conn), reason)
+        self._close(conn)
+
+    def _log_limited(self, key: str, level: int, message: str, *args: Any) -> None:
+        self._limited.log(key, level, "%s: " + message, self.node_id, *args)
 
     def _consume(self, conn: _Conn) -> None:
         buf = conn.inbuf
         pos = 0
+        if conn.frame_started is None:
+            conn.frame_started = conn.last_recv
         try:
             while len(buf) - pos >= 4:
                 (length,) = _LEN.unpack_from(buf, pos)
@@ -446,6 +596,7 @@ class TcpTransport:
                     break
                 payload = bytes(buf[pos + 4 : pos + 4 + length])
                 pos += 4 + length
+                conn.frame_started = conn.last_recv
                 if conn.ready:
                     self._on_frame(conn, payload)
                 else:
@@ -455,6 +606,8 @@ class TcpTransport:
                     return
         finally:
             del buf[:pos]
+            if not buf:
+                conn.frame_started = None
 
     def _on_frame(self, conn: _Conn, frame: bytes) -> None:
         if len(frame) < MAC_SIZE:
@@ -500,9 +653,21 @@ class _Dropped(Exception):  # noqa: N818 - internal control flow, never escapes
     """Internal: the connection must be closed for the given reason."""
 
 
+def _unread(conn: _Conn) -> bool:
+    """Whether bytes wait in the kernel for us: then a late frame is our delay (this node
+    was paused or busy), not the peer's, and its deadline is not enforced yet."""
+    try:
+        return bool(conn.sock.recv(1, socket.MSG_PEEK))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # let the read path see the error and close
+
+
 def _describe(conn: _Conn) -> str:
     arrow = "to" if conn.outgoing else "from"
-    return f"{arrow} {conn.peer or 'unauthenticated peer'}"
+    who = conn.peer or "unauthenticated peer"
+    return f"{arrow} {who} ({conn.address})" if conn.address else f"{arrow} {who}"
 
 
 def _ignore_message(peer: str, message: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,15 @@ from typing import Any, TypeVar
 
 from ..client import ApiClient, ClusterUnreachableError
 from ..errors import ConsensusError
+from ..provision import (
+    ADMIN_NAME,
+    TlsFiles,
+    generate_secret,
+    render_node_config,
+    write_private,
+    write_tls_material,
+)
+from ..tls import client_context
 from .faults import LinkProxy, Partitioner, link_name
 
 __all__ = ["LocalCluster", "NodeProcess", "free_ports", "rss_bytes", "wait_until"]
@@ -123,7 +133,9 @@ class LocalCluster:
         size: number of voting members.
         base_dir: where configs, data dirs and logs go (one subdirectory each).
         app: ``"kv"`` or ``"metadata"``.
-        secret: cluster secret; ``None`` runs unauthenticated (loopback only).
+        secret: the cluster secret; by default a new random one, written to
+            ``cluster.secret`` (0600) as ``cluster init`` does.
+        tls: run peers and APIs over mutual TLS with a throwaway CA (``tls/``).
         settings: extra config fields for every node (e.g. snapshot interval).
         env: extra environment variables for the node processes.
         proxied: route every directed node-to-node link through the link
@@ -133,7 +145,8 @@ class LocalCluster:
     size: int
     base_dir: Path
     app: str = "kv"
-    secret: str | None = "test-cluster-secret-0123456789"
+    secret: str = field(default_factory=generate_secret)
+    tls: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
@@ -160,6 +173,12 @@ class LocalCluster:
             self.network = Partitioner(proxy, list(self.nodes))
             for a, b in self._peer_address:
                 self._peer_address[a, b] = f"127.0.0.1:{proxy.ports[link_name(a, b)]}"
+        self.secret_file = self.base_dir / "cluster.secret"
+        write_private(self.secret_file, self.secret + "\n")
+        self.tls_files: dict[str, TlsFiles] = {}
+        if self.tls:
+            self.tls_files = write_tls_material(self.base_dir / "tls", {
+                **{n: ["127.0.0.1", "localhost"] for n in self.nodes}, ADMIN_NAME: []})
         for node in self.nodes.values():
             self._write_config(node)
 
@@ -167,20 +186,12 @@ class LocalCluster:
 
     def _write_config(self, node: NodeProcess) -> None:
         node.directory.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f'node_id = "{node.node_id}"',
-            'data_dir = "data"',
-            f'api_address = "{node.api_address}"',
-        ]
-        if self.secret is not None:
-            lines.append(f'cluster_secret = "{self.secret}"')
-        for key, value in self.settings.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("[cluster]")
         # Each node reaches its peers through its own links (the proxy, when proxied).
-        lines += [f'{n.node_id} = "{self._address_of(n.node_id, seen_from=node.node_id)}"'
-                  for n in self.nodes.values()]
-        node.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        cluster = {n: self._address_of(n, seen_from=node.node_id) for n in self.nodes}
+        node.config_path.write_text(render_node_config(
+            node.node_id, cluster, data_dir="data", secret_file=str(self.secret_file),
+            api_address=node.api_address, tls=self.tls_files.get(node.node_id),
+            settings=self.settings), encoding="utf-8")
 
     def _address_of(self, node_id: str, *, seen_from: str) -> str:
         if node_id == seen_from:
@@ -197,7 +208,14 @@ class LocalCluster:
         """An API client for the given nodes (default: all)."""
         chosen = node_ids or tuple(self.nodes)
         return ApiClient([self.nodes[n].api_address for n in chosen], secret=self.secret,
-                         timeout=timeout)
+                         timeout=timeout, tls=self.client_tls())
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The admin client's TLS context (``tls=True`` only)."""
+        if not self.tls:
+            return None
+        admin = self.tls_files[ADMIN_NAME]
+        return client_context(str(admin.ca_file), str(admin.cert_file), str(admin.key_file))
 
     # -- processes ---------------------------------------------------------------
 
@@ -364,13 +382,3 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"cannot write {value!r} to TOML")
