@@ -3,7 +3,7 @@
 ``python -m streambus_consensus.bench [--quick] [--only SECTION ...] [--out DIR]``
 
 Sections, in order: ``latency`` (1), ``overhead`` (2, with 5: durability),
-``scale`` (4), ``profile`` (6), ``failover`` (3). The idle-election watch of
+``scale`` (4), ``profile`` (6), ``tls`` (7), ``failover`` (3). The idle-election watch of
 section 3 runs in the background for the whole run (at least ``--idle``
 seconds; the run waits at the end if needed), so a full run fits in 20
 minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 3
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import failover, latency, overhead, profile, scale
+from . import failover, latency, overhead, profile, scale, tls_cost
 from .common import (
     command_line,
     loadavg,
@@ -39,13 +39,14 @@ from .common import (
 from .idle import IdleWatch
 from .report import render
 
-SECTIONS = ("latency", "overhead", "scale", "profile", "failover")
+SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "failover")
 
 FULL: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 3.0},
     "overhead": {"callers": (1, 8, 32), "window": 256, "seconds": 2.5, "repeats": 3},
     "scale": {"sizes": (0, 10_000, 100_000, 1_000_000), "creates": 200},
     "profile": {"seconds": 8},
+    "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
     "failover": {"kills": 20, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
@@ -53,6 +54,7 @@ QUICK: dict[str, Any] = {
     "overhead": {"callers": (1, 8, 32), "window": 256, "seconds": 1.0, "repeats": 1},
     "scale": {"sizes": (0, 10_000, 100_000), "creates": 40},
     "profile": {"seconds": 3},
+    "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
     "failover": {"kills": 3, "idle": 30.0},
 }
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  **plan["overhead"]),
                 "scale": lambda: scale.run(base / "scale", log=_log, **plan["scale"]),
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
+                "tls": lambda: tls_cost.run(base / "tls", log=_log, **plan["tls"]),
                 "failover": lambda: failover.measure(base / "failover", plan["failover"]["kills"],
                                                      0.0, log=_log),
             }

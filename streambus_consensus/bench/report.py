@@ -302,6 +302,19 @@ def _profile(section: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _tls(section: dict[str, Any]) -> str:
+    rows = [[r["callers"], r["plain"]["ops_per_s"], r["plain"]["p50_ms"], r["tls"]["ops_per_s"],
+             r["tls"]["p50_ms"], r["throughput_ratio"], r["p50_ratio"]]
+            for r in section["rows"]]
+    return ("create_topic over HTTP (3 partitions, RF 3) on two three-node clusters running "
+            "side by side, one plain and one with mutual TLS for peers and the API, in "
+            f"{section['rounds']} alternating round(s) of {section['seconds']} s per level; "
+            "medians of the rounds. Callers keep their connections alive (ApiClient's pool), "
+            "so the TLS handshake is paid once per connection.\n\n"
+            + _table(["callers", "plain ops/s", "plain p50 ms", "TLS ops/s", "TLS p50 ms",
+                      "TLS/plain throughput", "TLS/plain p50"], rows))
+
+
 def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
            results_dir: Path) -> str:
     """The whole BENCHMARKS.md."""
@@ -345,6 +358,7 @@ def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
         ("4. Scale: 10k, 100k and 1M partitions", "scale", _scale),
         ("5. Durability cost: fsync on against page cache only", "overhead", _durability),
         ("6. Profile: where the time goes per committed operation", "profile", _profile),
+        ("7. TLS cost: mutual TLS against plain TCP", "tls", _tls),
     ]
     for title, key, fn in sections:
         body += ["", f"## {title}", ""]
