@@ -106,10 +106,12 @@ def write_tls_material(directory: Path, hosts_by_name: Mapping[str, Iterable[str
 
 def render_node_config(node_id: str, cluster: Mapping[str, str], *, data_dir: str,
                        secret_file: str, api_address: str | None = None,
-                       tls: TlsFiles | None = None,
+                       tls: TlsFiles | None = None, api_tls: bool | None = None,
                        settings: Mapping[str, Any] | None = None) -> str:
     """The TOML text of one node's config. Paths are written as given
-    (relative ones are read against the file's own directory)."""
+    (relative ones are read against the file's own directory). With ``tls``
+    files, ``peer_tls`` is on, and ``api_tls`` too unless ``api_tls=False``
+    (or the node has no API)."""
     lines = [
         f"# Node {node_id}. Start it with:",
         "#   streambus-consensus node run --config <this file>",
@@ -124,7 +126,7 @@ def render_node_config(node_id: str, cluster: Mapping[str, str], *, data_dir: st
     if tls is not None:
         lines += [
             "peer_tls = true",
-            f"api_tls = {toml_value(api_address is not None)}",
+            f"api_tls = {toml_value(api_address is not None and api_tls is not False)}",
             f"tls_ca_file = {toml_value(str(tls.ca_file))}",
             f"tls_cert_file = {toml_value(str(tls.cert_file))}",
             f"tls_key_file = {toml_value(str(tls.key_file))}",

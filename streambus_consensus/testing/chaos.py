@@ -204,6 +204,8 @@ class ChaosOptions:
     directory, kept only on failure)."""
     unsafe_disable_engine_fixes: bool = False
     """Run the nodes without the engine fixes (shows that the checks catch E1)."""
+    peer_tls: bool = False
+    """Run the cluster traffic over mutual TLS (the APIs the clients use stay plain)."""
     log: Callable[[str], None] | None = None
     """Progress lines (one per fault); ``None`` is quiet."""
     check_timeout: float = 600.0
@@ -319,8 +321,9 @@ class ChaosReport:
         o = self.options
         unsafe = " --unsafe-disable-engine-fixes" if o.unsafe_disable_engine_fixes else ""
         budget = f" --faults {o.max_faults}" if o.max_faults is not None else ""
+        tls = " --peer-tls" if o.peer_tls else ""
         return (f"python -m streambus_consensus.testing.chaos --duration {o.duration:g} "
-                f"--seed {o.seed} --nodes {o.nodes} --profile {o.profile}{budget}{unsafe}")
+                f"--seed {o.seed} --nodes {o.nodes} --profile {o.profile}{budget}{unsafe}{tls}")
 
     def summary(self) -> str:
         """The run as text tables."""
@@ -417,7 +420,8 @@ class _Run:
         self.run_dir = run_dir
         env = {UNSAFE_ENV: "1"} if options.unsafe_disable_engine_fixes else {}
         self.cluster = LocalCluster(options.nodes, run_dir / "cluster", app="metadata",
-                                    settings=dict(profile.settings), env=env, proxied=True)
+                                    settings=dict(profile.settings), env=env, proxied=True,
+                                    tls=options.peer_tls, api_tls=False)
         self.timeout_max = float(profile.settings.get("election_timeout_max", 0.8))
         addresses = {n: node.api_address for n, node in self.cluster.nodes.items()}
         self.history = History()
@@ -963,6 +967,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=None, metavar="N",
                         help="stop injecting after N faults, even before --duration is over")
     parser.add_argument("--quiet", action="store_true", help="no line per fault")
+    parser.add_argument("--peer-tls", action="store_true",
+                        help="run the cluster traffic over mutual TLS")
     parser.add_argument("--unsafe-disable-engine-fixes", action="store_true",
                         help="run the nodes without the engine fixes, to show that the "
                              "checks catch what they prevent")
@@ -975,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ChaosOptions(duration=args.duration, seed=seed, nodes=args.nodes,
                            profile=args.profile, keep=args.keep, max_faults=args.faults,
                            unsafe_disable_engine_fixes=args.unsafe_disable_engine_fixes,
-                           log=None if args.quiet else log)
+                           peer_tls=args.peer_tls, log=None if args.quiet else log)
     log(f"chaos: profile={options.profile} nodes={options.nodes} seed={seed} "
         f"duration={options.duration:g}s")
     report = run_chaos(options)

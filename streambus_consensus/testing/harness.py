@@ -136,6 +136,8 @@ class LocalCluster:
         secret: the cluster secret; by default a new random one, written to
             ``cluster.secret`` (0600) as ``cluster init`` does.
         tls: run peers and APIs over mutual TLS with a throwaway CA (``tls/``).
+        api_tls: with ``tls``, ``False`` keeps the APIs on plain HTTP (for
+            clients that speak only that, such as the chaos history recorder).
         settings: extra config fields for every node (e.g. snapshot interval).
         env: extra environment variables for the node processes.
         proxied: route every directed node-to-node link through the link
@@ -147,6 +149,7 @@ class LocalCluster:
     app: str = "kv"
     secret: str = field(default_factory=generate_secret)
     tls: bool = False
+    api_tls: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
@@ -191,6 +194,7 @@ class LocalCluster:
         node.config_path.write_text(render_node_config(
             node.node_id, cluster, data_dir="data", secret_file=str(self.secret_file),
             api_address=node.api_address, tls=self.tls_files.get(node.node_id),
+            api_tls=self.api_tls,
             settings=self.settings), encoding="utf-8")
 
     def _address_of(self, node_id: str, *, seen_from: str) -> str:
@@ -211,8 +215,8 @@ class LocalCluster:
                          timeout=timeout, tls=self.client_tls())
 
     def client_tls(self) -> ssl.SSLContext | None:
-        """The admin client's TLS context (``tls=True`` only)."""
-        if not self.tls:
+        """The admin client's TLS context (APIs served over TLS only)."""
+        if not (self.tls and self.api_tls):
             return None
         admin = self.tls_files[ADMIN_NAME]
         return client_context(str(admin.ca_file), str(admin.cert_file), str(admin.key_file))
