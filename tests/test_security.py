@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import socket
 import struct
 import subprocess
@@ -550,3 +551,36 @@ def test_metrics_answer_unsigned_and_expose_no_metadata_or_secrets(
             assert secret_or_name not in text, f"/metrics on {node.node_id} leaks it"
         labels = set(re.findall(r"[{,]([a-z_]+)=\"", text))
         assert labels <= ALLOWED_METRIC_LABELS, labels - ALLOWED_METRIC_LABELS
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_running_out_of_file_descriptors_costs_one_log_line_not_a_spin(
+        make_cluster: Callable[..., LocalCluster]) -> None:
+    cluster = make_cluster(1, app="kv")
+    cluster.start()
+    cluster.wait_for_leader()
+    pid = cluster.pid("n1")
+    assert pid is not None
+    original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 8, original[1]))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            with contextlib.suppress(OSError):
+                socks.append(connect(cluster.nodes["n1"].raft_port))
+        started = _cpu_seconds(pid)
+        time.sleep(3.0)  # the listener stays readable all this time
+        busy = _cpu_seconds(pid) - started
+    finally:
+        for sock in socks:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+    assert busy < 1.0, f"the node spun: {busy:.2f} s of CPU in 3 s"
+    lines = [line for line in cluster.tail("n1", 200).splitlines() if "accept failed" in line]
+    assert 1 <= len(lines) <= 2, lines
+    cluster.client().request("PUT", "/v1/kv/after-emfile", {"value": "ok"})

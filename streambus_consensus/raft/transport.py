@@ -79,6 +79,9 @@ MAX_PENDING_HANDSHAKES = 64
 OUTBUF_LIMIT = 64 << 20
 """Bytes queued to a peer that does not read before its connection is closed
 (Raft re-sends what is lost); a snapshot in flight stays well under it."""
+ACCEPT_BACKOFF = 0.5
+"""Seconds the listener is not watched after accept ran out of file descriptors."""
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 LOG_EVERY = 10.0
 """Seconds between two log lines about the same kind of dropped connection."""
 _TLS_RECORD_START = b"\x16\x03"
@@ -168,6 +171,7 @@ class TcpTransport:
         self._outbuf_limit = max(OUTBUF_LIMIT, 4 * max_frame_bytes)
         self._server_tls, self._client_tls = server_tls, client_tls
         self._limited = RateLimitedLog(logger, LOG_EVERY)
+        self._accept_resumes_at: float | None = None
         self._ping_interval = ping_interval
         self._dead_timeout = dead_timeout
         self._retry_interval = retry_interval
@@ -230,7 +234,8 @@ class TcpTransport:
         self._out.clear()
         self._in.clear()
         if self._listener is not None:
-            self._selector.unregister(self._listener)
+            if self._accept_resumes_at is None:
+                self._selector.unregister(self._listener)
             self._listener.close()
             self._listener = None
             self._selector.unregister(self._waker_r)
@@ -321,6 +326,10 @@ class TcpTransport:
     def _maintain(self) -> None:
         """Reconnect, ping idle links, close dead ones."""
         now = time.monotonic()
+        if (self._accept_resumes_at is not None and now >= self._accept_resumes_at
+                and self._listener is not None):
+            self._accept_resumes_at = None
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
         for peer in list(self._peers):
             conn = self._out.get(peer)
             if conn is None and now >= self._next_attempt.get(peer, 0.0):
@@ -392,6 +401,11 @@ class TcpTransport:
                 return
             except OSError as exc:
                 self._log_limited("accept", logging.WARNING, "accept failed: %s", exc)
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The pending connection stays queued, so the listener stays
+                    # readable: stop watching it for a while instead of spinning.
+                    self._selector.unregister(self._listener)
+                    self._accept_resumes_at = time.monotonic() + ACCEPT_BACKOFF
                 return
             if sum(1 for c in self._in if not c.ready) >= MAX_PENDING_HANDSHAKES:
                 sock.close()
