@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "ConsensusError",
     "CorruptStorageError",
+    "EngineCompatibilityError",
     "LeadershipLostError",
     "NoLeaderError",
     "NodeStoppedError",
@@ -93,6 +94,15 @@ class CorruptStorageError(StorageError):
         self.path = path
         self.offset = offset
         self.detail = detail
+
+
+class EngineCompatibilityError(ConsensusError, ImportError):
+    """The installed PySyncObj lacks an internal the adapter relies on.
+
+    Raised when :mod:`streambus_consensus.raft.engine` is imported; the message
+    names the first missing attribute, method, message field or option and
+    the feature that needs it.
+    """
 
 
 class TransportError(ConsensusError):
