@@ -357,6 +357,7 @@ class Engine:
         self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._snapshot_lock = threading.Lock()
         self.snapshot_error: BaseException | None = None
+        self._load_failure: BaseException | None = None
 
         recovered = storage.open()
         journal = _Journal(storage, recovered)
@@ -417,8 +418,13 @@ class Engine:
     # -- driving ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Run one engine tick without waiting (network waits happen in the transport)."""
+        """Run one engine tick without waiting (network waits happen in the transport).
+
+        Raises what a snapshot load raised (see :meth:`_deserialize`).
+        """
         self._obj.doTick(0.0)
+        if self._load_failure is not None:
+            raise self._load_failure
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
         """Hand an incoming message to the engine (through the guard)."""
@@ -620,6 +626,21 @@ class Engine:
                 time.monotonic() + obj._SyncObj__generateRaftTimeout())
 
     def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
+        """Engine issue E15: PySyncObj logs and swallows an exception from a
+        snapshot load, then goes on with the state machine as it was and the
+        log positioned after the snapshot (an install from the leader clears
+        the log first): the replica silently diverges. A load that fails here
+        (damaged bytes, a snapshot of a newer metadata version) therefore
+        stops the node at the end of the tick instead (fail-stop)."""
+        try:
+            return self._load_snapshot(path)
+        except Exception as exc:
+            logger.critical("%s: cannot load snapshot %s, stopping the node: %s",
+                            self.node_id, path, exc)
+            self._load_failure = exc
+            raise
+
+    def _load_snapshot(self, path: str) -> tuple[Any, Any, Any]:
         with open(path, "rb") as f:
             blob = f.read()
         header, state = unpack_snapshot(blob, path)
