@@ -348,6 +348,8 @@ class MetadataApplication:
             Route("POST", "/v1/features", upgrade_features),
             Route("GET", "/v1/metadata/digest", digest),
         ]
+        if next_level.is_installed():
+            routes += next_level.routes(s)
         return [Route(r.method, r.pattern, _checked(r.handler)) for r in routes]
 
     def collect_metrics(self) -> Iterator[Metric]:

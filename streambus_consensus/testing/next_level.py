@@ -12,14 +12,18 @@ nothing else ever does, and production configs never set it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..api import ApiError, ApiRequest, Route
 from ..metadata import commands, fsm
 from ..metadata.commands import AlterTopicConfig, RequestId
 
-__all__ = ["ENV_VAR", "SetRetention", "install", "installed"]
+if TYPE_CHECKING:
+    from ..metadata.store import MetadataStore
+
+__all__ = ["ENV_VAR", "SetRetention", "install", "installed", "is_installed", "routes"]
 
 ENV_VAR = "STREAMBUS_CONSENSUS_TEST_NEXT_METADATA_VERSION"
 """Set to ``"1"`` in a node process's environment to run it as the next release."""
@@ -57,6 +61,29 @@ def install() -> int:
         }, level=level)
         fsm.register_handler(SetRetention, _apply)
     return commands._LEVEL[SetRetention]
+
+
+def is_installed() -> bool:
+    """Whether this process runs as the next release."""
+    return _WIRE_NAME in commands._BY_NAME
+
+
+def routes(store: Callable[[], MetadataStore]) -> list[Route]:
+    """``POST /v1/test/topics/{name}/retention`` ``{"retention_ms": n}``: propose
+    a :class:`SetRetention` (refused as ``feature_not_enabled`` until the
+    cluster's metadata version is raised)."""
+
+    def set_retention(request: ApiRequest) -> Any:
+        body = request.body if isinstance(request.body, dict) else {}
+        value = body.get("retention_ms")
+        if type(value) is not int:
+            raise ApiError(400, "invalid_argument", "'retention_ms' must be an integer")
+        result = store().execute(SetRetention(  # type: ignore[arg-type]
+            request_id=store().next_request_id(), name=request.path_args[0],
+            retention_ms=value))
+        return {"offset": result.offset}
+
+    return [Route("POST", "/v1/test/topics/{name}/retention", set_retention)]
 
 
 @contextlib.contextmanager
