@@ -29,6 +29,7 @@ from streambus_consensus.testing.linearizability import (
 )
 from streambus_consensus.testing.workload import MetadataWorkload, WorkloadConfig
 from tests.conftest import ClusterFactory
+from tests.test_cli import fails, ok, rows
 
 pytestmark = pytest.mark.cluster
 
@@ -160,7 +161,16 @@ def test_an_old_release_stops_on_a_log_it_cannot_apply(make_cluster: ClusterFact
     cluster.start()
     cluster.wait_for_leader()
     client = cluster.client()
-    client.request("POST", "/v1/features", {"metadata_version": 2})
+    config = str(node.config_path)
+    fails(4, r"unsupported_metadata_version: metadata version 3 is not readable by every "
+             r"voter \(n1 reads 1\.\.2\)", "features", "upgrade", "--metadata-version", "3",
+          "--config", config)
+    assert ok("features", "upgrade", "--metadata-version", "2", "--config", config) == (
+        "metadata version is 2 (voters: n1 reads 1..2)\n")
+    [row] = rows(ok("features", "describe", "--config", config))
+    assert row[:4] == ["n1", node.api_address, "1..2", "2"]
+    fails(4, "invalid_metadata_version: metadata version 1 is below the finalized 2",
+          "features", "upgrade", "--metadata-version", "1", "--config", config)
     cluster.stop("n1")
     node.env = {}
     cluster.start("n1", wait=False)
