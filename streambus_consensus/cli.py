@@ -480,6 +480,35 @@ def _brokers(args: argparse.Namespace) -> _Output:
         ("incarnation", result["incarnation_id"]), ("epoch", result["broker_epoch"])]))
 
 
+def _features(args: argparse.Namespace) -> _Output:
+    """Metadata versions (feature levels): each node's range, the finalized one; raise it."""
+    client = _client(args)
+    if args.features_command == "upgrade":
+        result = client.request("POST", "/v1/features",
+                                {"metadata_version": args.metadata_version})
+        voters = ", ".join(f"{voter} reads {low}..{high}"
+                           for voter, (low, high) in sorted(result["voters"].items()))
+        return _Output(result, f"metadata version is {result['finalized']} "
+                               f"(voters: {voters})")
+    report: list[dict[str, Any]] = []
+    rows = []
+    for address in client.addresses:
+        try:
+            found = client.request("GET", "/v1/features", address=address)
+        except ClusterUnreachableError:
+            report.append({"api": address, "error": "unreachable"})
+            rows.append([None, address, "unreachable", None, None])
+            continue
+        report.append({"api": address, **found})
+        low, high = found["supported"]
+        rows.append([found["node_id"], address, f"{low}..{high}", found["finalized"],
+                     found["offset"]])
+    if all("error" in item for item in report):
+        raise ClusterUnreachableError("no node answered at " + ", ".join(client.addresses))
+    return _Output(report, format_table(
+        ["NODE", "API", "SUPPORTED", "FINALIZED", "OFFSET"], rows))
+
+
 # -- the parser -------------------------------------------------------------------------
 
 
@@ -638,6 +667,20 @@ def _build_parser() -> argparse.ArgumentParser:
             "List the brokers registered in the metadata, with their state.")
     bdescribe = command(brokers, "describe", "show one broker", "Show one registered broker.")
     bdescribe.add_argument("broker_id", type=int, help="the broker's id")
+
+    features = group("features", "metadata versions (feature levels): describe or upgrade",
+                     "features_command")
+    command(features, "describe", "each node's supported and finalized metadata version",
+            "Ask every given node which metadata versions its software reads (SUPPORTED) "
+            "and which one the cluster has finalized, as of the node's OFFSET.")
+    fupgrade = command(
+        features, "upgrade", "raise the cluster's metadata version",
+        "Raise the cluster's finalized metadata version, so that commands of that "
+        "version may be written. Refused (exit 4) unless every voter answers that its "
+        "software reads it: upgrade every node's software first (docs/operations.md, "
+        "'Rolling upgrade'). Cannot be lowered again.")
+    fupgrade.add_argument("--metadata-version", type=int, required=True, metavar="N",
+                          help="the version to finalize")
     return parser
 
 
@@ -647,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace], _Output | None]] = {
             "node": _run_node, "cluster": _cluster, "status": _status, "members": _members,
-            "leader": _leader, "topics": _topics, "brokers": _brokers}
+            "leader": _leader, "topics": _topics, "brokers": _brokers, "features": _features}
         output = handlers[args.command](args)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))

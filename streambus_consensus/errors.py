@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "ConsensusError",
     "CorruptStorageError",
+    "EngineCompatibilityError",
     "LeadershipLostError",
     "NoLeaderError",
     "NodeStoppedError",
@@ -36,9 +37,11 @@ __all__ = [
     "ProposalRejectedError",
     "ProposalTimeoutError",
     "QueueFullError",
+    "ReplicaHaltError",
     "RequestDeniedError",
     "StorageError",
     "TransportError",
+    "UnsupportedMetadataVersionError",
 ]
 
 
@@ -76,6 +79,46 @@ class CodecError(ConsensusError, ValueError):
     """Bytes could not be decoded (malformed, truncated, too large, unknown version)."""
 
 
+class UnsupportedMetadataVersionError(CodecError):
+    """Data needs a metadata version (feature level) this software cannot read.
+
+    A log entry, snapshot or upgrade request written for a newer release.
+    On a running replica it stops the node (see :class:`ReplicaHaltError`);
+    in a data dir it keeps the node from starting. Run a release whose
+    supported range includes ``required``.
+
+    Attributes:
+        required: the metadata version the data needs.
+        supported: ``(lowest, highest)`` metadata version this software reads.
+    """
+
+    def __init__(self, what: str, required: int, supported: tuple[int, int]) -> None:
+        super().__init__(
+            f"{what} needs metadata version {required}; this software supports "
+            f"{supported[0]}..{supported[1]} (run a release that supports {required})")
+        self.required = required
+        self.supported = supported
+
+
+class ReplicaHaltError(ConsensusError):
+    """This replica cannot apply a committed log entry, so its node stops.
+
+    Applying something else (or nothing) in its place would let this replica
+    diverge from the others without a word; stopping is the safe answer
+    (fail-stop). The entry is undecodable by this software: written at a
+    metadata version it does not know, or damaged. The node's process exits
+    non-zero; fix the software (or the data) and restart it.
+
+    Attributes:
+        index: the log index of the entry.
+    """
+
+    def __init__(self, index: int, reason: str, *, node_id: str | None = None) -> None:
+        super().__init__(f"cannot apply log entry {index}: {reason}; stopping this replica "
+                         "rather than diverge", node_id=node_id)
+        self.index = index
+
+
 class StorageError(ConsensusError):
     """The data directory could not be read or written."""
 
@@ -94,6 +137,15 @@ class CorruptStorageError(StorageError):
         self.path = path
         self.offset = offset
         self.detail = detail
+
+
+class EngineCompatibilityError(ConsensusError, ImportError):
+    """The installed PySyncObj lacks an internal the adapter relies on.
+
+    Raised when :mod:`streambus_consensus.raft.engine` is imported; the message
+    names the first missing attribute, method, message field or option and
+    the feature that needs it.
+    """
 
 
 class TransportError(ConsensusError):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from .api import ApiError, ApiRequest, ApiServer, Route
 from .config import NodeConfig
-from .errors import ConsensusError
+from .errors import ConsensusError, NodeStoppedError
 from .interfaces import NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
 from .raft.node import RaftNode
@@ -210,6 +210,18 @@ class NodeServer:
             logger.exception("application stop failed")
         self.node.stop()
 
-    def wait(self) -> None:
-        """Block until :meth:`stop` is called (from a signal handler, say)."""
-        self._stopped.wait()
+    def wait(self, poll_interval: float = 0.2) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, say).
+
+        Raises the node's error when it stops on its own (fail-stop: storage
+        failure, a log entry or snapshot it cannot apply), after stopping the
+        rest, so that the process exits non-zero instead of lingering.
+        """
+        while not self._stopped.wait(poll_interval):
+            failure = self.node.failure
+            if failure is not None:
+                self.stop()
+                if isinstance(failure, ConsensusError):
+                    raise failure
+                raise NodeStoppedError(f"node stopped: {type(failure).__name__}: {failure}",
+                                       node_id=self.config.node_id) from failure

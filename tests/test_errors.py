@@ -15,6 +15,7 @@ from streambus_consensus.errors import (
     ConfigError,
     ConsensusError,
     CorruptStorageError,
+    EngineCompatibilityError,
     LeadershipLostError,
     NodeStoppedError,
     NoLeaderError,
@@ -24,9 +25,11 @@ from streambus_consensus.errors import (
     ProposalRejectedError,
     ProposalTimeoutError,
     QueueFullError,
+    ReplicaHaltError,
     RequestDeniedError,
     StorageError,
     TransportError,
+    UnsupportedMetadataVersionError,
 )
 
 # (class, its direct documented parent, retriable)
@@ -48,6 +51,9 @@ TREE: list[tuple[type[ConsensusError], type[Exception], bool]] = [
     (ProposalTimeoutError, OutcomeUnknownError, True),
     (LeadershipLostError, OutcomeUnknownError, True),
     (CommandRefusedError, ConsensusError, False),
+    (UnsupportedMetadataVersionError, CodecError, False),
+    (ReplicaHaltError, ConsensusError, False),
+    (EngineCompatibilityError, ConsensusError, False),
 ]
 
 
@@ -149,8 +155,24 @@ def test_command_refused_error_carries_code() -> None:
     assert not isinstance(exc, ProposalRejectedError | OutcomeUnknownError)
 
 
+def test_unsupported_metadata_version_names_what_needs_what() -> None:
+    exc = UnsupportedMetadataVersionError("the snapshot", 3, (1, 2))
+    assert (exc.required, exc.supported) == (3, (1, 2))
+    assert str(exc) == ("the snapshot needs metadata version 3; this software supports 1..2 "
+                        "(run a release that supports 3)")
+    assert isinstance(exc, CodecError)
+
+
+def test_replica_halt_names_the_entry() -> None:
+    exc = ReplicaHaltError(42, "undecodable", node_id="n2")
+    assert exc.index == 42 and exc.node_id == "n2" and not exc.retriable
+    assert str(exc) == ("cannot apply log entry 42: undecodable; stopping this replica "
+                        "rather than diverge")
+
+
 @pytest.mark.parametrize("cls", [cls for cls, _, _ in TREE if cls not in
-                                 (ConfigError, CorruptStorageError, CommandRefusedError)])
+                                 (ConfigError, CorruptStorageError, CommandRefusedError,
+                                  UnsupportedMetadataVersionError, ReplicaHaltError)])
 def test_simple_errors_accept_message_and_node_id(cls: type[ConsensusError]) -> None:
     exc = cls("went wrong", node_id="n9")
     assert str(exc) == "went wrong"

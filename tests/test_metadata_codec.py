@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import streambus_consensus.metadata as metadata
 from streambus_consensus import codec
-from streambus_consensus.errors import CodecError, ConfigError
+from streambus_consensus.errors import CodecError, ConfigError, UnsupportedMetadataVersionError
 from streambus_consensus.metadata import (
     ELECTION_KINDS,
     FORMAT_VERSION,
@@ -36,13 +36,18 @@ from streambus_consensus.metadata import (
     ReassignReplicas,
     RegisterBroker,
     RequestId,
+    SetMetadataVersion,
     TopicConfig,
     UnfenceBroker,
     UnregisterBroker,
+    command_level,
     command_type,
     decode_command,
     encode_command,
+    register_command,
+    supported_metadata_versions,
 )
+from streambus_consensus.testing import next_level
 
 INT31 = 2**31 - 1
 INT63 = 2**63 - 1
@@ -181,9 +186,10 @@ GOOD = codec.decode(encode_command(
     [
         ([1, "no_op", ("c", 1)], "tuple"),
         ((1,), "tuple"),
-        ((2, *GOOD[1:]), "unknown command format version 2"),
-        ((0, *GOOD[1:]), "unknown command format version"),
-        (("1", *GOOD[1:]), "unknown command format version"),
+        ((2, *GOOD[1:]), "needs metadata version 2; this software supports 1..1"),
+        ((0, *GOOD[1:]), "invalid command metadata version 0"),
+        (("1", *GOOD[1:]), "invalid command metadata version '1'"),
+        ((32768, *GOOD[1:]), "invalid command metadata version 32768"),
         ((1, "launch_missiles", ("c", 1)), "unknown command type"),
         ((1, 7, ("c", 1)), "unknown command type"),
         (GOOD[:-1], "expected 7 fields"),
@@ -205,6 +211,45 @@ GOOD = codec.decode(encode_command(
 def test_decode_refuses(value: Any, fragment: str) -> None:
     with pytest.raises(CodecError, match=fragment):
         decode_command(codec.encode(value))
+
+
+def test_a_newer_metadata_version_is_named_in_a_typed_error() -> None:
+    with pytest.raises(UnsupportedMetadataVersionError) as info:
+        decode_command(codec.encode((3, "from_the_future", ("c", 1))))
+    assert (info.value.required, info.value.supported) == (3, (1, 1))
+    assert "command 'from_the_future' needs metadata version 3" in str(info.value)
+
+
+def test_a_command_must_carry_its_own_kinds_version() -> None:
+    with next_level.installed() as level:
+        assert level == 2 and supported_metadata_versions() == (1, 2)
+        command = next_level.SetRetention(request_id=RequestId("c", 1), name="t",
+                                          retention_ms=5)
+        data = encode_command(command)  # type: ignore[arg-type]
+        assert codec.decode(data)[0] == 2  # type: ignore[index]
+        assert decode_command(data) == command
+        with pytest.raises(CodecError, match="test_set_retention is a metadata version 2 "
+                                             "command, not version 1"):
+            decode_command(codec.encode((1, "test_set_retention", ("c", 1), "t", 5)))
+        with pytest.raises(CodecError, match="no_op is a metadata version 1 command"):
+            decode_command(codec.encode((2, "no_op", ("c", 1))))
+        with pytest.raises(ValueError, match="already registered"):
+            register_command(next_level.SetRetention, "again", {}, level=2)
+        with pytest.raises(ValueError, match="skips 3"):
+            register_command(type("Skip", (), {}), "skip", {}, level=4)
+    assert supported_metadata_versions() == (1, 1)
+    with pytest.raises(UnsupportedMetadataVersionError):
+        decode_command(data)
+
+
+def test_every_kind_of_this_release_is_metadata_version_1() -> None:
+    assert supported_metadata_versions() == (1, FORMAT_VERSION)
+    for command in (NoOp(request_id=RequestId("c", 1)),
+                    SetMetadataVersion(request_id=RequestId("c", 1), level=2)):
+        assert command_level(command) == 1
+        assert codec.decode(encode_command(command))[0] == 1  # type: ignore[index]
+    with pytest.raises(CodecError, match="not a metadata command"):
+        command_level("no_op")  # type: ignore[arg-type]
 
 
 @settings(max_examples=500, deadline=None)

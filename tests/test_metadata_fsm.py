@@ -3,6 +3,7 @@ refusals (every code, with its message), idempotency, snapshots."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streambus_consensus import codec
-from streambus_consensus.errors import CodecError, CommandRefusedError, ConfigError
+from streambus_consensus.errors import (
+    CodecError,
+    CommandRefusedError,
+    ConfigError,
+    ReplicaHaltError,
+)
 from streambus_consensus.interfaces import ConsistentSnapshotter, StateMachine
 from streambus_consensus.metadata import (
     OK,
@@ -37,6 +43,7 @@ from streambus_consensus.metadata import (
     RefusalCode,
     RegisterBroker,
     RequestId,
+    SetMetadataVersion,
     TopicConfig,
     UnfenceBroker,
     UnregisterBroker,
@@ -543,9 +550,18 @@ def _already_applied(h: Harness) -> ApplyResult:
     return result
 
 
-@scenario(RefusalCode.MALFORMED_COMMAND)
-def _malformed(h: Harness) -> ApplyResult:
-    return h.fsm.apply(b"\x00garbage")
+@scenario(RefusalCode.FEATURE_NOT_ENABLED)
+def _feature_not_enabled(h: Harness) -> ApplyResult:
+    # A command of the next metadata version, as a newer release would write it.
+    data = codec.encode((2, "some_future_command", ("c", 1), "field"))
+    return h.fsm.apply(data)
+
+
+@scenario(RefusalCode.INVALID_METADATA_VERSION)
+def _invalid_metadata_version(h: Harness) -> ApplyResult:
+    h.fsm._image = dataclasses.replace(h.fsm.image(), metadata_version=2)
+    return h.refused(SetMetadataVersion(request_id=h.rid(), level=1),
+                     RefusalCode.INVALID_METADATA_VERSION)
 
 
 @scenario(RefusalCode.INTERNAL_ERROR)
@@ -1061,17 +1077,14 @@ def test_restore_rejects_a_well_checksummed_but_invalid_state() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
-def test_random_bytes_are_refused_without_a_state_change(data: bytes) -> None:
+def test_random_bytes_halt_the_replica_without_a_state_change(data: bytes) -> None:
     h = Harness()
     h.brokers(1)
     before = h.fsm.image()
-    result = h.fsm.apply(data)
-    assert not result.ok and result.code == RefusalCode.MALFORMED_COMMAND
-    after = h.fsm.image()
-    assert (after.brokers, after.topics, after.partitions) == (
-        before.brokers, before.topics, before.partitions,
-    )
-    assert after.offset == before.offset + 1
+    with pytest.raises(ReplicaHaltError) as info:
+        h.fsm.apply(data)
+    assert info.value.index == before.offset + 1
+    assert h.fsm.image() is before
 
 
 @settings(max_examples=200, deadline=None)
@@ -1087,6 +1100,11 @@ def test_mutated_valid_commands_never_raise(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] = data.draw(st.integers(0, 255))
-    result = h.fsm.apply(bytes(raw))
-    assert isinstance(result, ApplyResult)
+    before = h.fsm.image()
+    try:
+        result = h.fsm.apply(bytes(raw))
+    except ReplicaHaltError:
+        assert h.fsm.image() is before  # stops without touching the state
+    else:
+        assert isinstance(result, ApplyResult)
     check_invariants(h.fsm.image())

@@ -162,3 +162,67 @@ def test_checker_finds_every_kind_of_violation() -> None:
     assert any(v.startswith("leaders per broker") for v in unbalanced)
     assert any(v.startswith("replicas per broker") for v in unbalanced)
     assert check_placement(brokers, [(0, 2), (0, 3), (0, 2)], 2, check_balance=False) == []
+
+
+# --------------------------------------------------------------------------
+# Golden placements: the exact answer for fixed inputs. The pattern is part of
+# the replicated behaviour (every replica computes it), so a change to it must
+# be deliberate: it changes where new partitions of existing topics go.
+
+
+def test_golden_placement_without_racks() -> None:
+    brokers = [broker(b) for b in range(4)]
+    assert place_replicas(brokers, 6, 3, 0) == [
+        (0, 1, 2), (3, 0, 1), (2, 3, 0), (1, 2, 3), (0, 1, 2), (3, 0, 1)]
+    assert place_replicas(brokers, 2, 3, 5) == [(1, 2, 3), (0, 1, 2)]
+    assert place_replicas(brokers, 2, 3, 0, first_partition=2) == [(2, 3, 0), (1, 2, 3)]
+
+
+def test_golden_placement_over_two_racks() -> None:
+    brokers = [broker(0, "a"), broker(1, "a"), broker(2, "b"), broker(3, "b")]
+    assert place_replicas(brokers, 4, 2, 0) == [(0, 2), (1, 3), (2, 0), (3, 1)]
+    assert place_replicas(brokers, 4, 3, 1) == [(2, 1, 3), (0, 2, 1), (3, 0, 2), (1, 3, 0)]
+    # Added partitions continue the replica sets; leaders are balanced per call.
+    added = place_replicas(brokers, 2, 2, 0, first_partition=2)
+    assert added == [(0, 2), (1, 3)]
+    assert [set(p) for p in added] == [set(p) for p in place_replicas(brokers, 4, 2, 0)[2:]]
+
+
+def test_golden_placement_with_existing_load() -> None:
+    brokers = [broker(0, "a"), broker(1, "a"), broker(2, "b"), broker(3, "b")]
+    loaded = place_replicas(brokers, 2, 2, 0, existing_load={0: 5, 2: 5})
+    assert loaded == [(1, 3), (0, 2)]
+
+
+def test_rack_groups_order_racks_and_brokers() -> None:
+    brokers = [broker(5, "b"), broker(1, None), broker(3, "a"), broker(2, "b"),
+               broker(4, "a", BrokerState.FENCED)]
+    assert rack_groups(brokers) == [[1], [3], [2, 5]]
+    assert rack_groups(brokers, {5: 0, 2: 9}) == [[1], [3], [5, 2]]
+
+
+def test_checker_boundaries() -> None:
+    rackless = [broker(b) for b in range(3)]
+    # Balance: a difference of exactly one is fine, two is not.
+    assert check_placement(rackless, [(0, 1), (1, 2), (2, 0), (0, 1)], 2) == []
+    assert check_placement(rackless, [(0, 1), (0, 2), (0, 1), (1, 2)], 2) == [
+        "leaders per broker differ by more than one: {0: 3, 1: 1, 2: 0}"]
+    # Racks of unequal size: balance is not asked for.
+    uneven = [broker(0, "a"), broker(1, "a"), broker(2, "b")]
+    assert check_placement(uneven, [(0, 2), (0, 2), (0, 2)], 2) == []
+    # A replication factor above the rack count only asks for every rack.
+    two_racks = [broker(0, "a"), broker(1, "a"), broker(2, "b"), broker(3, "b")]
+    assert check_placement(two_racks, [(0, 1, 2)], 3, check_balance=False) == []
+    assert check_placement(two_racks, [(0, 1)], 2, check_balance=False) == [
+        "partition 0: replicas (0, 1) span 1 rack(s), 2 possible"]
+    # No active broker, no assignment: nothing to say.
+    assert check_placement([broker(0, None, BrokerState.FENCED)], [], 1) == []
+    assert check_placement([], [(7,)], 1) == ["partition 0: brokers [7] are not active"]
+    # Exact wording of each violation.
+    assert check_placement(two_racks, [(0, 0, 2)], 3, check_balance=False) == [
+        "partition 0: replicas (0, 0, 2) are not distinct"]
+    assert check_placement(two_racks, [(0, 2)], 3, check_balance=False) == [
+        "partition 0: 2 replicas, expected 3"]
+    assert check_placement(two_racks, [()], 1, check_balance=False) == [
+        "partition 0: 0 replicas, expected 1",
+        "partition 0: replicas () span 0 rack(s), 1 possible"]

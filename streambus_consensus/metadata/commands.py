@@ -4,10 +4,9 @@ Each command is a frozen, keyword-only dataclass. Everything the state machine
 needs to decide is inside the command (ids, placement offsets): the state
 machine reads no clock and draws no random numbers.
 
-Wire format (version :data:`FORMAT_VERSION`), encoded with
-:mod:`streambus_consensus.codec`::
+Wire format, encoded with :mod:`streambus_consensus.codec`::
 
-    (format_version: int, command_type: str, request_id, field, field, ...)
+    (metadata_version: int, command_type: str, request_id, field, field, ...)
 
 a flat tuple: ``request_id`` is ``(client_id, seq)`` and the other fields
 follow in the order of the command's dataclass fields (positional, to keep
@@ -16,6 +15,18 @@ type, the number of fields, each field's type and range, and raises
 :class:`~streambus_consensus.errors.CodecError` on any mismatch. Whether a
 well-formed command makes sense (does the topic exist, is the name valid) is
 the state machine's business: it answers with a refusal code, not an exception.
+
+**Metadata versions** (feature levels, as Kafka's ``metadata.version``). Each
+command kind belongs to the metadata version that introduced it, and its
+entries carry that number first. Every kind of this release is version 1
+(:data:`FORMAT_VERSION`), so logs written before feature levels existed
+decode unchanged. A release that adds a kind, or changes one's fields, adds a
+version; this software decodes every version from 1 up to
+:func:`supported_metadata_versions`'s highest and raises
+:class:`~streambus_consensus.errors.UnsupportedMetadataVersionError` above
+it. The cluster's *finalized* version (:class:`SetMetadataVersion`, kept in
+the state machine) says which versions may be written: a command above it is
+never proposed, and is refused the same way on every replica if it is.
 """
 
 from __future__ import annotations
@@ -26,11 +37,12 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from .. import codec
-from ..errors import CodecError
+from ..errors import CodecError, UnsupportedMetadataVersionError
 
 __all__ = [
     "ELECTION_KINDS",
     "FORMAT_VERSION",
+    "MAX_METADATA_VERSION",
     "AddPartitions",
     "AlterIsr",
     "AlterTopicConfig",
@@ -46,15 +58,23 @@ __all__ = [
     "ReassignReplicas",
     "RegisterBroker",
     "RequestId",
+    "SetMetadataVersion",
     "UnfenceBroker",
     "UnregisterBroker",
+    "command_level",
     "command_type",
     "decode_command",
     "encode_command",
+    "register_command",
+    "supported_metadata_versions",
 ]
 
 FORMAT_VERSION: Final = 1
-"""Version of the command wire format written by :func:`encode_command`."""
+"""The metadata version of every command kind of this release (the first
+element of their encoding); also the version of a cluster that never set one."""
+
+MAX_METADATA_VERSION: Final = 32767
+"""Largest metadata version a command may name (Kafka's feature levels are int16)."""
 
 ElectionKind: TypeAlias = Literal["preferred", "isr", "unclean"]
 """How :class:`ElectLeaders` chooses a leader."""
@@ -316,6 +336,25 @@ class ReassignReplicas:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SetMetadataVersion:
+    """Finalize the cluster's metadata version (Kafka's ``FeatureLevelRecord``).
+
+    From the entry on, commands up to ``level`` may be written. Proposed by
+    ``features upgrade`` only after every voter reported that its software
+    reads ``level``. Lowering it is refused (a command already written at a
+    higher version could not be read back by the software a downgrade is
+    for); the same level again is an idempotent no-op. A replica whose
+    software does not read ``level`` stops rather than apply it.
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key."""
+    level: int
+    """The new metadata version, ``1 <= level <= 32767``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Read:
     """A linearizable read through the log: changes nothing, answers the
     state as of its own log position. Not remembered for retries (re-reading
@@ -351,6 +390,7 @@ Command: TypeAlias = (
     | ElectLeaders
     | AlterIsr
     | ReassignReplicas
+    | SetMetadataVersion
     | Read
     | NoOp
 )
@@ -557,11 +597,47 @@ _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
         "request_id": _REQUEST_ID, "topic": _NAME, "partition": _INDEX,
         "replicas": _BROKER_IDS,
     }),
+    SetMetadataVersion: ("set_metadata_version", {
+        "request_id": _REQUEST_ID, "level": _Int(1, MAX_METADATA_VERSION),
+    }),
     Read: ("read", {"request_id": _REQUEST_ID, "name": _Optional(_NAME)}),
     NoOp: ("no_op", {"request_id": _REQUEST_ID}),
 }
 
 _BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA.items()}
+_LEVEL: Final[dict[type[Any], int]] = dict.fromkeys(_SCHEMA, FORMAT_VERSION)
+_SUPPORTED: list[int] = [FORMAT_VERSION, FORMAT_VERSION]  # [lowest, highest] decodable
+
+
+def supported_metadata_versions() -> tuple[int, int]:
+    """``(lowest, highest)`` metadata version this software decodes."""
+    return _SUPPORTED[0], _SUPPORTED[1]
+
+
+def register_command(cls: type[Any], name: str, kinds: dict[str, Any], *, level: int) -> None:
+    """Add a command kind introduced at metadata version ``level`` (the next one).
+
+    The extension point a release uses for a new kind; the version-skew tests
+    use it to build "the next release" (:mod:`streambus_consensus.testing.next_level`).
+    ``kinds`` maps each dataclass field, in order, to its field kind.
+    """
+    if name in _BY_NAME or cls in _SCHEMA:
+        raise ValueError(f"command {name!r} is already registered")
+    if level != _SUPPORTED[1] + 1 and level > _SUPPORTED[1]:
+        raise ValueError(f"metadata version {level} skips {_SUPPORTED[1] + 1}")
+    _SCHEMA[cls] = (name, kinds)
+    _check_schema_matches_classes()
+    _BY_NAME[name] = cls
+    _LEVEL[cls] = level
+    _SUPPORTED[1] = max(_SUPPORTED[1], level)
+
+
+def command_level(command: Command) -> int:
+    """The metadata version a command needs: that of its kind."""
+    level = _LEVEL.get(type(command))
+    if level is None:
+        raise CodecError(f"not a metadata command: {type(command).__name__}")
+    return level
 
 
 def _check_schema_matches_classes() -> None:
@@ -596,26 +672,34 @@ def encode_command(command: Command) -> bytes:
         raise CodecError(f"not a metadata command: {type(command).__name__}")
     name, kinds = spec
     body = [kind.to_wire(getattr(command, key), f"{name}.{key}") for key, kind in kinds.items()]
-    return codec.encode((FORMAT_VERSION, name, *body))
+    return codec.encode((_LEVEL[type(command)], name, *body))
 
 
 def decode_command(data: bytes) -> Command:
     """Decode bytes made by :func:`encode_command`.
 
-    Raises :class:`~streambus_consensus.errors.CodecError` for malformed
-    bytes, an unknown format version or command type, a missing, extra or
-    mistyped field, or an out-of-range value.
+    Raises :class:`~streambus_consensus.errors.UnsupportedMetadataVersionError`
+    (a :class:`~streambus_consensus.errors.CodecError`) when the command is of
+    a metadata version above this software's, and CodecError for malformed
+    bytes, an unknown command type or one not of the version it claims, a
+    missing, extra or mistyped field, or an out-of-range value.
     """
     value = codec.decode(data)
     if type(value) is not tuple or len(value) < 2:
         raise CodecError("a command is a (version, type, fields...) tuple")
     version, name = value[0], value[1]
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise CodecError(f"unknown command format version {version!r}; this build reads "
-                         f"{FORMAT_VERSION}")
+    if type(version) is not int or not 1 <= version <= MAX_METADATA_VERSION:
+        raise CodecError(f"invalid command metadata version {version!r}")
+    if version > _SUPPORTED[1]:
+        raise UnsupportedMetadataVersionError(
+            f"command {name!r}" if type(name) is str else "a command", version,
+            supported_metadata_versions())
     if type(name) is not str or name not in _BY_NAME:
         raise CodecError(f"unknown command type {name!r}")
     cls = _BY_NAME[name]
+    if _LEVEL[cls] != version:
+        raise CodecError(f"{name} is a metadata version {_LEVEL[cls]} command, "
+                         f"not version {version}")
     kinds = _SCHEMA[cls][1]
     if len(value) != 2 + len(kinds):
         raise CodecError(

@@ -10,11 +10,21 @@ O(what it changes) and readers on other threads get a consistent
 :class:`MetadataImage` from :meth:`MetadataStateMachine.image` without locks.
 Partitions are kept per topic, as one tuple per topic.
 
-Apply never raises. A command that cannot be decoded, or that the state
-machine refuses ("topic already exists"), is answered with an
-:class:`ApplyResult` whose ``ok`` is false and whose ``code`` is a stable
-:class:`RefusalCode`; the state is then unchanged (only the offset moves on).
-A successful result lists its :class:`Change` s, in order, for listeners.
+Apply never raises for a command it can decode. A command the state machine
+refuses ("topic already exists"), or one of a metadata version above the
+cluster's finalized one, is answered with an :class:`ApplyResult` whose
+``ok`` is false and whose ``code`` is a stable :class:`RefusalCode`; the state
+is then unchanged (only the offset moves on), the same on every replica. A
+command this replica's software cannot decode at a version the cluster has
+finalized is another matter: answering it would let this replica diverge
+from those that can, so :meth:`MetadataStateMachine.apply_at` raises
+:class:`~streambus_consensus.errors.ReplicaHaltError` and the node stops
+(fail-stop). A successful result lists its :class:`Change` s, in order, for
+listeners.
+
+The finalized metadata version (:class:`~.commands.SetMetadataVersion`) is
+part of the state, of the image and of snapshots; a state that never set one
+is at version 1.
 
 Retries are idempotent: the result of every state-changing command is
 remembered under its :class:`~.commands.RequestId` (at most
@@ -39,6 +49,7 @@ an unclean election is asked for.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 import zlib
@@ -48,7 +59,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Generic, NoReturn, TypeVar, overload
 
 from .. import codec
-from ..errors import CodecError, CommandRefusedError, ConfigError
+from ..errors import (
+    CodecError,
+    CommandRefusedError,
+    ConfigError,
+    ReplicaHaltError,
+    UnsupportedMetadataVersionError,
+)
 from .commands import (
     AddPartitions,
     AlterIsr,
@@ -64,9 +81,12 @@ from .commands import (
     ReassignReplicas,
     RegisterBroker,
     RequestId,
+    SetMetadataVersion,
     UnfenceBroker,
     UnregisterBroker,
+    command_level,
     decode_command,
+    supported_metadata_versions,
 )
 from .placement import PlacementError, place_on_racks, rack_groups
 from .records import Broker, BrokerState, Partition, Topic, TopicConfig
@@ -82,10 +102,13 @@ __all__ = [
     "MetadataImage",
     "MetadataStateMachine",
     "RefusalCode",
+    "register_handler",
 ]
 
 SNAPSHOT_VERSION: Final = 1
-"""Version of the snapshot format written by :meth:`MetadataStateMachine.snapshot`."""
+"""Version of the snapshots written at metadata version 1. A snapshot's
+version is the metadata version of its state, so a release reads every
+snapshot up to its highest metadata version and refuses newer ones by name."""
 
 OK: Final = "ok"
 """The ``code`` of every successful :class:`ApplyResult`."""
@@ -117,8 +140,6 @@ class RefusalCode(enum.StrEnum):
 
     ALREADY_APPLIED = "already_applied"
     """``apply_at`` was given an index at or below the applied offset (ignored)."""
-    MALFORMED_COMMAND = "malformed_command"
-    """The bytes are not a valid command (see :func:`~.commands.decode_command`)."""
     INTERNAL_ERROR = "internal_error"
     """A bug in the state machine; the state is unchanged."""
     REQUEST_EXPIRED = "request_expired"
@@ -181,6 +202,10 @@ class RefusalCode(enum.StrEnum):
     """A broker added to an ISR is not active."""
     INVALID_REPLICAS = "invalid_replicas"
     """A replica list that is empty, repeats a broker, or keeps no ISR member."""
+    FEATURE_NOT_ENABLED = "feature_not_enabled"
+    """The command needs a metadata version above the cluster's finalized one."""
+    INVALID_METADATA_VERSION = "invalid_metadata_version"
+    """A metadata version below the finalized one (downgrades are not supported)."""
 
 
 class ChangeKind(enum.StrEnum):
@@ -426,6 +451,8 @@ class MetadataImage:
     """Topics by name."""
     partitions: Mapping[str, tuple[Partition, ...]]
     """Each topic's partitions, in index order, by topic name."""
+    metadata_version: int = 1
+    """The cluster's finalized metadata version: commands up to it may be written."""
 
     def partition(self, topic: str, index: int) -> Partition | None:
         """One partition, or ``None`` when there is no such topic or index."""
@@ -647,7 +674,8 @@ def _config(
 class _Delta:
     """What one command changes, gathered before anything is committed."""
 
-    __slots__ = ("brokers", "changes", "image", "partitions", "replicas_changed", "topics")
+    __slots__ = ("brokers", "changes", "image", "metadata_version", "partitions",
+                 "replicas_changed", "topics")
 
     def __init__(self, image: MetadataImage) -> None:
         self.image = image
@@ -656,6 +684,7 @@ class _Delta:
         self.partitions: dict[str, tuple[Partition, ...] | None] = {}
         self.replicas_changed: set[str] = set()
         self.changes: list[Change] = []
+        self.metadata_version = image.metadata_version
 
     def broker(self, broker_id: int) -> Broker | None:
         if broker_id in self.brokers:
@@ -683,6 +712,13 @@ class _Delta:
 
 
 _Handler = Callable[[Any, int, _Delta], tuple[str, Any]]
+_EXTENSIONS: dict[type[Any], Callable[..., tuple[str, Any]]] = {}
+
+
+def register_handler(cls: type[Any], handler: Callable[..., tuple[str, Any]]) -> None:
+    """Handle commands of a kind added with :func:`~.commands.register_command`:
+    ``handler(state_machine, command, index, delta)``, for machines built afterwards."""
+    _EXTENSIONS[cls] = handler
 
 
 # --------------------------------------------------------------------------
@@ -737,11 +773,14 @@ class MetadataStateMachine:
             ElectLeaders: self._elect_leaders,
             AlterIsr: self._alter_isr,
             ReassignReplicas: self._reassign_replicas,
+            SetMetadataVersion: self._set_metadata_version,
             Read: self._read,
             NoOp: self._no_op,
         }
+        for cls, handler in _EXTENSIONS.items():
+            self._handlers[cls] = functools.partial(handler, self)
         empty: _PersistentMap[Any, Any] = _PersistentMap()
-        self._install(0, empty, empty, empty, empty)
+        self._install(0, empty, empty, empty, empty, 1)
 
     # -- reading ----------------------------------------------------------
 
@@ -761,11 +800,18 @@ class MetadataStateMachine:
         return self.apply_at(self._image.offset + 1, command)
 
     def apply_at(self, index: int, command: bytes) -> ApplyResult:
-        """Apply the committed log entry at ``index``. Never raises.
+        """Apply the committed log entry at ``index``.
 
         ``index`` must be above :attr:`offset` (gaps are fine: not every log
         entry reaches the state machine); otherwise the entry is ignored and
-        refused as ``already_applied``.
+        refused as ``already_applied``. A command of a metadata version above
+        the finalized one is refused as ``feature_not_enabled`` (whether or
+        not this software could decode it: every replica answers alike).
+
+        Raises :class:`~streambus_consensus.errors.ReplicaHaltError`, leaving
+        the state and offset as they were, when the entry cannot be decoded
+        at a version the cluster has finalized, or finalizes a version this
+        software does not read: the node must stop, not diverge.
         """
         current = self._image.offset
         if type(index) is not int or index <= current:
@@ -774,11 +820,22 @@ class MetadataStateMachine:
                 f"entry {index!r} is at or below the applied offset {current}; ignored",
                 current,
             )
+        finalized = self._image.metadata_version
         try:
             cmd = decode_command(command)
-        except Exception as exc:  # CodecError, or anything odd in untrusted bytes
-            self._advance(index)
-            return _refusal(RefusalCode.MALFORMED_COMMAND, str(exc), index)
+        except UnsupportedMetadataVersionError as exc:
+            if exc.required > finalized:
+                return self._not_enabled(index, exc.required)
+            raise ReplicaHaltError(index, str(exc)) from exc
+        except Exception as exc:  # CodecError, or anything odd in the bytes
+            raise ReplicaHaltError(index, f"undecodable command at metadata version "
+                                   f"{finalized}: {type(exc).__name__}: {exc}") from exc
+        level = command_level(cmd)
+        if level > finalized:
+            return self._not_enabled(index, level)
+        if isinstance(cmd, SetMetadataVersion) and cmd.level > supported_metadata_versions()[1]:
+            raise ReplicaHaltError(index, str(UnsupportedMetadataVersionError(
+                "the cluster", cmd.level, supported_metadata_versions())))
         try:
             return self._apply_command(index, cmd)
         except Exception as exc:  # a bug: answer it, keep replicas alive and in step
@@ -787,9 +844,19 @@ class MetadataStateMachine:
                 RefusalCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", index
             )
 
+    def _not_enabled(self, index: int, level: int) -> ApplyResult:
+        # Not remembered for retries: replicas that cannot decode the command
+        # do not know its request id, and all must hold the same results.
+        self._advance(index)
+        return _refusal(
+            RefusalCode.FEATURE_NOT_ENABLED,
+            f"the command needs metadata version {level}; the cluster's is "
+            f"{self._image.metadata_version} (raise it with 'features upgrade')", index)
+
     def _advance(self, index: int) -> None:
         image = self._image
-        self._image = MetadataImage(index, image.brokers, image.topics, image.partitions)
+        self._image = MetadataImage(index, image.brokers, image.topics, image.partitions,
+                                    image.metadata_version)
 
     def _apply_command(self, index: int, cmd: Command) -> ApplyResult:
         rid = cmd.request_id
@@ -859,7 +926,7 @@ class MetadataStateMachine:
                     ev_p[name] = parts
             partitions = ev_p.persistent()
         self._brokers, self._topics, self._partitions = brokers, topics, partitions
-        self._image = MetadataImage(index, brokers, topics, partitions)
+        self._image = MetadataImage(index, brokers, topics, partitions, delta.metadata_version)
 
     def _reindex(
         self, name: str, before: Sequence[Partition], after: Sequence[Partition]
@@ -1263,6 +1330,17 @@ class MetadataStateMachine:
     def _no_op(self, cmd: NoOp, index: int, delta: _Delta) -> tuple[str, Any]:
         return "", None
 
+    def _set_metadata_version(
+        self, cmd: SetMetadataVersion, index: int, delta: _Delta
+    ) -> tuple[str, Any]:
+        current = delta.metadata_version
+        if cmd.level < current:
+            _refuse(RefusalCode.INVALID_METADATA_VERSION,
+                    f"metadata version {cmd.level} is below the finalized {current}; "
+                    "downgrades are not supported")
+        delta.metadata_version = cmd.level
+        return "", None
+
     # -- snapshots --------------------------------------------------------
 
     def snapshot(self) -> bytes:
@@ -1282,12 +1360,12 @@ class MetadataStateMachine:
         the current state is then left as it was.
         """
         try:
-            offset, brokers, topics, partitions, sessions = _decode_snapshot(data)
+            offset, brokers, topics, partitions, sessions, level = _decode_snapshot(data)
         except CodecError:
             raise
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
             raise CodecError(f"invalid snapshot: {type(exc).__name__}: {exc}") from None
-        self._install(offset, brokers, topics, partitions, sessions)
+        self._install(offset, brokers, topics, partitions, sessions, level)
 
     def _install(
         self,
@@ -1296,6 +1374,7 @@ class MetadataStateMachine:
         topics: _PersistentMap[str, Topic],
         partitions: _PersistentMap[str, tuple[Partition, ...]],
         sessions: _PersistentMap[str, _Session],
+        metadata_version: int,
     ) -> None:
         # Derived, writer-only indexes; everything is built before anything is replaced.
         normalized: dict[str, str] = {}
@@ -1320,12 +1399,12 @@ class MetadataStateMachine:
         self._normalized, self._topic_ids = normalized, topic_ids
         self._broker_topics, self._lru = broker_topics, lru
         self._placement_cache = (None, [])
-        self._image = MetadataImage(offset, brokers, topics, partitions)
+        self._image = MetadataImage(offset, brokers, topics, partitions, metadata_version)
 
 
 # --------------------------------------------------------------------------
 # Snapshot encoding. Layout (codec):
-#   (magic, SNAPSHOT_VERSION, crc32(payload), payload)
+#   (magic, metadata version, crc32(payload), payload)
 #   payload = encode((offset, brokers, topics, sessions)), each list sorted by key;
 #   a topic is (topic fields, partitions blob). A partitions blob is big-endian
 #   int64s, per partition: n, replicas..., m, isr..., leader (-1: none),
@@ -1387,7 +1466,7 @@ def _encode_snapshot(image: MetadataImage, sessions: Mapping[str, _Session]) -> 
         ]
         clients.append((client, s.last_offset, s.max_evicted_seq, results))
     payload = codec.encode((image.offset, brokers, topics, clients))
-    return codec.encode((_SNAPSHOT_MAGIC, SNAPSHOT_VERSION, zlib.crc32(payload), payload))
+    return codec.encode((_SNAPSHOT_MAGIC, image.metadata_version, zlib.crc32(payload), payload))
 
 
 def _want(
@@ -1550,15 +1629,17 @@ def _decode_snapshot(
     _PersistentMap[str, Topic],
     _PersistentMap[str, tuple[Partition, ...]],
     _PersistentMap[str, _Session],
+    int,
 ]:
     outer = codec.decode(data)
     if type(outer) is not tuple or len(outer) != 4 or outer[0] != _SNAPSHOT_MAGIC:
         raise CodecError("not a metadata snapshot")
     _magic, version, checksum, payload = outer
-    if type(version) is not int or version != SNAPSHOT_VERSION:
-        raise CodecError(
-            f"unknown snapshot version {version!r}; this build reads {SNAPSHOT_VERSION}"
-        )
+    if type(version) is not int or version < SNAPSHOT_VERSION:
+        raise CodecError(f"unknown snapshot version {version!r}")
+    if version > supported_metadata_versions()[1]:
+        raise UnsupportedMetadataVersionError("the snapshot", version,
+                                              supported_metadata_versions())
     if type(payload) is not bytes or type(checksum) is not int:
         raise CodecError("invalid snapshot envelope")
     if zlib.crc32(payload) != checksum:
@@ -1612,4 +1693,5 @@ def _decode_snapshot(
         ev_s[client] = _Session(
             _int(w[1], "last offset"), chunks, len(pairs), _int(w[2], "evicted seq", -1)
         )
-    return offset, ev_b.persistent(), ev_t.persistent(), ev_p.persistent(), ev_s.persistent()
+    return (offset, ev_b.persistent(), ev_t.persistent(), ev_p.persistent(), ev_s.persistent(),
+            version)

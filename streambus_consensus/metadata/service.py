@@ -23,6 +23,12 @@ that a client retrying after a timeout or failover applies once.
 ``POST /v1/brokers/{id}/{fence|unfence|shutdown}``
 ``GET /v1/watch?after=OFFSET&wait=SECONDS``   changes after an offset (long poll); a
                                               full image when too old or absent
+``GET /v1/features``                          metadata versions: this node's software's
+                                              range, the cluster's finalized one
+``POST /v1/features``                         ``{"metadata_version": n}``: raise it, once
+                                              every voter reads it
+``GET /v1/metadata/digest``                   SHA-256 of the local replica's state (its
+                                              snapshot bytes) and its offset
 ============================================  ======================================
 """
 
@@ -30,16 +36,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .. import codec
 from ..api import ApiError, ApiRequest, Handler, Route
 from ..errors import CodecError
 from ..metrics import PREFIX
 from ..raft.node import RaftNode
+from ..testing import next_level
 from .commands import RequestId
 from .feed import MetadataEvent, WatchedStateMachine
 from .fsm import MetadataImage
@@ -47,6 +58,8 @@ from .records import Broker, BrokerState, Partition, Topic
 from .store import MetadataStore
 
 __all__ = ["MetadataApplication", "to_json"]
+
+logger = logging.getLogger(__name__)
 
 
 def to_json(value: Any) -> Any:
@@ -161,6 +174,10 @@ class MetadataApplication:
     """StreamBus metadata on a node process (``node run --app metadata``)."""
 
     def __init__(self) -> None:
+        if os.environ.get(next_level.ENV_VAR) == "1":
+            level = next_level.install()
+            logger.warning("%s=1: test build of the next release (reads metadata version %d)",
+                           next_level.ENV_VAR, level)
         self.state_machine = WatchedStateMachine()
         self.store: MetadataStore | None = None
 
@@ -289,6 +306,20 @@ class MetadataApplication:
             action(broker_id, epoch, request_id=_request_id(body))
             return to_json(s().image().brokers.get(broker_id))
 
+        def features(req: ApiRequest) -> Any:
+            return s().describe_features()
+
+        def upgrade_features(req: ApiRequest) -> Any:
+            level = _field(_body(req), "metadata_version", int)
+            voters = s().upgrade_metadata_version(level)
+            return s().describe_features() | {
+                "voters": {v: list(r) if r else None for v, r in voters.items()}}
+
+        def digest(req: ApiRequest) -> Any:
+            blob = s().state_machine.fsm.snapshot()
+            offset = codec.decode(codec.decode(blob)[3])[0]  # the state's own offset
+            return {"offset": offset, "sha256": hashlib.sha256(blob).hexdigest()}
+
         def watch(req: ApiRequest) -> Any:
             after_text = req.param("after")
             after = None if after_text in (None, "") else _int_arg(after_text, "after")
@@ -313,7 +344,12 @@ class MetadataApplication:
             Route("POST", "/v1/brokers/{id}/heartbeat", heartbeat),
             Route("POST", "/v1/brokers/{id}/{action}", broker_action),
             Route("GET", "/v1/watch", watch),
+            Route("GET", "/v1/features", features),
+            Route("POST", "/v1/features", upgrade_features),
+            Route("GET", "/v1/metadata/digest", digest),
         ]
+        if next_level.is_installed():
+            routes += next_level.routes(s)
         return [Route(r.method, r.pattern, _checked(r.handler)) for r in routes]
 
     def collect_metrics(self) -> Iterator[Metric]:

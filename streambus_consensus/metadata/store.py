@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from ..config import NodeConfig
 from ..errors import (
+    CommandRefusedError,
     NoLeaderError,
     NotLeaderError,
     OutcomeUnknownError,
@@ -59,11 +60,15 @@ from .commands import (
     ReassignReplicas,
     RegisterBroker,
     RequestId,
+    SetMetadataVersion,
     UnfenceBroker,
     UnregisterBroker,
+    command_level,
     encode_command,
+    supported_metadata_versions,
 )
 from .controller import Controller
+from .features import VoterFeatures
 from .feed import MetadataEvent, Watch, WatchedStateMachine
 from .fsm import ApplyResult, MetadataImage
 from .records import Broker, Partition, Topic
@@ -111,6 +116,7 @@ class MetadataStore:
         self._owns_node = owns_node
         self._watches: list[Watch] = []
         self.controller = Controller(self, session_timeout=node.config.broker_session_timeout)
+        self.features = VoterFeatures(node)
 
     @classmethod
     def open(cls, config: NodeConfig, **kwargs: Any) -> MetadataStore:
@@ -125,6 +131,7 @@ class MetadataStore:
         """Start the node (if needed) and the controller."""
         self.node.start()
         self.controller.start()
+        self.features.start()
 
     def close(self) -> None:
         """Stop watches and the controller (and the node, if this store started it)."""
@@ -153,7 +160,17 @@ class MetadataStore:
         Retries with the same request id after outcome-unknown failures and
         when no leader is known. Raises CommandRefusedError for refusals,
         ProposalTimeoutError (outcome unknown) at the deadline.
+
+        A command of a metadata version above the cluster's finalized one is
+        never proposed: CommandRefusedError ``feature_not_enabled``.
         """
+        level = command_level(command)
+        finalized = self.image().metadata_version
+        if level > finalized:
+            raise CommandRefusedError(
+                "feature_not_enabled", f"{type(command).__name__} needs metadata version "
+                f"{level}; the cluster's is {finalized} (raise it with 'features upgrade')",
+                node_id=self.node.node_id)
         data = encode_command(command)
         deadline = time.monotonic() + (timeout or self.write_timeout)
         attempt = 0
@@ -332,6 +349,46 @@ class MetadataStore:
         if topic is None:
             return None
         return topic, image.partitions.get(name, ())
+
+    # -- feature levels ------------------------------------------------------------
+
+    def upgrade_metadata_version(self, level: int, *, timeout: float | None = None,
+                                 ask_timeout: float = 3.0) -> dict[str, tuple[int, int] | None]:
+        """Raise the cluster's finalized metadata version to ``level``.
+
+        Every voter is asked which versions its software reads; unless all
+        answer within ``ask_timeout`` with a range that holds ``level``, the
+        upgrade is refused (CommandRefusedError ``unsupported_metadata_version``)
+        and nothing is proposed. Lowering the version is refused
+        (``invalid_metadata_version``); the current one again changes nothing.
+        Returns what each voter answered.
+        """
+        current = self.read_image(timeout=timeout).metadata_version
+        if level < current:
+            raise CommandRefusedError(
+                "invalid_metadata_version", f"metadata version {level} is below the finalized "
+                f"{current}; downgrades are not supported", node_id=self.node.node_id)
+        voters = self.features.ask_voters(ask_timeout)
+        unable = [f"{voter} did not answer" if answer is None
+                  else f"{voter} reads {answer[0]}..{answer[1]}"
+                  for voter, answer in voters.items()
+                  if answer is None or not answer[0] <= level <= answer[1]]
+        if unable:
+            raise CommandRefusedError(
+                "unsupported_metadata_version", f"metadata version {level} is not readable by "
+                f"every voter ({'; '.join(unable)}): upgrade their software first",
+                node_id=self.node.node_id)
+        if level != current:
+            self.execute(SetMetadataVersion(request_id=self.next_request_id(), level=level),
+                         timeout)
+        return voters
+
+    def describe_features(self) -> dict[str, Any]:
+        """This node's supported metadata versions and the finalized one it has applied."""
+        low, high = supported_metadata_versions()
+        image = self.image()
+        return {"node_id": self.node.node_id, "supported": [low, high],
+                "finalized": image.metadata_version, "offset": image.offset}
 
     def read_image(self, *, timeout: float | None = None) -> MetadataImage:
         """The whole metadata, linearizably (a read through the log)."""

@@ -43,6 +43,7 @@ from ..config import NodeConfig
 from ..errors import (
     ConsensusError,
     CorruptStorageError,
+    EngineCompatibilityError,
     LeadershipLostError,
     NoLeaderError,
     NotLeaderError,
@@ -55,7 +56,7 @@ from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
-__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "error_for"]
+__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "check_engine_seam", "error_for"]
 
 APP_MESSAGE_PREFIX = "app:"
 """Messages whose type starts with this travel beside Raft on the same
@@ -356,6 +357,7 @@ class Engine:
         self._snapshot_status = SERIALIZER_STATE.NOT_SERIALIZING
         self._snapshot_lock = threading.Lock()
         self.snapshot_error: BaseException | None = None
+        self._load_failure: BaseException | None = None
 
         recovered = storage.open()
         journal = _Journal(storage, recovered)
@@ -416,8 +418,13 @@ class Engine:
     # -- driving ----------------------------------------------------------------
 
     def tick(self) -> None:
-        """Run one engine tick without waiting (network waits happen in the transport)."""
+        """Run one engine tick without waiting (network waits happen in the transport).
+
+        Raises what a snapshot load raised (see :meth:`_deserialize`).
+        """
         self._obj.doTick(0.0)
+        if self._load_failure is not None:
+            raise self._load_failure
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
         """Hand an incoming message to the engine (through the guard)."""
@@ -619,6 +626,21 @@ class Engine:
                 time.monotonic() + obj._SyncObj__generateRaftTimeout())
 
     def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
+        """Engine issue E15: PySyncObj logs and swallows an exception from a
+        snapshot load, then goes on with the state machine as it was and the
+        log positioned after the snapshot (an install from the leader clears
+        the log first): the replica silently diverges. A load that fails here
+        (damaged bytes, a snapshot of a newer metadata version) therefore
+        stops the node at the end of the tick instead (fail-stop)."""
+        try:
+            return self._load_snapshot(path)
+        except Exception as exc:
+            logger.critical("%s: cannot load snapshot %s, stopping the node: %s",
+                            self.node_id, path, exc)
+            self._load_failure = exc
+            raise
+
+    def _load_snapshot(self, path: str) -> tuple[Any, Any, Any]:
         with open(path, "rb") as f:
             blob = f.read()
         header, state = unpack_snapshot(blob, path)
@@ -645,3 +667,135 @@ class Engine:
         if leader is not None and leader != self._self and leader not in cluster:
             cluster.append(Member(str(leader.id), str(leader.address)))
         return header.last_entry, header.prev_entry, cluster
+
+
+# -- the engine seam, checked at import ----------------------------------------------
+#
+# The adapter relies on PySyncObj internals that no API promises: name-mangled
+# private fields and methods, the module global it builds its journal with,
+# the fields of the messages it forges or rewrites, getStatus() keys, and the
+# options SyncObjConf silently ignores when misspelled. pyproject.toml pins
+# the version these were read from; if another version is installed anyway,
+# a renamed internal must stop the import, not quietly disable a fix.
+
+_TESTED_PYSYNCOBJ = "0.3.17"
+
+_SEAM_METHODS = {
+    # attribute of SyncObj: what relies on it
+    "_SyncObj__changeCluster": "one membership change at a time (_SyncObj override)",
+    "_SyncObj__generateRaftTimeout": "election timer restart after a snapshot load (E11)",
+    "_SyncObj__onMessageReceived": "message handling the guard and campaign_now feed",
+    "_checkCommandsToApply": "holding commands during a leadership transfer",
+    "_isLeader": "holding commands during a leadership transfer",
+    "_getLeader": "leader_id and the snapshot-install membership fix",
+    "transferLeadership": "leadership transfer",
+    "doTick": "driving the engine from the node's Raft thread",
+    "addNodeToCluster": "membership changes",
+    "removeNodeFromCluster": "membership changes",
+    "forceLogCompaction": "snapshot_now",
+    "destroy": "node shutdown",
+    "getStatus": "replication progress (match and next indexes)",
+    "raftCurrentTerm": "term",
+    "raftCommitIndex": "commit_index",
+    "raftLastApplied": "applied_index and the index passed to apply",
+    "otherNodes": "members and single_voter",
+    "hasQuorum": "has_quorum",
+    "conf": "transfer hold deadline (conf.raftMaxTimeout)",
+}
+_SEAM_SOURCE = {
+    # (function, text that must appear in its source): what relies on it
+    ("__init__", "self.__raftLog = createJournal("):
+        "our journal, swapped in through pysyncobj.syncobj.createJournal",
+    ("__init__", "self.__raftState ="): "the state property (_SyncObj__raftState)",
+    ("__init__", "self.__raftElectionDeadline ="): "election timer restart (E11)",
+    ("__onMessageReceived", "message['type'] == 'timeout_now'"): "campaign_now",
+    ("__onMessageReceived", "message['term']"): "campaign_now and the guard",
+    ("__onMessageReceived", "message['type'] == 'append_entries'"): "the message guard",
+    ("__onMessageReceived", "'prevLogIdx' in message"): "the message guard (rule 1)",
+    ("__onMessageReceived", "message['commit_index']"): "the message guard (rule 1)",
+    ("__onMessageReceived", "message.get('entries'"): "the message guard (rule 2)",
+    ("__onMessageReceived", "message.get('transmission'"): "the message guard (rule 2)",
+    ("__onMessageReceived", "message['type'] == 'next_node_idx'"): "the guard's answer",
+    ("__onMessageReceived", "message['next_node_idx']"): "the guard's answer",
+    ("__onMessageReceived", "message['reset']"): "the guard's answer",
+    ("__onMessageReceived", "message['success']"): "the guard's answer",
+    ("getStatus", "'next_node_idx_server_'"): "replication(): next indexes",
+    ("getStatus", "'match_idx_server_'"): "replication(): match indexes",
+}
+_SEAM_BASES: dict[str, tuple[type, tuple[str, ...]]] = {
+    # our subclass: (PySyncObj base, the methods we override or call on it)
+    "_Journal": (Journal, (
+        "add", "clear", "deleteEntriesFrom", "deleteEntriesTo", "__getitem__", "__len__",
+        "_destroy", "setRaftCommitIndex", "getRaftCommitIndex", "setCurrentTerm",
+        "getCurrentTerm", "getVotedForNodeId", "onOneSecondTimer")),
+    "_EngineTransport": (_PsoTransport, (
+        "_onMessageReceived", "_onNodeConnected", "_onNodeDisconnected", "ready",
+        "tryGetReady", "waitReady", "addNode", "dropNode", "send", "destroy")),
+}
+_CONF_OPTIONS = (
+    "autoTick", "raftMinTimeout", "raftMaxTimeout", "appendEntriesPeriod",
+    "leaderFallbackTimeout", "connectionTimeout", "connectionRetryTime", "commandsQueueSize",
+    "appendEntriesUseBatch", "appendEntriesBatchSizeBytes", "logCompactionMinEntries",
+    "logCompactionMinTime", "logCompactionBatchSize", "fullDumpFile", "journalFile",
+    "dynamicMembershipChange", "useFork", "serializer", "deserializer", "serializeChecker",
+    "tcp_keepalive",
+)
+_CODES = {
+    FAIL_REASON: ("SUCCESS", "QUEUE_FULL", "MISSING_LEADER", "DISCARDED", "NOT_LEADER",
+                  "LEADER_CHANGED", "REQUEST_DENIED"),
+    SERIALIZER_STATE: ("NOT_SERIALIZING", "SERIALIZING", "SUCCESS", "FAILED"),
+}
+
+
+def _installed_pysyncobj() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pysyncobj")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_engine_seam() -> None:
+    """Verify every PySyncObj internal this module relies on; raise
+    :class:`~streambus_consensus.errors.EngineCompatibilityError` naming the
+    first one missing. Runs once at import."""
+    import inspect
+
+    def missing(what: str, needed_for: str) -> EngineCompatibilityError:
+        return EngineCompatibilityError(
+            f"PySyncObj {_installed_pysyncobj()} lacks {what}, which streambus_consensus "
+            f"needs for {needed_for}; install pysyncobj=={_TESTED_PYSYNCOBJ} (the version "
+            "this adapter was checked against)")
+
+    if not callable(getattr(_syncobj_module, "createJournal", None)):
+        raise missing("pysyncobj.syncobj.createJournal", "our journal")
+    for name, needed_for in _SEAM_METHODS.items():
+        if not hasattr(SyncObj, name):
+            raise missing(f"SyncObj.{name}", needed_for)
+    sources: dict[str, str] = {}
+    for (function, text), needed_for in _SEAM_SOURCE.items():
+        if function not in sources:
+            private = function.startswith("__") and not function.endswith("__")
+            attr = f"_SyncObj{function}" if private else function
+            try:
+                sources[function] = inspect.getsource(getattr(SyncObj, attr))
+            except (AttributeError, OSError, TypeError):
+                raise missing(f"SyncObj.{attr} (source)", needed_for) from None
+        if text not in sources[function]:
+            raise missing(f"{text!r} in SyncObj.{function}", needed_for)
+    for ours, (base, names) in _SEAM_BASES.items():
+        for name in names:
+            if not hasattr(base, name):
+                raise missing(f"{base.__name__}.{name}", f"{ours}, which overrides or calls it")
+    defaults = SyncObjConf()
+    for option in _CONF_OPTIONS:
+        if not hasattr(defaults, option):
+            raise missing(f"the SyncObjConf option {option!r}", "the engine's configuration")
+    for holder, names in _CODES.items():
+        for name in names:
+            if not isinstance(getattr(holder, name, None), int):
+                raise missing(f"{holder.__name__}.{name}", "translating the engine's codes")
+
+
+check_engine_seam()

@@ -38,6 +38,7 @@ from ..errors import (
     NoLeaderError,
     NotLeaderError,
     ProposalTimeoutError,
+    ReplicaHaltError,
     RequestDeniedError,
     StorageError,
 )
@@ -325,6 +326,9 @@ class RaftNode:
         try:
             apply_at = getattr(self._sm, "apply_at", None)
             result = apply_at(index, command) if apply_at is not None else self._sm.apply(command)
+        except ReplicaHaltError as exc:  # fail-stop: stopping beats diverging
+            logger.critical("%s: %s", self.node_id, exc)
+            raise
         except Exception as exc:
             logger.error("%s: state machine raised applying index %d; returning the error",
                          self.node_id, index, exc_info=True)
@@ -653,6 +657,12 @@ class RaftNode:
                 raise NoLeaderError(f"no leader within {timeout:.3g}s", node_id=self.node_id)
             self._running()
             time.sleep(0.01)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the node stopped on its own (storage failure, an entry it cannot
+        apply, a crash of its Raft thread), or ``None``."""
+        return self._fatal
 
     def status(self) -> NodeStatus:
         """A picture of this node's Raft state, taken on the Raft thread."""

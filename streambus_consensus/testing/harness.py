@@ -98,6 +98,8 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of this node's process (over the cluster's), from its next start."""
 
     @property
     def raft_address(self) -> str:
@@ -230,7 +232,7 @@ class LocalCluster:
             if node.alive:
                 continue
             log = open(node.log_path, "ab")  # noqa: SIM115 - owned by the child
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **node.env}
             node.proc = subprocess.Popen(
                 [sys.executable, "-m", "streambus_consensus", "node", "run",
                  "--config", str(node.config_path), "--app", self.app],
