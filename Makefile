@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint typecheck check bench bench-quick chaos clean
+.PHONY: demo demo-repeat test test-fast lint typecheck check bench bench-quick chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/three_node_cluster.py
 
+## demo-repeat: run the demo N times (default 20) and count failures and extra elections
+demo-repeat: $(STAMP)
+	$(PY) tools/repeat_demo.py -n $(or $(N),20)
+
 ## test: the whole suite (unit, property and multi-process cluster tests)
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -25,7 +29,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not cluster"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check streambus_consensus tests examples
+	$(VENV)/bin/ruff check streambus_consensus tests examples tools
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
