@@ -52,6 +52,7 @@ from ..errors import (
     RequestDeniedError,
 )
 from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
+from .prevote import PRE_VOTE, PRE_VOTE_RESPONSE, ElectionGate
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
@@ -191,15 +192,25 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         self._members = members
         self._guard = guard
         self._app_handler = app_handler
+        self.gate: ElectionGate | None = None
+        self.engine: Engine | None = None
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
         node = self._members.get(peer_id)
         if node is None:
             return
-        if str(message.get("type", "")).startswith(APP_MESSAGE_PREFIX):
+        kind = str(message.get("type", ""))
+        if kind.startswith(APP_MESSAGE_PREFIX):
             if self._app_handler is not None:
                 self._app_handler(peer_id, message)
             return
+        gate, engine = self.gate, self.engine
+        if gate is not None and engine is not None:
+            if kind in (PRE_VOTE, PRE_VOTE_RESPONSE):
+                gate.on_message(engine, peer_id, message)
+                return
+            if kind == "timeout_now" and isinstance(message.get("term"), int):
+                gate.allow_transfer(engine, peer_id, message["term"])
         filtered = self._guard.inspect(node, dict(message))
         if filtered is not None:
             try:
@@ -207,6 +218,9 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
             except Exception:
                 logger.exception("engine failed on a %r message from %s; message dropped",
                                  message.get("type"), peer_id)
+            if (gate is not None and engine is not None and kind == "append_entries"
+                    and engine.leader_id == peer_id and engine.state is NodeState.FOLLOWER):
+                gate.note_leader_contact(peer_id)
 
     def connected(self, peer_id: str) -> None:
         node = self._members.get(peer_id)
@@ -344,6 +358,7 @@ class Engine:
         on_snapshot: Callable[[float, int], None] | None = None,
         app_handler: Callable[[str, Mapping[str, Any]], None] | None = None,
         on_restored: Callable[[], None] | None = None,
+        gate: ElectionGate | None = None,
     ) -> None:
         self._config = config
         self._storage = storage
@@ -377,6 +392,7 @@ class Engine:
         self._members = members
         self.guard = guard
         self._pso_transport = _EngineTransport(transport, members, guard, app_handler)
+        self.gate = gate
         self._consumer = _Consumer(self._apply_entry)
         conf = SyncObjConf(
             autoTick=False,
@@ -412,6 +428,7 @@ class Engine:
             finally:
                 _syncobj_module.createJournal = original
         guard.attach(self)
+        self._pso_transport.gate, self._pso_transport.engine = gate, self
 
     # -- driving ----------------------------------------------------------------
 
@@ -429,26 +446,25 @@ class Engine:
 
     def peer_disconnected(self, peer_id: str) -> None:
         """Tell the engine a peer is unreachable."""
+        if self.gate is not None:
+            self.gate.leader_link_lost(peer_id)
         self._pso_transport.disconnected(peer_id)
 
-    def campaign_now(self, dead_leader: str) -> bool:
-        """Start an election at the next tick, because ``dead_leader`` is gone.
+    def before_tick(self) -> None:
+        """Let the election gate (pre-vote) hold or release the election timer."""
+        if self.gate is not None:
+            self.gate.before_tick(self)
 
-        PySyncObj has no call for this; its own leadership transfer makes a
-        follower campaign at once when the leader sends ``timeout_now``. We
-        deliver that message on the dead leader's behalf, which the engine
-        accepts only from its current leader and for the current term.
-        Starting an election early is always safe in Raft; it only costs a
-        term if the leader were alive, and a refused connection says its
-        process is not. Returns whether the election was requested.
+    def leader_unreachable(self, peer_id: str) -> bool:
+        """``fast_failover``: ``peer_id``'s address refuses connections.
+
+        If it is our leader, the gate starts a pre-vote at once instead of
+        waiting for the election timer; the engine campaigns only if a
+        majority agrees. Returns whether a pre-vote was started.
         """
-        if self.leader_id != dead_leader or self.state is not NodeState.FOLLOWER:
+        if self.gate is None:
             return False
-        node = self._members.get(dead_leader)
-        if node is None:
-            return False
-        self._pso_transport.deliver(dead_leader, {"type": "timeout_now", "term": self.term})
-        return True
+        return self.gate.leader_unreachable(self, peer_id)
 
     def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
         """Queue a command (any thread). ``callback(result, fail_code)`` runs on the Raft thread."""
@@ -529,8 +545,36 @@ class Engine:
         return int(self._journal[-1][1]) if len(self._journal) else 0
 
     @property
+    def last_log_term(self) -> int:
+        return int(self._journal[-1][2]) if len(self._journal) else 0
+
+    @property
     def log_entries(self) -> int:
         return len(self._journal)
+
+    @property
+    def election_deadline(self) -> float:
+        """When the engine's election timer runs out (monotonic seconds).
+
+        PySyncObj keeps it in a private field and has no call to read or move
+        it; the election gate (pre-vote, :mod:`.prevote`) and E11 move it.
+        """
+        return float(self._obj._SyncObj__raftElectionDeadline)
+
+    @election_deadline.setter
+    def election_deadline(self, value: float) -> None:
+        self._obj._SyncObj__raftElectionDeadline = value
+
+    def forget_leader(self) -> None:
+        """Drop the known leader, as PySyncObj does when it starts an election:
+        forwarded proposals waiting for that leader's answer fail at once
+        (``LEADER_CHANGED``) and new ones fail with ``MISSING_LEADER``."""
+        self._obj._SyncObj__raftLeader = None
+        self._obj._SyncObj__onLeaderChanged()
+
+    def voters(self) -> list[str]:
+        """The other voting members (Raft thread)."""
+        return [str(n.id) for n in self._obj.otherNodes]
 
     @property
     def single_voter(self) -> bool:
@@ -615,8 +659,7 @@ class Engine:
         """
         obj = getattr(self, "_obj", None)
         if obj is not None:
-            obj._SyncObj__raftElectionDeadline = (
-                time.monotonic() + obj._SyncObj__generateRaftTimeout())
+            self.election_deadline = time.monotonic() + obj._SyncObj__generateRaftTimeout()
 
     def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
         with open(path, "rb") as f:
