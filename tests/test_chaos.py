@@ -213,6 +213,7 @@ def _run(capsys: pytest.CaptureFixture[str], **kwargs: object) -> ChaosReport:
 
 def _assert_clean(report: ChaosReport) -> None:
     assert report.passed, report.summary() + "\n" + report.explanation
+    assert report.log_alarms == []
     assert report.lost_acks == 0 and report.stale_reads == 0 and report.duplicates == 0
     acknowledged = sum(c["ok"] for c in report.op_counts.values())
     assert acknowledged > 200, "too few operations to mean anything"
@@ -249,6 +250,20 @@ def test_compaction_and_leader_pauses_lose_nothing(capsys: pytest.CaptureFixture
     assert report.op_counts["read"]["ok"] > 50
     # The scenario reaches the dangerous path: the E1 guard had to lower commit indexes.
     assert report.engine_fixes.get("engine_commit_clamps_total", 0) > 0
+
+
+def test_log_alarms_pick_critical_and_error_lines() -> None:
+    from streambus_consensus.testing.chaos import log_alarms
+
+    text = "\n".join([
+        "2026-12-02 01:24:28,337 CRITICAL pysyncobj.syncobj: truncating already-applied log "
+        "entries from index 98 (last applied: 98) - state machine may have diverged",
+        "2026-12-02 01:24:28,338 INFO streambus_consensus.raft.node: n1: leader is now n2",
+        "2026-12-02 01:24:28,339 ERROR streambus_consensus.raft.node: n1: state machine raised",
+        "2026-12-02 01:24:28,340 WARNING streambus_consensus.raft.transport: an ERROR here",
+        "    Traceback (most recent call last):",
+    ])
+    assert [line.split()[2] for line in log_alarms(text)] == ["CRITICAL", "ERROR"]
 
 
 def test_profiles_cover_every_fault_kind() -> None:

@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,7 @@ __all__ = [
     "ChaosReport",
     "Fault",
     "Profile",
+    "log_alarms",
     "main",
     "run_chaos",
 ]
@@ -277,6 +279,10 @@ class ChaosReport:
     """Wall time of the whole run."""
     kept: bool = False
     """Whether :attr:`run_dir` was kept."""
+    log_alarms: list[str] = field(default_factory=list)
+    """Node log lines at CRITICAL or ERROR (``node: line``). Operators are paged
+    for these, so a run with any fails; PySyncObj's "truncating
+    already-applied log entries" (engine issue E2) is one."""
     engine_fixes: dict[str, float] = field(default_factory=dict)
     """``streambus_consensus_engine_*`` counters summed over the nodes at the end
     of the fault phase (since each node's last start): how often each engine
@@ -312,7 +318,7 @@ class ChaosReport:
                 and not self.stale_read_topics and not self.violation_topics
                 and self.feeds is not None and self.feeds.ok
                 and self.images_identical is True and self.snapshots_identical is True
-                and not self.unexpected and not self.errors)
+                and not self.unexpected and not self.errors and not self.log_alarms)
 
     def reproduce_command(self) -> str:
         """The command line that replays this run's schedule."""
@@ -382,6 +388,9 @@ class ChaosReport:
             lines.append(f"unexpected answer       {message}")
         for message in self.errors[:20]:
             lines.append(f"error                   {message}")
+        if self.log_alarms:
+            lines.append(f"CRITICAL/ERROR in logs  {len(self.log_alarms)}")
+            lines.extend(f"  {line}" for line in self.log_alarms[:10])
         lines.append("")
         lines.append(f"result: {'PASS' if self.passed else 'FAIL'}")
         if self.kept:
@@ -842,6 +851,15 @@ class _Run:
                 outcome=part.outcome, partitions=(part,)).explain(model))
         report.explanation = "\n".join(explanations)
 
+    def check_logs(self) -> None:
+        """Collect every node log line at CRITICAL or ERROR."""
+        for node_id, path in self.cluster.logs():
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            self.report.log_alarms.extend(f"{node_id}: {line}" for line in log_alarms(text))
+
     def save_artifacts(self) -> None:
         save_history(self.history.operations(), self.run_dir / "history.json")
         faults = [vars(f) for f in self.report.faults]
@@ -855,6 +873,14 @@ class _Run:
         if self.report.explanation:
             text += "\n\nchecker:\n" + self.report.explanation
         (self.run_dir / "report.txt").write_text(text + "\n")
+
+
+_LOG_ALARM = re.compile(r"^\S+ \S+ (CRITICAL|ERROR) ")
+
+
+def log_alarms(text: str) -> list[str]:
+    """The lines of a node log (``cli`` format) logged at CRITICAL or ERROR."""
+    return [line for line in text.splitlines() if _LOG_ALARM.search(line)]
 
 
 def _legal(ops: list[Operation]) -> bool:
@@ -928,6 +954,7 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
                 run.feeds.stop()
         run.log("checking the history")
         run.check()
+        run.check_logs()
     finally:
         report.elapsed = time.monotonic() - began
         keep = options.keep is not None or not report.passed
