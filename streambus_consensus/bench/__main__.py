@@ -46,14 +46,14 @@ FULL: dict[str, Any] = {
     "overhead": {"callers": (1, 8, 32), "window": 256, "seconds": 2.5, "repeats": 3},
     "scale": {"sizes": (0, 10_000, 100_000, 1_000_000), "creates": 200},
     "profile": {"seconds": 8},
-    "failover": {"kills": 20, "idle": 600.0},
+    "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 0.7},
     "overhead": {"callers": (1, 8, 32), "window": 256, "seconds": 1.0, "repeats": 1},
     "scale": {"sizes": (0, 10_000, 100_000), "creates": 40},
     "profile": {"seconds": 3},
-    "failover": {"kills": 3, "idle": 30.0},
+    "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 
 
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  **plan["overhead"]),
                 "scale": lambda: scale.run(base / "scale", log=_log, **plan["scale"]),
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
-                "failover": lambda: failover.measure(base / "failover", plan["failover"]["kills"],
-                                                     0.0, log=_log),
+                "failover": lambda: failover.measure(
+                    base / "failover", plan["failover"]["kills"], 0.0,
+                    rejoins=plan["failover"]["rejoins"], log=_log),
             }
             for name in sections:
                 with section_timer(_log, name) as timing:
