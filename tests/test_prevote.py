@@ -266,3 +266,30 @@ def test_an_isolated_node_never_raises_its_term() -> None:
     assert n3.election_deadline > clock.now, "n1 leads and n2 hears it: refused"
     gate3.note_leader_contact("n1")
     assert not gate3.holding
+
+
+def test_a_node_whose_term_ran_ahead_campaigns_to_rejoin() -> None:
+    """Its term rose in an election whose votes were lost; the leader leads at
+    a lower term, its voters refuse pre-votes and the engine ignores the
+    leader. Only an election reconciles the terms; but a deposed leader that
+    has not yet stepped down must not trigger one."""
+    clock = Clock()
+    net = Net(["n1", "n2", "n3"], clock)
+    n3 = net.engines["n3"]
+    gate3 = ElectionGate(min_timeout=MIN_TIMEOUT, retry=RETRY, patience=1.6, clock=clock)
+    n3.term = 5
+    n3.election_deadline = clock.now - 0.01
+    gate3.before_tick(n3)
+    assert gate3.holding
+    for _ in range(15):  # a deposed leader's 1.5 s before its stepdown
+        gate3.lower_term_leader(n3, "n1", 4)
+        clock.now += 0.1
+        gate3.before_tick(n3)
+        assert n3.election_deadline > clock.now
+    gate3.lower_term_leader(n3, "n2", 4)  # another one starts the count again
+    for _ in range(17):  # a leader that keeps leading, past the patience
+        clock.now += 0.1
+        gate3.lower_term_leader(n3, "n2", 4)
+    assert n3.election_deadline == 0.0 and gate3.stale_term_campaigns == 1
+    gate3.before_tick(n3)
+    assert n3.election_deadline == 0.0, "let through without a pre-vote"

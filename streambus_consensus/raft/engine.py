@@ -209,8 +209,11 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
             if kind in (PRE_VOTE, PRE_VOTE_RESPONSE):
                 gate.on_message(engine, peer_id, message)
                 return
-            if kind == "timeout_now" and isinstance(message.get("term"), int):
-                gate.allow_transfer(engine, peer_id, message["term"])
+            term = message.get("term")
+            if kind == "timeout_now" and isinstance(term, int):
+                gate.allow_transfer(engine, peer_id, term)
+            elif kind == "append_entries" and isinstance(term, int) and term < engine.term:
+                gate.lower_term_leader(engine, peer_id, term)
         filtered = self._guard.inspect(node, dict(message))
         if filtered is not None:
             try:

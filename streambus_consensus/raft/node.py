@@ -123,8 +123,9 @@ class RaftNode:
         self._stopped = False
         self._lifecycle = threading.Lock()
         self._last_leader: str | None = None
-        self.gate = ElectionGate(min_timeout=self.config.election_timeout_min,
-                                 retry=self.config.heartbeat_interval)
+        self.gate = ElectionGate(
+            min_timeout=self.config.election_timeout_min, retry=self.config.heartbeat_interval,
+            patience=self.config.effective_stepdown_timeout + self.config.election_timeout_max)
         """Pre-vote and leader stickiness in front of the engine's election timer."""
         self.fast_elections = 0
         self._fatal: BaseException | None = None

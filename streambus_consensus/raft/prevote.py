@@ -35,10 +35,12 @@ Every way the engine can start an election passes here: its own timer,
 connections: the gate forgets the leader's contact and expires the timer, so
 the pre-vote starts at once) and check-quorum (a leader that lost its
 majority steps down as a follower with no leader, and its next election goes
-through the gate like any other). The one exception is a leadership transfer:
-a ``timeout_now`` from the current leader lets the next campaign through
-without a pre-vote (thesis §3.10: the voters have heard from that leader, so
-a pre-vote would be refused).
+through the gate like any other). Two campaigns pass without a pre-vote:
+after a ``timeout_now`` from the current leader (a leadership transfer,
+thesis §3.10: the voters have heard from that leader, so a pre-vote would be
+refused), and when this node's timer ran out and it hears a leader of a
+*lower* term than its own (its higher term came from an election whose
+messages were lost; only an election can reconcile the terms).
 """
 
 from __future__ import annotations
@@ -120,13 +122,18 @@ class ElectionGate:
             contact keeps this node from granting pre-votes, and how long a
             granted pre-vote is promised.
         retry: how often a pre-vote round is repeated while the timer is out.
+        patience: how long a leader of a lower term must keep sending before
+            this node campaigns without a pre-vote (see :meth:`lower_term_leader`);
+            longer than the stepdown timeout. Default: four minimum timeouts.
         clock: monotonic clock (injectable for tests).
     """
 
-    def __init__(self, *, min_timeout: float, retry: float,
+    def __init__(self, *, min_timeout: float, retry: float, patience: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._min_timeout = min_timeout
         self._retry = retry
+        self._patience = 4 * min_timeout if patience is None else patience
+        self._lower_leader: tuple[str, int, float] | None = None
         self._clock = clock
         self._contact: tuple[str, float] | None = None
         self._round: _Round | None = None
@@ -141,6 +148,8 @@ class ElectionGate:
         """Rounds that let the engine campaign."""
         self.pre_votes_refused = 0
         """Pre-vote requests this node refused."""
+        self.stale_term_campaigns = 0
+        """Campaigns let through because a leader of a lower term was heard."""
 
     # -- events from the node ---------------------------------------------------
 
@@ -167,6 +176,33 @@ class ElectionGate:
         self._contact = None
         engine.election_deadline = 0.0
         return True
+
+    def lower_term_leader(self, engine: GatedEngine, peer_id: str, term: int) -> None:
+        """An ``append_entries`` of a term below ours arrived (the engine ignores it).
+
+        Either a deposed leader that has not noticed yet (it steps down within
+        the stepdown timeout, as nobody answers it), or a leader of a majority
+        at a lower term than ours: we raised our term in an election whose
+        messages were lost (a cut in the instant between pre-vote and vote).
+        Its voters then refuse our pre-votes (they hear it) and the engine
+        ignores its messages, so we would never rejoin. When such a leader is
+        still sending after ``patience`` (longer than any stepdown) and our
+        own timer has run out, let one campaign through: its higher term makes
+        the cluster adopt ours, as plain Raft would.
+        """
+        now = self._clock()
+        seen = self._lower_leader
+        if seen is None or seen[0] != peer_id or seen[1] != term:
+            self._lower_leader = (peer_id, term, now)
+            return
+        if (now - seen[2] >= self._patience and self.holding
+                and engine.state is not NodeState.LEADER):
+            self._lower_leader = None
+            self._allowed_term = (engine.term, now + self._min_timeout)
+            engine.election_deadline = 0.0
+            self.stale_term_campaigns += 1
+            logger.info("%s: %s leads at term %d below ours (%d): campaigning to rejoin",
+                        engine.node_id, peer_id, term, engine.term)
 
     def allow_transfer(self, engine: GatedEngine, peer_id: str, term: int) -> None:
         """A ``timeout_now`` arrived: let the next campaign through if it came from our leader."""
