@@ -470,7 +470,8 @@ class Engine:
         return self.gate.leader_unreachable(self, peer_id)
 
     def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
-        """Queue a command (any thread). ``callback(result, fail_code)`` runs on the Raft thread."""
+        """Queue a command (Raft thread: see E17 in docs/engine-issues.md).
+        ``callback(result, fail_code)`` runs on the Raft thread."""
         self._consumer.apply(command, callback=callback)
 
     def destroy(self) -> None:

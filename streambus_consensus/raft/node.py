@@ -67,6 +67,11 @@ LeaderListener = Callable[[str | None, int], None]
 AppHandler = Callable[[str, Mapping[str, Any]], None]
 
 
+def _fail(future: Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 class _ApplyFailed:
     """Apply raised; every replica raises the same way, so all return this."""
 
@@ -413,9 +418,23 @@ class RaftNode:
         with self._pending_lock:
             self._pending.add(future)
             self._submitted_at[future] = time.monotonic()
-        engine.propose(entry, functools.partial(self._on_engine_result, future))
+        # Engine issue E17: PySyncObj looks the replicated method up in a table
+        # that a snapshot load rebuilds on the Raft thread (emptied, then
+        # refilled); a proposal from another thread in between failed with
+        # KeyError. The command is handed to the engine on the Raft thread,
+        # at the top of its next pass (the wake ends the current wait).
+        self._inbox.append(functools.partial(self._propose_now, engine, entry, future))
         transport.wake()
         return future
+
+    def _propose_now(self, engine: Engine, entry: bytes, future: Future[Any]) -> None:
+        try:
+            engine.propose(entry, functools.partial(self._on_engine_result, future))
+        except Exception as exc:  # never let one proposal stop the Raft thread
+            with self._pending_lock:
+                self._pending.discard(future)
+                self._submitted_at.pop(future, None)
+            self._jobs.put(functools.partial(_fail, future, exc))
 
     def _on_engine_result(self, future: Future[Any], result: Any, code: int) -> None:
         self._completed.append((future, result, code))
