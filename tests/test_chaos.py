@@ -252,6 +252,26 @@ def test_compaction_and_leader_pauses_lose_nothing(capsys: pytest.CaptureFixture
     assert report.engine_fixes.get("engine_commit_clamps_total", 0) > 0
 
 
+def test_recoveries_measured_under_the_other_lanes_fault_are_told_apart(tmp_path: Path) -> None:
+    from streambus_consensus.testing.chaos import Fault
+
+    def fault(lane: str, started: float, healed: float, recovery: float) -> Fault:
+        return Fault(kind="pause-random" if lane == "process" else "partition-leader",
+                     lane=lane, targets=("n1",), started=started, hold=healed - started,
+                     healed=healed, recovery=recovery)
+
+    alone = fault("network", 0.0, 2.0, 0.1)
+    during_a_pause = fault("network", 5.0, 7.0, 1.1)
+    pause = fault("process", 6.0, 8.0, 0.2)
+    report = ChaosReport(options=ChaosOptions(duration=1, seed=1), run_dir=tmp_path,
+                         faults=[alone, during_a_pause, pause])
+    assert not report.overlapped(alone)
+    assert report.overlapped(during_a_pause) and report.overlapped(pause)
+    row = next(line for line in report.summary().splitlines()
+               if line.startswith("partition-leader"))
+    assert row.split()[-2:] == ["1", "0.10s"]
+
+
 def test_log_alarms_pick_critical_and_error_lines() -> None:
     from streambus_consensus.testing.chaos import log_alarms
 

@@ -52,6 +52,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -320,6 +321,21 @@ class ChaosReport:
                 and self.images_identical is True and self.snapshots_identical is True
                 and not self.unexpected and not self.errors and not self.log_alarms)
 
+    def overlapped(self, fault: Fault) -> bool:
+        """Whether a fault of the other lane was in force while ``fault``'s
+        recovery was measured (from its healing to the next write)."""
+        if fault.healed is None or fault.recovery is None:
+            return False
+        begin, end = fault.healed, fault.healed + fault.recovery
+        for other in self.faults:
+            if other is fault or other.lane == fault.lane:
+                continue
+            over = (other.healed if other.healed is not None else math.inf) + (
+                other.recovery or 0.0)
+            if other.started <= end and over >= begin:
+                return True
+        return False
+
     def reproduce_command(self) -> str:
         """The command line that replays this run's schedule."""
         o = self.options
@@ -335,7 +351,7 @@ class ChaosReport:
                  f"duration={o.duration:g}s elapsed={self.elapsed:.0f}s"
                  + (" ENGINE FIXES DISABLED" if o.unsafe_disable_engine_fixes else ""), ""]
         lines.append(f"{'fault':<20}{'count':>6}{'recovery p50':>14}{'p90':>8}{'max':>8}"
-                     f"{'none':>6}")
+                     f"{'none':>6}{'alone n':>9}{'p90':>8}")
         by_kind: dict[str, list[Fault]] = {}
         for fault in self.faults:
             by_kind.setdefault(fault.kind, []).append(fault)
@@ -344,11 +360,17 @@ class ChaosReport:
             if not faults:
                 continue
             times = sorted(f.recovery for f in faults if f.recovery is not None)
+            alone = sorted(f.recovery for f in faults
+                           if f.recovery is not None and not self.overlapped(f))
             missing = sum(1 for f in faults if f.recovery is None)
             lines.append(f"{kind:<20}{len(faults):>6}{_secs(_quantile(times, 0.5)):>14}"
                          f"{_secs(_quantile(times, 0.9)):>8}"
-                         f"{_secs(times[-1] if times else None):>8}{missing:>6}")
+                         f"{_secs(times[-1] if times else None):>8}{missing:>6}"
+                         f"{len(alone):>9}{_secs(_quantile(alone, 0.9)):>8}")
         lines.append(f"{'total':<20}{self.faults_total:>6}")
+        lines.append("(alone: recoveries during which the other lane held no fault; "
+                     "otherwise a probe may wait out its 1 s attempt on a node the "
+                     "other lane has paused or killed)")
         lines.append("")
         lines.append(f"{'operation':<16}{'ok':>8}{'failed':>8}{'unknown':>9}")
         totals: Counter[str] = Counter()
