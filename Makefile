@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint typecheck check bench bench-quick chaos mutation clean
+.PHONY: demo demo-repeat test test-fast lint typecheck check bench bench-quick chaos mutation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 ## demo: start a three-node cluster on loopback, kill its leader, watch it recover
 demo: $(STAMP)
 	$(PY) examples/three_node_cluster.py
+
+## demo-repeat: run the demo N times (default 20) and count failures and extra elections
+demo-repeat: $(STAMP)
+	$(PY) tools/repeat_demo.py -n $(or $(N),20)
 
 ## test: the whole suite (unit, property and multi-process cluster tests)
 test: $(STAMP)

@@ -46,6 +46,7 @@ def main() -> int:
             f"({took * 10:.1f} ms each, each one committed on a majority and fsynced)")
 
         say(f"\nKilling the leader {leader} with SIGKILL")
+        term_before = max((cluster.status(n) or {}).get("term", 0) for n in cluster.running())
         killed_at = time.monotonic()
         cluster.kill(leader)
         survivors = cluster.client(*cluster.running())
@@ -77,6 +78,9 @@ def main() -> int:
         wait_until(caught_up, 20, f"{leader} to catch up")
         say(f"  {leader} rejoined as a follower of {new_leader} and caught up to index "
             f"{want} in {time.monotonic() - restarted_at:.2f}s")
+        term_after = max((cluster.status(n) or {}).get("term", 0) for n in cluster.running())
+        say(f"  elections since the kill: {term_after - term_before} "
+            f"(term {term_before} -> {term_after})")
         local = cluster.client(leader).request("GET", "/v1/kv/after-failover")["value"]
         say(f"  its own copy of after-failover reads {local!r}")
 

@@ -134,8 +134,9 @@ class NodeConfig:
 
     fast_failover: bool = True
     """When a follower finds its leader's address refusing connections (the
-    leader's process is gone), campaign after a short random delay instead of
-    waiting out the election timeout. Safe: it only starts an election."""
+    leader's process is gone), ask for pre-votes at once instead of waiting
+    out the election timeout; it campaigns only if a majority agrees. Safe: it
+    only starts an election."""
 
     fsync: bool = True
     """Make the log durable before acknowledging (default). ``False`` keeps

@@ -30,6 +30,9 @@ name (after the prefix)                        type      what
 ``entries_applied_total``                      counter   log entries applied here
 ``snapshots_total``                            counter   snapshots written
 ``fast_elections_total``                       counter   early elections (leader gone)
+``pre_vote_rounds_total``                      counter   pre-votes asked (timer ran out)
+``pre_vote_rounds_won_total``                  counter   pre-votes won: elections started
+``pre_votes_refused_total``                    counter   pre-votes this node refused
 ``engine_commit_clamps_total``                 counter   engine fix E1 at work
 ``engine_stale_appends_total``                 counter   engine fix E2 at work
 ``proposal_duration_seconds``                  hist.     submit to outcome
@@ -133,6 +136,12 @@ class NodeCollector(Collector):
             ("snapshots", "Snapshots written", node.snapshots_taken),
             ("fast_elections", "Elections started early because the leader's address "
              "refused connections", node.fast_elections),
+            ("pre_vote_rounds", "Pre-vote rounds started because the election timer ran "
+             "out or the leader was gone", node.gate.rounds_started),
+            ("pre_vote_rounds_won", "Pre-vote rounds won by a majority: elections this "
+             "node started", node.gate.rounds_won),
+            ("pre_votes_refused", "Pre-votes this node refused (a live leader, a longer "
+             "log or a promise to another candidate)", node.gate.pre_votes_refused),
             ("engine_commit_clamps", "Commit indexes lowered by engine fix E1",
              node.guard.commit_clamps),
             ("engine_stale_appends", "Stale appends answered by engine fix E2",

@@ -213,6 +213,7 @@ def _run(capsys: pytest.CaptureFixture[str], **kwargs: object) -> ChaosReport:
 
 def _assert_clean(report: ChaosReport) -> None:
     assert report.passed, report.summary() + "\n" + report.explanation
+    assert report.log_alarms == []
     assert report.lost_acks == 0 and report.stale_reads == 0 and report.duplicates == 0
     acknowledged = sum(c["ok"] for c in report.op_counts.values())
     assert acknowledged > 200, "too few operations to mean anything"
@@ -249,6 +250,40 @@ def test_compaction_and_leader_pauses_lose_nothing(capsys: pytest.CaptureFixture
     assert report.op_counts["read"]["ok"] > 50
     # The scenario reaches the dangerous path: the E1 guard had to lower commit indexes.
     assert report.engine_fixes.get("engine_commit_clamps_total", 0) > 0
+
+
+def test_recoveries_measured_under_the_other_lanes_fault_are_told_apart(tmp_path: Path) -> None:
+    from streambus_consensus.testing.chaos import Fault
+
+    def fault(lane: str, started: float, healed: float, recovery: float) -> Fault:
+        return Fault(kind="pause-random" if lane == "process" else "partition-leader",
+                     lane=lane, targets=("n1",), started=started, hold=healed - started,
+                     healed=healed, recovery=recovery)
+
+    alone = fault("network", 0.0, 2.0, 0.1)
+    during_a_pause = fault("network", 5.0, 7.0, 1.1)
+    pause = fault("process", 6.0, 8.0, 0.2)
+    report = ChaosReport(options=ChaosOptions(duration=1, seed=1), run_dir=tmp_path,
+                         faults=[alone, during_a_pause, pause])
+    assert not report.overlapped(alone)
+    assert report.overlapped(during_a_pause) and report.overlapped(pause)
+    row = next(line for line in report.summary().splitlines()
+               if line.startswith("partition-leader"))
+    assert row.split()[-2:] == ["1", "0.10s"]
+
+
+def test_log_alarms_pick_critical_and_error_lines() -> None:
+    from streambus_consensus.testing.chaos import log_alarms
+
+    text = "\n".join([
+        "2026-12-02 01:24:28,337 CRITICAL pysyncobj.syncobj: truncating already-applied log "
+        "entries from index 98 (last applied: 98) - state machine may have diverged",
+        "2026-12-02 01:24:28,338 INFO streambus_consensus.raft.node: n1: leader is now n2",
+        "2026-12-02 01:24:28,339 ERROR streambus_consensus.raft.node: n1: state machine raised",
+        "2026-12-02 01:24:28,340 WARNING streambus_consensus.raft.transport: an ERROR here",
+        "    Traceback (most recent call last):",
+    ])
+    assert [line.split()[2] for line in log_alarms(text)] == ["CRITICAL", "ERROR"]
 
 
 def test_profiles_cover_every_fault_kind() -> None:

@@ -70,9 +70,13 @@ def leader_client(cluster: LocalCluster) -> tuple[str, ApiClient]:
     return leader, cluster.client(leader)
 
 
-def wait_agreement(cluster: LocalCluster, expected: set[str], timeout: float = 60) -> None:
+def wait_agreement(cluster: LocalCluster, expected: set[str], timeout: float = 20) -> None:
     """Until every node in ``expected`` runs, agrees on one leader among them,
-    sees exactly ``expected`` as the members and has applied the leader's commit index."""
+    sees exactly ``expected`` as the members and has applied everything that
+    was committed when they first agreed (under a write load the commit index
+    moves on with every write, so "applied the latest commit" is a moving target)."""
+    goal: list[int] = []
+
     def agreed() -> bool:
         statuses = {n: cluster.status(n) for n in expected}
         if any(s is None for s in statuses.values()):
@@ -80,9 +84,11 @@ def wait_agreement(cluster: LocalCluster, expected: set[str], timeout: float = 6
         leaders = {s["leader_id"] for s in statuses.values() if s}
         if len(leaders) != 1 or leaders & expected != leaders:
             return False
-        commit = max(s["commit_index"] for s in statuses.values() if s)
-        return all(s is not None and set(s["members"]) == expected
-                   and s["applied_index"] >= commit for s in statuses.values())
+        if not all(s is not None and set(s["members"]) == expected for s in statuses.values()):
+            return False
+        if not goal:
+            goal.append(max(s["commit_index"] for s in statuses.values() if s))
+        return all(s is not None and s["applied_index"] >= goal[0] for s in statuses.values())
 
     wait_until(agreed, timeout, f"members {sorted(expected)} to agree")
 
@@ -194,6 +200,31 @@ def assert_nothing_lost(cluster: LocalCluster, members: set[str], acknowledged: 
 
 
 # -- tests ----------------------------------------------------------------------------
+
+class BusyCluster:
+    """Statuses of five nodes under a steady write load, as a sweep of status
+    calls sees them: each call lands after one more entry committed, and a
+    follower has applied what the leader had committed one heartbeat earlier."""
+
+    def __init__(self) -> None:
+        self.commit = 100
+
+    def status(self, node_id: str) -> dict[str, Any]:
+        self.commit += 1
+        lag = 0 if node_id == "n1" else 1
+        return {"leader_id": "n1", "members": ["n1", "n2", "n3", "n4", "n5"],
+                "commit_index": self.commit, "applied_index": self.commit - lag}
+
+
+def test_agreement_is_reached_under_a_steady_write_load() -> None:
+    """The membership test once timed out at 20 s waiting for five nodes to
+    agree under load: it compared each node's applied index with the highest
+    commit index of the same sweep, a target that moves with every write, so
+    it held only in a lull between writes. Agreement means applying what was
+    committed when the wait began."""
+    busy = BusyCluster()
+    wait_agreement(busy, {"n1", "n2", "n3", "n4", "n5"}, timeout=2)  # type: ignore[arg-type]
+
 
 
 def test_grow_to_five_under_load_then_shrink_to_three(make_cluster: ClusterFactory) -> None:

@@ -83,7 +83,8 @@ def test_names_follow_the_prometheus_guide(node: RaftNode) -> None:
     for name, labels in samples:
         assert ("node_id", "n1") in labels, name
     for counter in ("leader_changes_seen", "proposals_committed", "proposals_failed",
-                    "entries_applied", "snapshots", "fast_elections"):
+                    "entries_applied", "snapshots", "fast_elections", "pre_vote_rounds",
+                    "pre_vote_rounds_won", "pre_votes_refused"):
         assert types[PREFIX + counter] == "counter"
     for histogram in ("proposal_duration_seconds", "apply_duration_seconds",
                       "fsync_duration_seconds"):

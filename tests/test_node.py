@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -206,3 +207,43 @@ def test_a_command_over_max_command_bytes_is_refused_before_the_log(tmp_path: Pa
         assert n.propose(kv_command("set", "k", "v" * 100)) is None
     finally:
         n.stop()
+def test_proposals_from_other_threads_survive_a_snapshot_load(node: RaftNode) -> None:
+    """Engine issue E17: loading a snapshot (every install from the leader, and
+    each start) rebuilds PySyncObj's table of replicated methods on the Raft
+    thread: emptied, then refilled. A proposal made meanwhile from another
+    thread (every HTTP request) looked its method up in the empty table and
+    failed with KeyError (seen in a chaos run: HTTP 500 and an ERROR log line
+    right after a node restarted). The rebuild is what __loadDumpFile calls."""
+    node.wait_for_leader(5)
+    stop = threading.Event()
+
+    def reload_tables() -> None:
+        while not stop.is_set():
+            node._call(lambda e: e._obj._SyncObj__onSetCodeVersion(0))
+
+    errors: list[BaseException] = []
+    futures: list[Future[Any]] = []
+
+    def propose() -> None:
+        for i in range(3000):
+            try:
+                futures.append(node.propose_async(kv_command("put", f"k{i}", i)))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=reload_tables, daemon=True)] + [
+        threading.Thread(target=propose, daemon=True) for _ in range(3)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the window is hit
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads[1:]:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        threads[0].join(5)
+    assert errors == []
+    for future in futures:
+        future.result(30)

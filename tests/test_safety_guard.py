@@ -72,11 +72,55 @@ def test_append_with_a_conflict_goes_to_the_engine() -> None:
     assert engine.sent == []
 
 
-def test_append_that_extends_the_log_goes_to_the_engine() -> None:
+def test_append_that_only_extends_the_log_goes_to_the_engine() -> None:
     engine = FakeEngine(journal=log(1, 3, 3))
     guard = guard_for(engine)
-    extending = append(prev=2, entries=[engine.journal[2], (b"y", 4, 3)])
+    extending = append(prev=3, entries=[(b"y", 4, 3), (b"z", 5, 3)])
     assert guard.inspect(LEADER, extending) is extending
+
+
+def test_overlapping_append_is_handed_over_as_its_new_suffix() -> None:
+    """A stale batch that overlaps the log and reaches past its end: the engine
+    would delete the overlap (applied entries: CRITICAL "truncating
+    already-applied log entries") and append it again. Raft §5.3: "If an
+    existing entry conflicts with a new one (same index but different terms),
+    delete the existing entry and all that follow it"; matching ones stay."""
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3))  # indexes 1..5
+    guard = guard_for(engine)
+    overlapping = append(prev=2, entries=[*engine.journal[2:5], (b"y", 6, 3), (b"z", 7, 3)])
+    out = guard.inspect(LEADER, overlapping)
+    assert out is not None and out is not overlapping
+    assert (out["prevLogIdx"], out["prevLogTerm"]) == (5, 3)
+    assert out["entries"] == [(b"y", 6, 3), (b"z", 7, 3)]
+    assert out["commit_index"] == overlapping["commit_index"] and out["term"] == 3
+    assert guard.stale_appends == 1 and engine.sent == []
+
+
+def test_append_ending_at_the_last_entry_is_handed_over_empty() -> None:
+    """The batch is entirely held and ends where the log ends (the case behind
+    every CRITICAL line seen in the chaos runs: "from index 101 (last applied: 101)")."""
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3))
+    for term in (3, 4):  # also from a new leader, whose term the engine must adopt
+        guard = guard_for(engine)
+        message = append(prev=3, entries=engine.journal[3:5], term=term)
+        out = guard.inspect(LEADER, message)
+        assert out is not None and (out["prevLogIdx"], out["prevLogTerm"]) == (5, 3)
+        assert out["entries"] == [] and out["term"] == term
+
+
+def test_overlap_with_a_conflict_is_handed_over_from_the_conflict() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 2, 2))  # an old-term tail at 4..5
+    guard = guard_for(engine)
+    message = append(prev=2, entries=[engine.journal[2], (b"n4", 4, 3), (b"n5", 5, 3)])
+    out = guard.inspect(LEADER, message)
+    assert out is not None and (out["prevLogIdx"], out["prevLogTerm"]) == (3, 3)
+    assert out["entries"] == [(b"n4", 4, 3), (b"n5", 5, 3)]
+
+
+def test_an_older_term_is_left_for_the_engine_to_refuse() -> None:
+    engine = FakeEngine(journal=log(1, 3, 3, 3, 3))
+    message = append(prev=2, entries=[*engine.journal[2:5], (b"y", 6, 3)], term=2)
+    assert guard_for(engine).inspect(LEADER, message) is message
 
 
 @pytest.mark.parametrize("change", [

@@ -47,7 +47,7 @@ FULL: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000, 1_000_000), "creates": 200},
     "profile": {"seconds": 8},
     "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
-    "failover": {"kills": 20, "idle": 600.0},
+    "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 0.7},
@@ -55,7 +55,7 @@ QUICK: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000), "creates": 40},
     "profile": {"seconds": 3},
     "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
-    "failover": {"kills": 3, "idle": 30.0},
+    "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 
 
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": lambda: scale.run(base / "scale", log=_log, **plan["scale"]),
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
                 "tls": lambda: tls_cost.run(base / "tls", log=_log, **plan["tls"]),
-                "failover": lambda: failover.measure(base / "failover", plan["failover"]["kills"],
-                                                     0.0, log=_log),
+                "failover": lambda: failover.measure(
+                    base / "failover", plan["failover"]["kills"], 0.0,
+                    rejoins=plan["failover"]["rejoins"], log=_log),
             }
             for name in sections:
                 with section_timer(_log, name) as timing:

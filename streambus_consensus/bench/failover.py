@@ -3,17 +3,31 @@
 Measures, on loopback clusters of node processes with the default config:
 
 1. time from process start to an agreed leader, for one node and for three;
-2. failover under a light write load: a writer thread sends one write every
-   50 ms (a create_topic of one partition, replication factor 3, with the
-   metadata application; a key write with ``--app kv``) to any node that
-   answers. Each round SIGKILLs the leader and measures the time to a new
-   leader that a majority agrees on (status polled every 10 ms) and to the
-   first write *sent after the kill* that commits; the killed node is then
-   restarted and caught up before the next round;
-3. elections seen in ``--idle`` seconds of silence afterwards: the highest
+2. failover under a light write load: a writer starts one write every 50 ms
+   (a create_topic of one partition, replication factor 3, with the metadata
+   application; a key write with ``--app kv``) on a thread of its own, to any
+   running node, so a write stuck on a dead leader delays no other. Two kinds
+   of leader death, side by side on the same cluster:
+
+   - *loud* (``--kills``): SIGKILL. The followers' connections to it close
+     and its address refuses new ones (``fast_failover``);
+   - *silent* (``--pauses``): SIGSTOP, as a hung machine or a cut cable:
+     nothing closes, the followers only hear silence, and failover is bounded
+     by the election timeout. The paused node is resumed afterwards.
+
+   Each round measures the time to a new leader that a majority agrees on
+   (status polled every 10 ms), to the first write *started after the death*
+   that commits, and the number of new terms (exactly one is right); the node
+   is then restarted or resumed and caught up before the next round;
+3. rejoins (``--rejoins``): on a cluster whose links run through the link
+   proxy, a follower is cut off both ways for 2-5 maximum election timeouts
+   and healed; every term change from the cut to its catch-up is an election
+   the rejoin caused (pre-vote must make it 0);
+4. elections seen in ``--idle`` seconds of silence afterwards: the highest
    term after minus the highest term before (every election bumps it).
 
-Run: ``python -m streambus_consensus.bench.failover [--kills 20] [--idle 600] [--json F]``
+Run: ``python -m streambus_consensus.bench.failover [--kills 20] [--pauses 20]
+[--rejoins 20] [--idle 600] [--json F]``
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -38,8 +53,12 @@ from .common import quantile
 __all__ = ["TARGETS", "main", "measure"]
 
 TARGETS = {"failover_median_s": 0.6, "failover_p99_s": 1.2, "idle_elections": 0,
-           "leader_single_node_s": 1.0, "leader_three_nodes_s": 2.0}
+           "leader_single_node_s": 1.0, "leader_three_nodes_s": 2.0,
+           "silent_failover_median_s": 0.6, "silent_failover_p99_s": 1.0,
+           "extra_terms": 0, "rejoin_elections": 0}
 WRITE_PERIOD = 0.05
+MAX_IN_FLIGHT = 32
+ELECTION_TIMEOUT_MAX = 0.8  # NodeConfig's default
 Log = Callable[[str], None]
 
 
@@ -58,7 +77,9 @@ def _time_to_leader(base: Path, size: int) -> float:
 
 
 class _Writer:
-    """A light write load on its own thread; remembers when each write started and ended."""
+    """A light write load: one write started every ``WRITE_PERIOD`` on a thread
+    of its own (at most ``MAX_IN_FLIGHT`` at once); remembers when each write
+    started and ended."""
 
     def __init__(self, cluster: LocalCluster, app: str) -> None:
         self.cluster, self.app = cluster, app
@@ -66,7 +87,9 @@ class _Writer:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self._thread = threading.Thread(target=self._run, name="bench-writer", daemon=True)
+        self._workers: list[threading.Thread] = []
 
     def start(self) -> None:
         if self.app == "metadata":
@@ -80,6 +103,8 @@ class _Writer:
         self._stop.set()
         self.wake.set()
         self._thread.join(15)
+        for worker in self._workers:
+            worker.join(15)
 
     def _write(self, client: ApiClient, i: int) -> None:
         if self.app == "metadata":
@@ -88,9 +113,8 @@ class _Writer:
         else:
             client.request("PUT", f"/v1/kv/failover-{i}", {"value": i})
 
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
+    def _one(self, i: int) -> None:
+        try:
             client = self.cluster.client(*self.cluster.running(), timeout=2)
             t0 = time.monotonic()
             try:
@@ -101,12 +125,20 @@ class _Writer:
             t1 = time.monotonic()
             with self._lock:
                 self.records.append((t0, t1, ok))
-            i += 1
-            if ok:
-                self.wake.wait(WRITE_PERIOD)
-                self.wake.clear()
-            else:
-                time.sleep(0.01)
+        finally:
+            self._slots.release()
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            if self._slots.acquire(timeout=0.1):
+                worker = threading.Thread(target=self._one, args=(i,), daemon=True)
+                self._workers = [w for w in self._workers if w.is_alive()]
+                self._workers.append(worker)
+                worker.start()
+                i += 1
+            self.wake.wait(WRITE_PERIOD)
+            self.wake.clear()
 
     def first_commit_after(self, t: float) -> float | None:
         """End time of the first successful write that started at or after ``t``."""
@@ -138,17 +170,85 @@ def _caught_up(cluster: LocalCluster, node_id: str) -> bool:
                 and mine["applied_index"] >= theirs["commit_index"])
 
 
+def _failovers(cluster: LocalCluster, writer: _Writer, rounds: int, how: str,
+               log: Log) -> tuple[list[float], list[float], list[dict[str, Any]]]:
+    """``rounds`` leader deaths of one kind: ``"sigkill"`` or ``"sigstop"``."""
+    elected: list[float] = []
+    committed: list[float] = []
+    records: list[dict[str, Any]] = []
+    for round_no in range(rounds):
+        leader = cluster.wait_for_leader(30)
+        wait_until(lambda: writer.first_commit_after(time.monotonic() - 0.5), 30,
+                   "writes to commit before the leader's death")
+        term_before = _max_term(cluster)
+        died = time.monotonic()
+        if how == "sigkill":
+            cluster.kill(leader)
+        else:
+            cluster.pause(leader)
+        writer.wake.set()
+        new_leader = _agreed_leader(cluster, leader, 30)
+        elected.append(time.monotonic() - died)
+        commit_end = wait_until(functools.partial(writer.first_commit_after, died), 30,
+                                "a write after failover", interval=0.005)
+        committed.append(commit_end - died)
+        if how == "sigkill":
+            cluster.start(leader)
+        else:
+            cluster.resume(leader)
+        wait_until(functools.partial(_caught_up, cluster, leader), 60,
+                   f"the {'restarted' if how == 'sigkill' else 'resumed'} node to catch up")
+        records.append({"how": how, "leader": leader, "new_leader": new_leader,
+                        "new_leader_s": round(elected[-1], 3),
+                        "next_commit_s": round(committed[-1], 3),
+                        "terms": _max_term(cluster) - term_before})
+        log(f"  {how} {round_no + 1}/{rounds}: new leader after {elected[-1]:.3f}s, "
+            f"write committed after {committed[-1]:.3f}s, "
+            f"{records[-1]['terms']} new term(s) once {leader} caught up")
+    return elected, committed, records
+
+
+def _rejoins(base: Path, count: int, app: str, settings: dict[str, Any],
+             log: Log) -> dict[str, Any]:
+    """Cut a follower off both ways for 2-5 election timeouts, heal, count elections."""
+    rng = random.Random(1111)
+    elections: list[int] = []
+    with LocalCluster(3, base, app=app, settings=settings, proxied=True) as cluster:
+        network = cluster.network
+        assert network is not None
+        cluster.start()
+        cluster.wait_for_leader(30)
+        writer = _Writer(cluster, app)
+        writer.start()
+        try:
+            for round_no in range(count):
+                leader = cluster.wait_for_leader(30)
+                follower = rng.choice([n for n in cluster.nodes if n != leader])
+                term_before = _max_term(cluster)
+                cut_for = rng.uniform(2, 5) * ELECTION_TIMEOUT_MAX
+                links = network.isolate(follower)
+                time.sleep(cut_for)
+                network.heal(links)
+                wait_until(functools.partial(_caught_up, cluster, follower), 60,
+                           f"{follower} to catch up after the cut")
+                elections.append(_max_term(cluster) - term_before)
+                log(f"  rejoin {round_no + 1}/{count}: {follower} cut off for {cut_for:.2f}s, "
+                    f"{elections[-1]} election(s)")
+        finally:
+            writer.stop()
+    return {"rounds": count, "elections": sum(elections),
+            "rounds_with_an_election": sum(1 for e in elections if e)}
+
+
 def measure(base: Path, kills: int, idle: float, *, app: str = "metadata",
-            log: Log = print) -> dict[str, Any]:
-    """Run all three measurements; return the figures."""
+            pauses: int | None = None, rejoins: int = 0, log: Log = print) -> dict[str, Any]:
+    """Run the measurements; return the figures. ``pauses`` defaults to ``kills``."""
+    pauses = kills if pauses is None else pauses
     results: dict[str, Any] = {
         "app": app,
         "leader_single_node_s": round(_time_to_leader(base / "single", 1), 3),
         "leader_three_nodes_s": round(_time_to_leader(base / "three", 3), 3),
     }
-    elected: list[float] = []
-    committed: list[float] = []
-    rounds: list[dict[str, Any]] = []
     settings = {"broker_session_timeout": 86400.0} if app == "metadata" else {}
     with LocalCluster(3, base / "failover", app=app, settings=settings) as cluster:
         cluster.start()
@@ -156,36 +256,23 @@ def measure(base: Path, kills: int, idle: float, *, app: str = "metadata",
         writer = _Writer(cluster, app)
         writer.start()
         try:
-            for round_no in range(kills):
-                leader = cluster.wait_for_leader(30)
-                wait_until(lambda: writer.first_commit_after(time.monotonic() - 0.5), 30,
-                           "writes to commit before the kill")
-                term_before = _max_term(cluster)
-                killed = time.monotonic()
-                cluster.kill(leader)
-                writer.wake.set()
-                new_leader = _agreed_leader(cluster, leader, 30)
-                elected.append(time.monotonic() - killed)
-                commit_end = wait_until(functools.partial(writer.first_commit_after, killed), 30,
-                                        "a write after failover", interval=0.005)
-                committed.append(commit_end - killed)
-                rounds.append({"killed": leader, "new_leader": new_leader,
-                               "new_leader_s": round(elected[-1], 3),
-                               "next_commit_s": round(committed[-1], 3),
-                               "terms": _max_term(cluster) - term_before})
-                log(f"  kill {round_no + 1}/{kills}: new leader after {elected[-1]:.3f}s, "
-                    f"write committed after {committed[-1]:.3f}s, "
-                    f"{rounds[-1]['terms']} election(s)")
-                cluster.start(leader)
-                wait_until(functools.partial(_caught_up, cluster, leader), 60,
-                           "the restarted node to catch up")
+            elected, committed, rounds = _failovers(cluster, writer, kills, "sigkill", log)
+            s_elected, s_committed, s_rounds = _failovers(cluster, writer, pauses, "sigstop",
+                                                          log)
         finally:
             writer.stop()
         results["writes"] = {"total": len(writer.records),
                              "failed": sum(1 for _, _, ok in writer.records if not ok)}
-        results["failover_new_leader_s"] = _summary(elected)
-        results["failover_next_commit_s"] = _summary(committed)
-        results["rounds"] = rounds
+        if elected:
+            results["failover_new_leader_s"] = _summary(elected)
+            results["failover_next_commit_s"] = _summary(committed)
+        if s_elected:
+            results["silent_failover_new_leader_s"] = _summary(s_elected)
+            results["silent_failover_next_commit_s"] = _summary(s_committed)
+        results["rounds"] = rounds + s_rounds
+        terms = [r["terms"] for r in results["rounds"]]
+        results["terms_per_failover"] = {str(t): terms.count(t) for t in sorted(set(terms))}
+        results["extra_terms"] = sum(t - 1 for t in terms if t > 1)
         time.sleep(1.0)
         before = {n: cluster.status(n) or {} for n in cluster.nodes}
         log(f"  idle for {idle:.0f}s ...")
@@ -196,6 +283,8 @@ def measure(base: Path, kills: int, idle: float, *, app: str = "metadata",
                                      - max(s.get("term", 0) for s in before.values()))
         results["idle_leaders"] = sorted({s.get("leader_id") or "-" for s in after.values()})
         results["idle_nodes_answering"] = sum(1 for s in after.values() if s)
+    if rejoins:
+        results["rejoins"] = _rejoins(base / "rejoins", rejoins, app, settings, log)
     return results
 
 
@@ -203,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=20, help="failover rounds (default 20)")
+    parser.add_argument("--kills", type=int, default=20, help="SIGKILL rounds (default 20)")
+    parser.add_argument("--pauses", type=int, default=None,
+                        help="SIGSTOP rounds (default: as many as --kills)")
+    parser.add_argument("--rejoins", type=int, default=20,
+                        help="rounds of a follower cut off and healed (default 20)")
     parser.add_argument("--idle", type=float, default=600.0,
                         help="idle seconds (default 600)")
     parser.add_argument("--app", choices=("metadata", "kv"), default="metadata")
@@ -211,22 +304,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="streambus-failover-") as tmp:
         try:
-            results = measure(Path(tmp), args.kills, args.idle, app=args.app)
+            results = measure(Path(tmp), args.kills, args.idle, app=args.app,
+                              pauses=args.pauses, rejoins=args.rejoins)
         except (ConsensusError, TimeoutError, RuntimeError) as exc:
             print(f"failover benchmark failed: {exc}", file=sys.stderr)
             return 1
-    f_l, f_c = results["failover_new_leader_s"], results["failover_next_commit_s"]
     rows = [
         ("leader elected, 1 node (s)", f"{results['leader_single_node_s']:.3f}", "<= 1.0"),
         ("leader elected, 3 nodes (s)", f"{results['leader_three_nodes_s']:.3f}", "<= 2.0"),
-        (f"failover to new leader, median / p99 / max over {f_l['n']} (s)",
-         f"{f_l['median']:.3f} / {f_l['p99']:.3f} / {f_l['max']:.3f}", "-"),
-        (f"failover to next commit, median / p99 / max over {f_c['n']} (s)",
-         f"{f_c['median']:.3f} / {f_c['p99']:.3f} / {f_c['max']:.3f}",
-         "median <= 0.6, p99 <= 1.2"),
-        (f"elections in {results['idle_seconds']:.0f}s idle",
-         str(results["idle_elections"]), "0"),
     ]
+    for key, what, target in (
+            ("failover_new_leader_s", "SIGKILL: new leader", "-"),
+            ("failover_next_commit_s", "SIGKILL: next commit", "median <= 0.6, p99 <= 1.2"),
+            ("silent_failover_new_leader_s", "SIGSTOP: new leader", "-"),
+            ("silent_failover_next_commit_s", "SIGSTOP: next commit",
+             "median <= 0.6, p99 <= 1.0")):
+        if key in results:
+            f = results[key]
+            rows.append((f"{what}, median / p99 / max over {f['n']} (s)",
+                         f"{f['median']:.3f} / {f['p99']:.3f} / {f['max']:.3f}", target))
+    rows.append(("new terms per failover {terms: rounds}",
+                 json.dumps(results["terms_per_failover"]), "all 1"))
+    if "rejoins" in results:
+        rj = results["rejoins"]
+        rows.append((f"elections caused by {rj['rounds']} rejoins", str(rj["elections"]), "0"))
+    rows.append((f"elections in {results['idle_seconds']:.0f}s idle",
+                 str(results["idle_elections"]), "0"))
     width = max(len(r[0]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'value':>23}  target")
     for name, value, target in rows:

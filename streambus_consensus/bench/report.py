@@ -7,6 +7,7 @@ from the existing file on every run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -225,17 +226,34 @@ def _failover(section: dict[str, Any], idle: dict[str, Any] | None) -> str:
         [f"SIGKILL of the leader -> next write committed (n={nc['n']}): median / p99 / max",
          f"{nc['median']:.3f} / {nc['p99']:.3f} / {nc['max']:.3f}", "median <= 0.6, p99 <= 1.2"],
     ]
+    if "silent_failover_next_commit_s" in section:
+        sl, sc = section["silent_failover_new_leader_s"], section["silent_failover_next_commit_s"]
+        rows.append([f"SIGSTOP of the leader (silent) -> new leader agreed (n={sl['n']}): "
+                     "median / p99 / max",
+                     f"{sl['median']:.3f} / {sl['p99']:.3f} / {sl['max']:.3f}", "-"])
+        rows.append([f"SIGSTOP of the leader (silent) -> next write committed (n={sc['n']}): "
+                     "median / p99 / max",
+                     f"{sc['median']:.3f} / {sc['p99']:.3f} / {sc['max']:.3f}",
+                     "median <= 0.6, p99 <= 1.0"])
+    if "terms_per_failover" in section:
+        rows.append(["new terms per failover {terms: rounds}",
+                     json.dumps(section["terms_per_failover"]), "all 1"])
+    if "rejoins" in section:
+        rj = section["rejoins"]
+        rows.append([f"elections caused by {rj['rounds']} rejoins of a follower cut off for "
+                     "2-5 election timeouts", rj["elections"], "0"])
     if idle and "elections" in idle:
         where = ("while the other sections ran" if idle.get("concurrent_with_other_sections")
                  else "alone")
         rows.append([f"elections in an idle 3-node cluster, {idle['seconds']:.0f} s watched "
                      f"{where}", idle["elections"], "0"])
     writes = section.get("writes", {})
-    return (f"Three metadata node processes; a writer sends a create_topic (1 partition, RF 3) "
-            f"every 50 ms to any node that answers ({writes.get('total', '?')} writes, "
+    return (f"Three metadata node processes; a writer starts a create_topic (1 partition, "
+            f"RF 3) every 50 ms, each on its own thread, to any running node "
+            f"({writes.get('total', '?')} writes, "
             f"{writes.get('failed', '?')} failed and retried during failovers). Times in "
-            "seconds, from the SIGKILL. The killed node is restarted and caught up before the "
-            "next round. p99 of 20 samples is their maximum.\n\n"
+            "seconds, from the SIGKILL or SIGSTOP. The killed node is restarted (the paused one "
+            "resumed) and caught up before the next round. p99 of 20 samples is their maximum.\n\n"
             + _table(["measure", "seconds", "target"], rows))
 
 

@@ -71,13 +71,17 @@ class ChangeFeed:
         """Events after offset ``after``; a reset first if ``after`` is ``None``
         or older than the window. Waits up to ``timeout`` for something new."""
         with self._cond:
+            if after is not None and after >= self._floor:
+                # A snapshot restored meanwhile (a restart, or an install from
+                # the leader) raises the floor past changes this feed never
+                # held: the reader then needs an image, not what follows.
+                self._cond.wait_for(lambda: after < self._floor or (
+                    bool(self._events) and self._events[-1].offset > after), timeout)
             if after is None or after < self._floor:
                 if after is not None:
                     self.resets += 1
                 image = self._image()
                 return [MetadataEvent(image.offset, (), image)]
-            self._cond.wait_for(lambda: bool(self._events) and self._events[-1].offset > after,
-                                timeout)
             return [e for e in self._events if e.offset > after]
 
     def wake_all(self) -> None:

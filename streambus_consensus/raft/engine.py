@@ -53,6 +53,7 @@ from ..errors import (
     RequestDeniedError,
 )
 from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
+from .prevote import PRE_VOTE, PRE_VOTE_RESPONSE, ElectionGate
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
@@ -192,15 +193,28 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         self._members = members
         self._guard = guard
         self._app_handler = app_handler
+        self.gate: ElectionGate | None = None
+        self.engine: Engine | None = None
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
         node = self._members.get(peer_id)
         if node is None:
             return
-        if str(message.get("type", "")).startswith(APP_MESSAGE_PREFIX):
+        kind = str(message.get("type", ""))
+        if kind.startswith(APP_MESSAGE_PREFIX):
             if self._app_handler is not None:
                 self._app_handler(peer_id, message)
             return
+        gate, engine = self.gate, self.engine
+        if gate is not None and engine is not None:
+            if kind in (PRE_VOTE, PRE_VOTE_RESPONSE):
+                gate.on_message(engine, peer_id, message)
+                return
+            term = message.get("term")
+            if kind == "timeout_now" and isinstance(term, int):
+                gate.allow_transfer(engine, peer_id, term)
+            elif kind == "append_entries" and isinstance(term, int) and term < engine.term:
+                gate.lower_term_leader(engine, peer_id, term)
         filtered = self._guard.inspect(node, dict(message))
         if filtered is not None:
             try:
@@ -208,6 +222,9 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
             except Exception:
                 logger.exception("engine failed on a %r message from %s; message dropped",
                                  message.get("type"), peer_id)
+            if (gate is not None and engine is not None and kind == "append_entries"
+                    and engine.leader_id == peer_id and engine.state is NodeState.FOLLOWER):
+                gate.note_leader_contact(peer_id)
 
     def connected(self, peer_id: str) -> None:
         node = self._members.get(peer_id)
@@ -345,6 +362,7 @@ class Engine:
         on_snapshot: Callable[[float, int], None] | None = None,
         app_handler: Callable[[str, Mapping[str, Any]], None] | None = None,
         on_restored: Callable[[], None] | None = None,
+        gate: ElectionGate | None = None,
     ) -> None:
         self._config = config
         self._storage = storage
@@ -379,6 +397,7 @@ class Engine:
         self._members = members
         self.guard = guard
         self._pso_transport = _EngineTransport(transport, members, guard, app_handler)
+        self.gate = gate
         self._consumer = _Consumer(self._apply_entry)
         conf = SyncObjConf(
             autoTick=False,
@@ -414,6 +433,7 @@ class Engine:
             finally:
                 _syncobj_module.createJournal = original
         guard.attach(self)
+        self._pso_transport.gate, self._pso_transport.engine = gate, self
 
     # -- driving ----------------------------------------------------------------
 
@@ -436,29 +456,29 @@ class Engine:
 
     def peer_disconnected(self, peer_id: str) -> None:
         """Tell the engine a peer is unreachable."""
+        if self.gate is not None:
+            self.gate.leader_link_lost(peer_id)
         self._pso_transport.disconnected(peer_id)
 
-    def campaign_now(self, dead_leader: str) -> bool:
-        """Start an election at the next tick, because ``dead_leader`` is gone.
+    def before_tick(self) -> None:
+        """Let the election gate (pre-vote) hold or release the election timer."""
+        if self.gate is not None:
+            self.gate.before_tick(self)
 
-        PySyncObj has no call for this; its own leadership transfer makes a
-        follower campaign at once when the leader sends ``timeout_now``. We
-        deliver that message on the dead leader's behalf, which the engine
-        accepts only from its current leader and for the current term.
-        Starting an election early is always safe in Raft; it only costs a
-        term if the leader were alive, and a refused connection says its
-        process is not. Returns whether the election was requested.
+    def leader_unreachable(self, peer_id: str) -> bool:
+        """``fast_failover``: ``peer_id``'s address refuses connections.
+
+        If it is our leader, the gate starts a pre-vote at once instead of
+        waiting for the election timer; the engine campaigns only if a
+        majority agrees. Returns whether a pre-vote was started.
         """
-        if self.leader_id != dead_leader or self.state is not NodeState.FOLLOWER:
+        if self.gate is None:
             return False
-        node = self._members.get(dead_leader)
-        if node is None:
-            return False
-        self._pso_transport.deliver(dead_leader, {"type": "timeout_now", "term": self.term})
-        return True
+        return self.gate.leader_unreachable(self, peer_id)
 
     def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
-        """Queue a command (any thread). ``callback(result, fail_code)`` runs on the Raft thread."""
+        """Queue a command (Raft thread: see E17 in docs/engine-issues.md).
+        ``callback(result, fail_code)`` runs on the Raft thread."""
         self._consumer.apply(command, callback=callback)
 
     def destroy(self) -> None:
@@ -536,8 +556,36 @@ class Engine:
         return int(self._journal[-1][1]) if len(self._journal) else 0
 
     @property
+    def last_log_term(self) -> int:
+        return int(self._journal[-1][2]) if len(self._journal) else 0
+
+    @property
     def log_entries(self) -> int:
         return len(self._journal)
+
+    @property
+    def election_deadline(self) -> float:
+        """When the engine's election timer runs out (monotonic seconds).
+
+        PySyncObj keeps it in a private field and has no call to read or move
+        it; the election gate (pre-vote, :mod:`.prevote`) and E11 move it.
+        """
+        return float(self._obj._SyncObj__raftElectionDeadline)
+
+    @election_deadline.setter
+    def election_deadline(self, value: float) -> None:
+        self._obj._SyncObj__raftElectionDeadline = value
+
+    def forget_leader(self) -> None:
+        """Drop the known leader, as PySyncObj does when it starts an election:
+        forwarded proposals waiting for that leader's answer fail at once
+        (``LEADER_CHANGED``) and new ones fail with ``MISSING_LEADER``."""
+        self._obj._SyncObj__raftLeader = None
+        self._obj._SyncObj__onLeaderChanged()
+
+    def voters(self) -> list[str]:
+        """The other voting members (Raft thread)."""
+        return [str(n.id) for n in self._obj.otherNodes]
 
     @property
     def single_voter(self) -> bool:
@@ -622,11 +670,10 @@ class Engine:
         """
         obj = getattr(self, "_obj", None)
         if obj is not None:
-            obj._SyncObj__raftElectionDeadline = (
-                time.monotonic() + obj._SyncObj__generateRaftTimeout())
+            self.election_deadline = time.monotonic() + obj._SyncObj__generateRaftTimeout()
 
     def _deserialize(self, path: str) -> tuple[Any, Any, Any]:
-        """Engine issue E15: PySyncObj logs and swallows an exception from a
+        """Engine issue E18: PySyncObj logs and swallows an exception from a
         snapshot load, then goes on with the state machine as it was and the
         log positioned after the snapshot (an install from the leader clears
         the log first): the replica silently diverges. A load that fails here
@@ -685,6 +732,7 @@ _SEAM_METHODS = {
     "_SyncObj__changeCluster": "one membership change at a time (_SyncObj override)",
     "_SyncObj__generateRaftTimeout": "election timer restart after a snapshot load (E11)",
     "_SyncObj__onMessageReceived": "message handling the guard and campaign_now feed",
+    "_SyncObj__onLeaderChanged": "forget_leader, when the election gate starts a pre-vote (E15)",
     "_checkCommandsToApply": "holding commands during a leadership transfer",
     "_isLeader": "holding commands during a leadership transfer",
     "_getLeader": "leader_id and the snapshot-install membership fix",
@@ -707,7 +755,10 @@ _SEAM_SOURCE = {
     ("__init__", "self.__raftLog = createJournal("):
         "our journal, swapped in through pysyncobj.syncobj.createJournal",
     ("__init__", "self.__raftState ="): "the state property (_SyncObj__raftState)",
-    ("__init__", "self.__raftElectionDeadline ="): "election timer restart (E11)",
+    ("__init__", "self.__raftElectionDeadline ="):
+        "the election gate (pre-vote, E15) and the timer restart (E11)",
+    ("__init__", "self.__raftLeader ="): "forget_leader, when the election gate starts a "
+                                         "pre-vote (E15)",
     ("__onMessageReceived", "message['type'] == 'timeout_now'"): "campaign_now",
     ("__onMessageReceived", "message['term']"): "campaign_now and the guard",
     ("__onMessageReceived", "message['type'] == 'append_entries'"): "the message guard",

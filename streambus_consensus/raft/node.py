@@ -21,7 +21,6 @@ import collections
 import functools
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +50,7 @@ from ..interfaces import (
     Storage,
 )
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
+from .prevote import ElectionGate
 from .safety import MessageGuard
 from .storage import DiskStorage, MemoryStorage
 from .transport import TcpTransport
@@ -68,6 +68,11 @@ _BARRIER = b"\x01"
 
 LeaderListener = Callable[[str | None, int], None]
 AppHandler = Callable[[str, Mapping[str, Any]], None]
+
+
+def _fail(future: Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 class _ApplyFailed:
@@ -126,8 +131,10 @@ class RaftNode:
         self._stopped = False
         self._lifecycle = threading.Lock()
         self._last_leader: str | None = None
-        self._campaign_at: tuple[float, str] | None = None
-        self._random = random.Random()
+        self.gate = ElectionGate(
+            min_timeout=self.config.election_timeout_min, retry=self.config.heartbeat_interval,
+            patience=self.config.effective_stepdown_timeout + self.config.election_timeout_max)
+        """Pre-vote and leader stickiness in front of the engine's election timer."""
         self.fast_elections = 0
         self._fatal: BaseException | None = None
         # Counters read by the metrics collector (single-writer: the Raft thread).
@@ -181,7 +188,7 @@ class RaftNode:
                     snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
-                    on_restored=self._on_restored,
+                    on_restored=self._on_restored, gate=self.gate,
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected, self._on_peer_refused)
@@ -242,10 +249,10 @@ class RaftNode:
             while not self._stopping.is_set():
                 while self._inbox:
                     self._inbox.popleft()()
+                engine.before_tick()
                 engine.tick()
                 self._flush(storage, transport)
                 self._watch_leader(engine)
-                self._maybe_campaign(engine)
                 # A lone voter commits its own entries at the next tick: do
                 # not wait for network events that will never come.
                 lone_work = (engine.single_voter
@@ -297,26 +304,15 @@ class RaftNode:
                 self._jobs.put(functools.partial(listener, leader, term))
 
     def _on_peer_refused(self, peer_id: str) -> None:
-        # Raft thread (called from the transport's poll).
+        # Raft thread (called from the transport's poll). The leader's process
+        # is gone: ask for pre-votes now rather than at the election timeout.
+        # The gate orders concurrent candidates, so one survivor campaigns.
         engine = self._engine
-        if (engine is not None and peer_id == engine.leader_id and self._campaign_at is None
-                and self.config.fast_failover):
-            # Jitter so that the surviving followers rarely campaign at once.
-            jitter = self._random.uniform(0.0, self.config.election_timeout_min / 3)
-            self._campaign_at = (time.monotonic() + jitter, peer_id)
-
-    def _maybe_campaign(self, engine: Engine) -> None:
-        if self._campaign_at is None:
-            return
-        when, dead = self._campaign_at
-        if engine.leader_id != dead:
-            self._campaign_at = None  # someone else won already
-        elif time.monotonic() >= when:
-            self._campaign_at = None
-            if engine.campaign_now(dead):
-                self.fast_elections += 1
-                logger.info("%s: leader %s is down (connection refused): campaigning now",
-                            self.node_id, dead)
+        if (engine is not None and self.config.fast_failover
+                and engine.leader_unreachable(peer_id)):
+            self.fast_elections += 1
+            logger.info("%s: leader %s is down (connection refused): asking for pre-votes now",
+                        self.node_id, peer_id)
 
     def _apply(self, index: int, entry: bytes) -> Any:
         kind, command = entry[:1], entry[1:]
@@ -432,9 +428,23 @@ class RaftNode:
         with self._pending_lock:
             self._pending.add(future)
             self._submitted_at[future] = time.monotonic()
-        engine.propose(entry, functools.partial(self._on_engine_result, future))
+        # Engine issue E17: PySyncObj looks the replicated method up in a table
+        # that a snapshot load rebuilds on the Raft thread (emptied, then
+        # refilled); a proposal from another thread in between failed with
+        # KeyError. The command is handed to the engine on the Raft thread,
+        # at the top of its next pass (the wake ends the current wait).
+        self._inbox.append(functools.partial(self._propose_now, engine, entry, future))
         transport.wake()
         return future
+
+    def _propose_now(self, engine: Engine, entry: bytes, future: Future[Any]) -> None:
+        try:
+            engine.propose(entry, functools.partial(self._on_engine_result, future))
+        except Exception as exc:  # never let one proposal stop the Raft thread
+            with self._pending_lock:
+                self._pending.discard(future)
+                self._submitted_at.pop(future, None)
+            self._jobs.put(functools.partial(_fail, future, exc))
 
     def _on_engine_result(self, future: Future[Any], result: Any, code: int) -> None:
         self._completed.append((future, result, code))

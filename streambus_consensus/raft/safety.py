@@ -24,10 +24,15 @@ Rule 2 (engine issue E2, *matching entries truncated by a stale append*).
     entries all match and the follower's log is longer (a re-sent or delayed
     batch after the leader rewound ``nextIndex``). The follower then briefly
     lacks entries it has acknowledged, which the leader may already count
-    towards a commit; a crash in that window loses them. Raft (§5.3) deletes
-    only from the first *conflicting* entry. Fix: when every entry in the
-    message matches the local log and the log extends past it, acknowledge
-    the message's last index directly and do not hand it to the engine.
+    towards a commit; a crash in that window loses them, and when they were
+    applied the engine logs CRITICAL "truncating already-applied log
+    entries". Raft (§5.3) deletes only from the first *conflicting* entry.
+    Fix: find how many leading entries of the message the log already holds
+    (same index and term). When it holds them all and extends past them,
+    acknowledge the message's last index directly and do not hand it to the
+    engine. Otherwise hand the engine only the rest, with ``prevLogIdx`` /
+    ``prevLogTerm`` moved to the last held entry: it deletes nothing when the
+    rest extends the log, and from the first conflict when there is one.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class MessageGuard:
         self.commit_clamps = 0
         """How many times rule 1 lowered a commit index."""
         self.stale_appends = 0
-        """How many stale appends rule 2 answered without truncating."""
+        """How many stale appends rule 2 answered or trimmed so nothing held is truncated."""
 
     def attach(self, engine: Engine) -> None:
         """Bind to the engine whose log the rules inspect."""
@@ -84,26 +89,42 @@ class MessageGuard:
         self, engine: Engine, node: Member, message: dict[str, Any]
     ) -> dict[str, Any] | None:
         entries = message.get("entries")
-        if (not entries or "transmission" in message
-                or message.get("term") != engine.term or engine.leader_id != node.id):
-            return message
+        term = message.get("term")
+        if (not entries or "transmission" in message or not isinstance(term, int)
+                or term < engine.term):
+            return message  # heartbeats, pieces of a large entry, and what the engine refuses
         journal = engine.journal
         if not len(journal):
             return message
         first = journal[0][1]
         last_index = journal[-1][1]
-        message_last = entries[-1][1]
-        if message_last >= last_index:
-            return message  # the message extends our log: the engine's path is right
-        for _command, index, term in entries:
+        held = 0  # leading entries of the batch the log already holds
+        for _command, index, entry_term in entries:
             position = index - first
-            if position < 0 or journal[position][2] != term:
-                return message  # a conflict (or compacted): the engine must truncate
+            if position < 0 or index > last_index or journal[position][2] != entry_term:
+                break  # compacted (not assumed to match), past our end, or a conflict
+            held += 1
+        if held == 0:
+            return message
+        message_last = entries[-1][1]
+        if held == len(entries) and message_last < last_index:
+            if term != engine.term or engine.leader_id != node.id:
+                return message  # a new leader: the engine must adopt it first
+            self.stale_appends += 1
+            # Everything is held and the log goes on: acknowledge it as the
+            # engine would after appending, without deleting what follows.
+            engine.send(node.id, {
+                "type": "next_node_idx",
+                "next_node_idx": message_last + 1,
+                "reset": False,
+                "success": True,
+            })
+            return None
+        # Hand the engine the part that is not held, after the last held entry,
+        # which the engine then verifies as prevLogIdx/prevLogTerm: it deletes
+        # nothing when the rest extends the log, and from the first conflict
+        # otherwise, as Raft requires.
         self.stale_appends += 1
-        engine.send(node.id, {
-            "type": "next_node_idx",
-            "next_node_idx": message_last + 1,
-            "reset": False,
-            "success": True,
-        })
-        return None
+        _command, prev_index, prev_term = entries[held - 1]
+        return {**message, "prevLogIdx": prev_index, "prevLogTerm": prev_term,
+                "entries": list(entries[held:])}

@@ -52,8 +52,10 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -95,6 +97,7 @@ __all__ = [
     "ChaosReport",
     "Fault",
     "Profile",
+    "log_alarms",
     "main",
     "run_chaos",
 ]
@@ -279,6 +282,10 @@ class ChaosReport:
     """Wall time of the whole run."""
     kept: bool = False
     """Whether :attr:`run_dir` was kept."""
+    log_alarms: list[str] = field(default_factory=list)
+    """Node log lines at CRITICAL or ERROR (``node: line``). Operators are paged
+    for these, so a run with any fails; PySyncObj's "truncating
+    already-applied log entries" (engine issue E2) is one."""
     engine_fixes: dict[str, float] = field(default_factory=dict)
     """``streambus_consensus_engine_*`` counters summed over the nodes at the end
     of the fault phase (since each node's last start): how often each engine
@@ -314,7 +321,22 @@ class ChaosReport:
                 and not self.stale_read_topics and not self.violation_topics
                 and self.feeds is not None and self.feeds.ok
                 and self.images_identical is True and self.snapshots_identical is True
-                and not self.unexpected and not self.errors)
+                and not self.unexpected and not self.errors and not self.log_alarms)
+
+    def overlapped(self, fault: Fault) -> bool:
+        """Whether a fault of the other lane was in force while ``fault``'s
+        recovery was measured (from its healing to the next write)."""
+        if fault.healed is None or fault.recovery is None:
+            return False
+        begin, end = fault.healed, fault.healed + fault.recovery
+        for other in self.faults:
+            if other is fault or other.lane == fault.lane:
+                continue
+            over = (other.healed if other.healed is not None else math.inf) + (
+                other.recovery or 0.0)
+            if other.started <= end and over >= begin:
+                return True
+        return False
 
     def reproduce_command(self) -> str:
         """The command line that replays this run's schedule."""
@@ -332,7 +354,7 @@ class ChaosReport:
                  f"duration={o.duration:g}s elapsed={self.elapsed:.0f}s"
                  + (" ENGINE FIXES DISABLED" if o.unsafe_disable_engine_fixes else ""), ""]
         lines.append(f"{'fault':<20}{'count':>6}{'recovery p50':>14}{'p90':>8}{'max':>8}"
-                     f"{'none':>6}")
+                     f"{'none':>6}{'alone n':>9}{'p90':>8}")
         by_kind: dict[str, list[Fault]] = {}
         for fault in self.faults:
             by_kind.setdefault(fault.kind, []).append(fault)
@@ -341,11 +363,17 @@ class ChaosReport:
             if not faults:
                 continue
             times = sorted(f.recovery for f in faults if f.recovery is not None)
+            alone = sorted(f.recovery for f in faults
+                           if f.recovery is not None and not self.overlapped(f))
             missing = sum(1 for f in faults if f.recovery is None)
             lines.append(f"{kind:<20}{len(faults):>6}{_secs(_quantile(times, 0.5)):>14}"
                          f"{_secs(_quantile(times, 0.9)):>8}"
-                         f"{_secs(times[-1] if times else None):>8}{missing:>6}")
+                         f"{_secs(times[-1] if times else None):>8}{missing:>6}"
+                         f"{len(alone):>9}{_secs(_quantile(alone, 0.9)):>8}")
         lines.append(f"{'total':<20}{self.faults_total:>6}")
+        lines.append("(alone: recoveries during which the other lane held no fault; "
+                     "otherwise a probe may wait out its 1 s attempt on a node the "
+                     "other lane has paused or killed)")
         lines.append("")
         lines.append(f"{'operation':<16}{'ok':>8}{'failed':>8}{'unknown':>9}")
         totals: Counter[str] = Counter()
@@ -385,6 +413,9 @@ class ChaosReport:
             lines.append(f"unexpected answer       {message}")
         for message in self.errors[:20]:
             lines.append(f"error                   {message}")
+        if self.log_alarms:
+            lines.append(f"CRITICAL/ERROR in logs  {len(self.log_alarms)}")
+            lines.extend(f"  {line}" for line in self.log_alarms[:10])
         lines.append("")
         lines.append(f"result: {'PASS' if self.passed else 'FAIL'}")
         if self.kept:
@@ -846,6 +877,15 @@ class _Run:
                 outcome=part.outcome, partitions=(part,)).explain(model))
         report.explanation = "\n".join(explanations)
 
+    def check_logs(self) -> None:
+        """Collect every node log line at CRITICAL or ERROR."""
+        for node_id, path in self.cluster.logs():
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            self.report.log_alarms.extend(f"{node_id}: {line}" for line in log_alarms(text))
+
     def save_artifacts(self) -> None:
         save_history(self.history.operations(), self.run_dir / "history.json")
         faults = [vars(f) for f in self.report.faults]
@@ -859,6 +899,14 @@ class _Run:
         if self.report.explanation:
             text += "\n\nchecker:\n" + self.report.explanation
         (self.run_dir / "report.txt").write_text(text + "\n")
+
+
+_LOG_ALARM = re.compile(r"^\S+ \S+ (CRITICAL|ERROR) ")
+
+
+def log_alarms(text: str) -> list[str]:
+    """The lines of a node log (``cli`` format) logged at CRITICAL or ERROR."""
+    return [line for line in text.splitlines() if _LOG_ALARM.search(line)]
 
 
 def _legal(ops: list[Operation]) -> bool:
@@ -932,6 +980,7 @@ def run_chaos(options: ChaosOptions) -> ChaosReport:
                 run.feeds.stop()
         run.log("checking the history")
         run.check()
+        run.check_logs()
     finally:
         report.elapsed = time.monotonic() - began
         keep = options.keep is not None or not report.passed
