@@ -4,7 +4,8 @@ Every command but ``node run`` talks to the nodes' HTTP APIs
 (:mod:`streambus_consensus.api`), signing each request with the cluster
 secret. Output is a table for people or JSON (``--json``) for scripts.
 
-Errors print one line to stderr and exit non-zero: 2 for bad arguments or
+Errors print one line to stderr and exit non-zero: 1 when a running node
+stopped on an error (so that a supervisor restarts it), 2 for bad arguments or
 config, 3 when no node answers, 4 when the cluster refused or failed the
 request. This module is the only one in the package that prints.
 """
@@ -25,13 +26,13 @@ from typing import Any, NoReturn, TypeVar
 import prometheus_client
 
 from .client import ApiClient, ClusterUnreachableError
-from .config import NodeConfig, parse_address
+from .config import NodeConfig, parse_address, validate_member
 from .errors import ConfigError, ConsensusError, ProposalRejectedError
 from .tls import client_context
 
 __all__ = ["format_fields", "format_table", "main"]
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 2, 3, 4
+EXIT_OK, EXIT_NODE_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 1, 2, 3, 4
 ENV_API = "STREAMBUS_CONSENSUS_API"
 ENV_SECRET = "STREAMBUS_CONSENSUS_SECRET"
 ENV_SECRET_FILE = "STREAMBUS_CONSENSUS_SECRET_FILE"
@@ -64,6 +65,8 @@ connecting:
 
 exit codes:
   0  success
+  1  'node run': the node stopped on an error (storage failure, Raft thread
+     crash); let a supervisor restart it
   2  bad arguments or configuration
   3  no node answered
   4  the cluster refused or failed the request
@@ -79,6 +82,10 @@ examples:
 
 class _UsageError(Exception):
     """Bad command-line arguments (exit 2)."""
+
+
+class _NodeFailedError(Exception):
+    """``node run``: the node stopped on a storage failure or a Raft thread crash (exit 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,6 +269,10 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     server.start()
     server.wait()
+    server.stop()
+    if server.fatal_error is not None:
+        raise _NodeFailedError(f"node {config.node_id} stopped on an error: {server.fatal_error}; "
+                          f"exiting {EXIT_NODE_FAILED} so that its supervisor restarts it")
     return None
 
 
@@ -343,6 +354,7 @@ def _members(args: argparse.Namespace) -> _Output:
     if args.members_command == "add":
         if node_id in members:
             raise ConsensusError(f"{node_id} is already a member (at {members[node_id]})")
+        validate_member(node_id, args.address, members)
         result = _retry_rejected(lambda: client.request(
             "POST", "/v1/members", {"node_id": node_id, "address": args.address}), args.timeout)
         text = (f"added {node_id} at {args.address}; it catches up from the leader\n"
@@ -651,9 +663,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = handlers[args.command](args)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except _NodeFailedError as exc:
+        return _fail(EXIT_NODE_FAILED, str(exc))
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except ClusterUnreachableError as exc:
+        leaderless = _no_leader(args)
+        if leaderless is not None:
+            return _fail(EXIT_FAILED, leaderless)
         return _fail(EXIT_UNREACHABLE, f"cluster unreachable: {exc}")
     except ConsensusError as exc:
         return _fail(EXIT_FAILED, _explain(exc))
@@ -662,6 +679,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if output is not None:
         print(json.dumps(output.data, indent=2, sort_keys=True) if args.json else output.text)
     return EXIT_OK
+
+
+def _no_leader(args: argparse.Namespace) -> str | None:
+    """When a request timed out: if nodes answer but none knows a leader (quorum
+    lost, an election that cannot finish), say so instead of "unreachable"."""
+    try:
+        client = _client(argparse.Namespace(**{**vars(args), "timeout": 2.0}))
+        answered = [s for _, s in _statuses(client) if s is not None]
+    except (ConsensusError, _UsageError, AttributeError):
+        return None
+
+    def reaches_quorum(status: dict[str, Any]) -> bool:
+        up = 1 + sum(1 for peer in status["peers"] if peer["connected"])
+        return up > len(status.get("members") or [status["node_id"]]) // 2
+
+    if not answered or any(s["leader_id"] and reaches_quorum(s) for s in answered):
+        return None
+    seen = ", ".join(f"{s['node_id']} {s['state']} in term {s['term']}, "
+                     f"{1 + sum(p['connected'] for p in s['peers'])}/{len(s['members'])} "
+                     f"members reachable" for s in answered)
+    return (f"no leader: the nodes that answered know no leader with a quorum ({seen}); is "
+            f"a majority of the members ({', '.join(answered[0]['members'])}) running and "
+            f"connected?")
 
 
 def _explain(exc: ConsensusError) -> str:

@@ -58,6 +58,13 @@ def _body_field(request: ApiRequest, name: str) -> Any:
     return request.body[name]
 
 
+def _text_field(request: ApiRequest, name: str) -> str:
+    value = _body_field(request, name)
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_argument", f"{name!r} must be a string")
+    return value
+
+
 def _json_value(value: Any) -> str | int | None:
     if value is None or isinstance(value, str) or (isinstance(value, int)
                                                    and not isinstance(value, bool)):
@@ -130,9 +137,7 @@ def admin_routes(node: RaftNode) -> list[Route]:
         return {"members": node.members(), "leader_id": node.leader_id}
 
     def add_member(request: ApiRequest) -> Any:
-        node_id = str(_body_field(request, "node_id"))
-        address = str(_body_field(request, "address"))
-        node.add_member(node_id, address)
+        node.add_member(_text_field(request, "node_id"), _text_field(request, "address"))
         return {"members": node.members()}
 
     def remove_member(request: ApiRequest) -> Any:
@@ -140,7 +145,11 @@ def admin_routes(node: RaftNode) -> list[Route]:
         return {"members": node.members()}
 
     def transfer(request: ApiRequest) -> Any:
+        if request.body is not None and not isinstance(request.body, dict):
+            raise ApiError(400, "invalid_argument", "JSON body must be an object or empty")
         target = request.body.get("node_id") if isinstance(request.body, dict) else None
+        if target is not None and not isinstance(target, str):
+            raise ApiError(400, "invalid_argument", "'node_id' must be a string or null")
         node.transfer_leadership(target)
         return {"requested": target}
 
@@ -175,6 +184,13 @@ class NodeServer:
         # Load the API's certificate now: a bad file stops the node before it starts.
         self._api_tls = api_server_context(self.config) if self.config.api_tls else None
         self._stopped = threading.Event()
+        self._done = threading.Event()
+        self.node.on_fatal(lambda _error: self._done.set())
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the node stopped on its own (storage failure, Raft thread crash), or ``None``."""
+        return self.node.fatal_error
 
     def start(self) -> None:
         """Start the node, then the application, then the API."""
@@ -202,6 +218,7 @@ class NodeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._done.set()
         if self.api is not None:
             self.api.stop()
         try:
@@ -211,5 +228,6 @@ class NodeServer:
         self.node.stop()
 
     def wait(self) -> None:
-        """Block until :meth:`stop` is called (from a signal handler, say)."""
-        self._stopped.wait()
+        """Block until :meth:`stop` is called (from a signal handler, say) or the
+        node stops on its own (see :attr:`fatal_error`; call :meth:`stop` then)."""
+        self._done.wait()

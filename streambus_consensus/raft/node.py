@@ -30,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from .. import tls
-from ..config import NodeConfig
+from ..config import NodeConfig, validate_member
 from ..errors import (
     CommandRefusedError,
     CommandTooLargeError,
@@ -129,6 +129,7 @@ class RaftNode:
         self._random = random.Random()
         self.fast_elections = 0
         self._fatal: BaseException | None = None
+        self._fatal_listeners: list[Callable[[BaseException], None]] = []
         # Counters read by the metrics collector (single-writer: the Raft thread).
         self.leader_changes = 0
         self.proposals_committed = 0
@@ -261,15 +262,28 @@ class RaftNode:
                             exc_info=True)
             self._fatal = exc
         finally:
+            self._release(engine, storage, transport)
+
+    def _release(self, engine: Engine, storage: Storage, transport: TcpTransport) -> None:
+        """The Raft thread's last act: sync, close everything, tell the fatal
+        listeners. Every step runs even if one before it fails, so a node
+        never lingers half-stopped."""
+        if not isinstance(self._fatal, StorageError):  # after a failed write, sync fails too
             try:
                 storage.sync()
             except StorageError:
                 logger.exception("%s: final sync failed", self.node_id)
-            engine.destroy()
-            storage.close()
-            transport.close()
-            self._stopping.set()
-            self._deliver_completed()
+        for step in (engine.destroy, storage.close, transport.close):
+            try:
+                step()
+            except Exception as exc:
+                level = logging.WARNING if self._fatal is not None else logging.ERROR
+                logger.log(level, "%s: while stopping: %s", self.node_id, exc)
+        self._stopping.set()
+        self._deliver_completed()
+        if self._fatal is not None:
+            for listener in list(self._fatal_listeners):
+                listener(self._fatal)
 
     def _flush(self, storage: Storage, transport: TcpTransport) -> None:
         storage.sync()
@@ -491,13 +505,18 @@ class RaftNode:
         """Add a voting member (one change at a time; the new node must be started
         with a ``cluster`` that includes itself and the current members).
 
+        Raises :class:`ConfigError` for an invalid id or address, or an
+        address another member has (see :func:`validate_member`): such a
+        change would stop every node that applies it.
         Raises :class:`RequestDeniedError` (retriable) while another change or
         a new leader's first entry is uncommitted, or when ``node_id`` is
         already a member.
         """
-        if node_id in self.members():
+        members = self.members()
+        if node_id in members:
             # The engine would deny it too, without saying why.
             raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
+        validate_member(node_id, address, members)
         self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
 
     def remove_member(self, node_id: str, timeout: float | None = None) -> None:
@@ -590,6 +609,21 @@ class RaftNode:
     def _on_app_message(self, peer_id: str, message: Mapping[str, Any]) -> None:
         for handler in list(self._app_handlers):
             self._jobs.put(functools.partial(handler, peer_id, message))
+
+    def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
+        """Call ``listener(error)`` once if the Raft thread stops on an error
+        (a storage failure or a crash) rather than by :meth:`stop`.
+
+        It runs on the Raft thread as it exits: it must only record the error
+        or wake someone (a node process exits non-zero so that its
+        supervisor restarts it).
+        """
+        self._fatal_listeners.append(listener)
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the Raft thread stopped on its own, or ``None``."""
+        return self._fatal
 
     def on_leader_change(self, listener: LeaderListener) -> None:
         """Call ``listener(leader_id_or_None, term)`` on the worker thread at each change."""
