@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from .api import ApiError, ApiRequest, ApiServer, Route
 from .config import NodeConfig
 from .errors import ConsensusError
-from .interfaces import NodeStatus, StateMachine
+from .interfaces import NodeState, NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
 from .raft.node import RaftNode
 from .raft.safety import MessageGuard
@@ -206,12 +206,21 @@ class NodeServer:
                     secret=self.config.secret,
                     metrics=metrics_endpoint(self.node, self.application),
                     tls_context=self._api_tls,
+                    health=self._health,
                 )
                 self.api.start()
         except BaseException:
             self.stop()
             raise
         logger.info("%s: serving (api %s)", self.config.node_id, self.config.api_address)
+
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        """``/healthz``: 200 while the Raft thread runs, 503 once it stopped."""
+        node = self.node
+        state = node.state
+        return (503 if state is NodeState.STOPPED else 200), {
+            "node_id": node.node_id, "state": str(state), "leader_id": node.leader_id,
+            "term": node.term}
 
     def stop(self) -> None:
         """Stop the API, the application and the node. Idempotent."""

@@ -49,6 +49,7 @@ from ..interfaces import (
     StateMachine,
     Storage,
 )
+from ..logutil import audit
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .safety import MessageGuard
 from .storage import DiskStorage, MemoryStorage
@@ -139,6 +140,11 @@ class RaftNode:
         self.snapshots_taken = 0
         self.last_snapshot_seconds = 0.0
         self.last_snapshot_bytes = 0
+        self.replication_lag: Mapping[str, int] = {}
+        """On the leader: entries each peer is behind its log, sampled every second."""
+        self.member_count = len(self.config.cluster)
+        """Voting members, sampled every second."""
+        self._sampled_at = 0.0
         self.fsync_observer: Callable[[float], None] | None = None
         self.apply_observer: Callable[[float], None] | None = None
         self.proposal_observer: Callable[[float], None] | None = None
@@ -245,6 +251,7 @@ class RaftNode:
                 engine.tick()
                 self._flush(storage, transport)
                 self._watch_leader(engine)
+                self._sample(engine)
                 self._maybe_campaign(engine)
                 # A lone voter commits its own entries at the next tick: do
                 # not wait for network events that will never come.
@@ -308,6 +315,23 @@ class RaftNode:
             term = engine.term
             for listener in list(self._leader_listeners):
                 self._jobs.put(functools.partial(listener, leader, term))
+
+    def _sample(self, engine: Engine) -> None:
+        """Once a second, copy what the metrics show of replication (copy-then-swap:
+        the scraping thread reads whole dicts, never the engine)."""
+        now = time.monotonic()
+        if now - self._sampled_at < 1.0:
+            return
+        self._sampled_at = now
+        members = engine.members()
+        self.member_count = len(members)
+        if engine.state is not NodeState.LEADER:
+            self.replication_lag = {}
+            return
+        last = engine.last_log_index
+        self.replication_lag = {
+            peer: max(0, last - (match or 0))
+            for peer, (match, _next) in engine.replication().items() if peer in members}
 
     def _on_peer_refused(self, peer_id: str) -> None:
         # Raft thread (called from the transport's poll).
@@ -518,6 +542,7 @@ class RaftNode:
             raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
         validate_member(node_id, address, members)
         self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
+        audit(self.node_id, "added member %s at %s", node_id, address)
 
     def remove_member(self, node_id: str, timeout: float | None = None) -> None:
         """Remove a voting member (not this node; transfer leadership away first).
@@ -532,6 +557,7 @@ class RaftNode:
                 "is this node: ask another member")
             raise RequestDeniedError(f"{node_id} {reason}", node_id=self.node_id)
         self._engine_request(lambda e, cb: e.remove_member(node_id, cb), timeout)
+        audit(self.node_id, "removed member %s", node_id)
 
     def transfer_leadership(self, node_id: str | None = None, timeout: float | None = None) -> None:
         """Ask ``node_id`` (or the most caught-up follower) to take over leadership.
@@ -569,6 +595,8 @@ class RaftNode:
         while True:
             code = self._call(attempt)
             if code == 0:
+                audit(self.node_id, "leadership transfer to %s started (term %d)",
+                      node_id or "the most caught-up follower", self.term)
                 return
             error = error_for(code, node_id=self.node_id, leader_hint=self.leader_id)
             if not isinstance(error, RequestDeniedError):
