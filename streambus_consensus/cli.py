@@ -593,6 +593,40 @@ def _brokers(args: argparse.Namespace) -> _Output | None:
     return _Output(result, _broker_text(result))
 
 
+def _backup_fields(info: Any) -> list[tuple[str, Any]]:
+    return [("last index", info.last_index), ("last term", info.last_term),
+            ("members", " ".join(f"{k}={v}" for k, v in sorted(info.members.items()))),
+            ("bytes", info.size), ("sha256", info.sha256)]
+
+
+def _snapshot(args: argparse.Namespace) -> _Output:
+    import base64
+    from dataclasses import asdict
+
+    from .backup import read_backup, restore_backup, write_backup
+
+    if args.snapshot_command == "save":
+        client = _client(args)
+        result = client.request("GET", "/v1/snapshot" + ("?local=1" if args.local else ""))
+        info = write_backup(args.file, base64.b64decode(result["snapshot"]))
+        return _Output({"file": args.file, "node_id": result["node_id"], **asdict(info)},
+                       f"saved a snapshot from {result['node_id']} to {args.file} "
+                       f"(checksum verified)\n" + format_fields(_backup_fields(info)))
+    blob, info = read_backup(args.file)
+    if args.snapshot_command == "inspect":
+        return _Output({"file": args.file, **asdict(info)},
+                       f"{args.file}: checksum ok\n" + format_fields(_backup_fields(info)))
+    config = NodeConfig.from_toml(args.node_config).validate()
+    data_dir = args.data_dir or config.data_dir
+    if data_dir is None:
+        raise _UsageError(f"{args.node_config} has no data_dir: give --data-dir")
+    restored = restore_backup(blob, data_dir, config.cluster)
+    return _Output({"data_dir": str(data_dir), "node_id": config.node_id, **asdict(restored)},
+                   f"restored {args.file} into {data_dir} for {config.node_id}; start it "
+                   f"with 'node run --config {args.node_config}'\n"
+                   + format_fields(_backup_fields(restored)))
+
+
 # -- the parser -------------------------------------------------------------------------
 
 
@@ -774,6 +808,32 @@ def _build_parser() -> argparse.ArgumentParser:
     alter.add_argument("--delete", action="append", metavar="KEY",
                        help="reset a setting to its default; repeatable")
 
+    snap = group("snapshot", "save, inspect and restore backups", "snapshot_command")
+    save = command(snap, "save", "save a consistent snapshot of the cluster to a file",
+                   "Ask a node for a snapshot of everything the cluster committed before "
+                   "the request (it commits a no-op through the leader first) and write it "
+                   "to FILE, checksum verified. With --local the node snapshots what it has "
+                   "applied without asking the leader: the way to save what a survivor "
+                   "holds after the cluster lost its quorum.")
+    save.add_argument("file", help="where to write (must not exist)")
+    save.add_argument("--local", action="store_true",
+                      help="do not go through the leader (quorum lost); ask one node only")
+    inspect = command(snap, "inspect", "verify a snapshot file and show what it holds",
+                      "Check a snapshot file's checksum and show its last index, term and "
+                      "members.", connection=None)
+    inspect.add_argument("file", help="the snapshot file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    restore = command(snap, "restore", "seed a new node's data dir from a snapshot file",
+                      "Write a new data directory from a snapshot file, for the node of "
+                      "--config, with that config's [cluster] as the members. Run it for "
+                      "every node of the new cluster (same file), then start them. The data "
+                      "directory must not exist or be empty.", connection=None)
+    restore.add_argument("file", help="the snapshot file")
+    restore.add_argument("--config", dest="node_config", required=True, metavar="NODE.toml",
+                         help="the new node's config: its node_id, [cluster] and data_dir")
+    restore.add_argument("--data-dir", metavar="DIR", help="default: the config's data_dir")
+    restore.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     grow = command(topics, "add-partitions", "grow a topic to more partitions",
                    "Grow a topic to --total partitions (never fewer); the new ones are "
                    "placed over the active brokers.")
@@ -843,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace], _Output | None]] = {
             "node": _run_node, "cluster": _cluster, "status": _status, "members": _members,
-            "leader": _leader, "topics": _topics, "brokers": _brokers}
+            "leader": _leader, "topics": _topics, "brokers": _brokers, "snapshot": _snapshot}
         output = handlers[args.command](args)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))

@@ -7,6 +7,7 @@ key-value machine) or ``metadata`` (StreamBus cluster metadata).
 
 from __future__ import annotations
 
+import base64
 import gc
 import logging
 import threading
@@ -157,6 +158,12 @@ def admin_routes(node: RaftNode) -> list[Route]:
         node.snapshot_now()
         return {"requested": True}
 
+    def backup(request: ApiRequest) -> Any:
+        if not request.flag("local"):
+            node.barrier()  # everything the cluster committed before this request
+        blob = node.export_snapshot()
+        return {"snapshot": base64.b64encode(blob).decode("ascii"), "node_id": node.node_id}
+
     return [
         Route("GET", "/v1/status", status),
         Route("GET", "/v1/members", members),
@@ -164,6 +171,7 @@ def admin_routes(node: RaftNode) -> list[Route]:
         Route("DELETE", "/v1/members/{node_id}", remove_member),
         Route("POST", "/v1/leader/transfer", transfer),
         Route("POST", "/v1/snapshot", snapshot),
+        Route("GET", "/v1/snapshot", backup),
     ]
 
 

@@ -52,6 +52,7 @@ from ..interfaces import (
 from ..logutil import audit
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .safety import MessageGuard
+from .snapshot import unpack_snapshot
 from .storage import DiskStorage, MemoryStorage
 from .transport import TcpTransport
 
@@ -610,6 +611,31 @@ class RaftNode:
     def snapshot_now(self) -> None:
         """Take a snapshot and compact the log at the next opportunity."""
         self._call(lambda engine: engine.force_snapshot())
+
+    def export_snapshot(self, timeout: float | None = None) -> bytes:
+        """Take a snapshot now and return its file's bytes (checksummed; see
+        :mod:`.snapshot`): everything applied on this node when called, cut at
+        one log index. Call :meth:`barrier` first to include everything the
+        cluster committed. Raises :class:`ProposalTimeoutError` if no such
+        snapshot is written within ``timeout`` (default ``proposal_timeout``).
+        """
+        storage = self._storage
+        if storage is None:
+            raise NodeStoppedError("node is not started", node_id=self.node_id)
+        wanted = self.applied_index
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        self.snapshot_now()
+        while True:
+            blob = storage.load_snapshot()
+            if blob is not None and unpack_snapshot(blob, storage.snapshot_path)[
+                    0].last_index >= wanted:
+                return blob
+            if time.monotonic() >= deadline:
+                raise ProposalTimeoutError(f"no snapshot covering index {wanted} within "
+                                           f"{limit:.3g}s", node_id=self.node_id)
+            self._running()
+            time.sleep(0.02)
 
     def members(self) -> dict[str, str]:
         """Current voting members ``{node_id: address}``, this node included."""
