@@ -356,7 +356,8 @@ def _members(args: argparse.Namespace) -> _Output:
             raise ConsensusError(f"{node_id} is already a member (at {members[node_id]})")
         validate_member(node_id, args.address, members)
         result = _retry_rejected(lambda: client.request(
-            "POST", "/v1/members", {"node_id": node_id, "address": args.address}), args.timeout)
+            "POST", "/v1/members", {"node_id": node_id, "address": args.address,
+                                    "check": not args.no_check}), args.timeout)
         text = (f"added {node_id} at {args.address}; it catches up from the leader\n"
                 + _members_table(result["members"], leader))
         return _Output(result, text)
@@ -754,11 +755,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "The voting members as the first node that answers sees them.")
     add = command(members, "add", "add a voting member (start it first)",
                   "Add a voting member. Start the new node first, with a fresh data_dir and "
-                  "a [cluster] table holding the current members plus itself. Changes are "
+                  "a [cluster] table holding the current members plus itself: a node that "
+                  "does not complete the cluster handshake is refused. Changes are "
                   "made one at a time; while another is in flight this command retries "
                   "until --timeout.")
     add.add_argument("node_id", help="the new member's node_id")
     add.add_argument("address", metavar="HOST:PORT", help="the new member's cluster address")
+    add.add_argument("--no-check", action="store_true",
+                     help="add it even if it does not answer the cluster handshake yet "
+                          "(by default a node that does not is refused)")
     remove = command(members, "remove", "remove a voting member",
                      "Remove a voting member. When it leads, leadership is moved to another "
                      "node first (its API must be among the addresses). Stop the removed "

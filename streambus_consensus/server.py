@@ -138,7 +138,11 @@ def admin_routes(node: RaftNode) -> list[Route]:
         return {"members": node.members(), "leader_id": node.leader_id}
 
     def add_member(request: ApiRequest) -> Any:
-        node.add_member(_text_field(request, "node_id"), _text_field(request, "address"))
+        check = request.body.get("check", True) if isinstance(request.body, dict) else True
+        if not isinstance(check, bool):
+            raise ApiError(400, "invalid_argument", "'check' must be true or false")
+        node.add_member(_text_field(request, "node_id"), _text_field(request, "address"),
+                        check=check)
         return {"members": node.members()}
 
     def remove_member(request: ApiRequest) -> Any:

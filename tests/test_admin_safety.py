@@ -37,7 +37,8 @@ from streambus_consensus.kv import KeyValueStateMachine
 from streambus_consensus.server import NodeServer
 from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
 from tests.conftest import ClusterFactory
-from tests.test_cli import ENV, fails
+from tests.test_cli import ENV, fails, ok
+from tests.test_membership import add_node_process, members_of
 
 BAD_MEMBERS = [
     ("n7", "10.0.0.7"),          # the port forgotten
@@ -168,6 +169,7 @@ def test_fuzz_every_admin_route_no_node_dies_no_election(tmp_path: Path) -> None
         before = _health(local)
         members = set(local.nodes)
         answers: dict[str, int] = {}
+        closed_port = free_ports(1)[0]
 
         @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
@@ -180,6 +182,11 @@ def test_fuzz_every_admin_route_no_node_dies_no_election(tmp_path: Path) -> None
             if pattern == "/v1/leader/transfer" and (body is None or (isinstance(body, dict) and (
                     body.get("node_id") is None or body.get("node_id") in sorted(members)))):
                 body = {**(body or {}), "node_id": "n9"}  # a good transfer is no bad input
+            if pattern == "/v1/members" and isinstance(body, dict) and isinstance(
+                    body.get("address"), str) and ":" in body["address"]:
+                # A valid address would be dialled (strict reconfiguration): keep
+                # every dial on loopback, at a port where nothing listens.
+                body = {**body, "address": f"127.0.0.1:{closed_port}"}
             path = pattern.replace("{x}", _quote(arg))
             try:
                 clients[node].request(method, path, body, address=local.nodes[node].api_address)
@@ -311,3 +318,34 @@ def test_with_quorum_lost_the_cli_says_no_leader(make_cluster: ClusterFactory) -
                  "--partitions", "1", "--replication-factor", "1", "--timeout", "3",
                  "--api", local.nodes[survivor].api_address, env=env)
     assert survivor in line
+
+
+@pytest.mark.cluster
+def test_a_member_that_does_not_answer_the_handshake_is_refused(
+        make_cluster: ClusterFactory) -> None:
+    """Strict reconfiguration: adding a member nobody can reach only makes the
+    quorum larger, so it is refused unless asked for with --no-check."""
+    local = make_cluster(3)
+    local.start()
+    leader = local.wait_for_leader()
+    env = {"STREAMBUS_CONSENSUS_SECRET": local.secret or ""}
+    api = ",".join(p.api_address for p in local.nodes.values())
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    fails(4, f"not adding n4: nothing answers at {dead}", "members", "add", "n4", dead,
+          "--timeout", "1", "--api", api, env=env)
+
+    # A node that does not list the current members refuses their handshake.
+    stranger = add_node_process(local, "n5", {})
+    local.start("n5")
+    fails(4, f"{stranger.raft_address} hung up during the handshake", "members", "add", "n5",
+          stranger.raft_address, "--timeout", "1", "--api", api, env=env)
+    local.stop("n5")
+    del local.nodes["n5"]
+    assert set(members_of(local, leader)) == {"n1", "n2", "n3"}
+
+    # --no-check adds it anyway; removing it restores the three.
+    ok("members", "add", "n4", dead, "--no-check", "--api", api, env=env)
+    assert set(members_of(local, leader)) == {"n1", "n2", "n3", "n4"}
+    ok("members", "remove", "n4", "--api", api, env=env)
+    wait_until(lambda: set(members_of(local, leader)) == {"n1", "n2", "n3"}, 10,
+               "n4 to be removed")

@@ -40,6 +40,7 @@ from ..errors import (
     ProposalTimeoutError,
     RequestDeniedError,
     StorageError,
+    TransportError,
 )
 from ..interfaces import (
     ConsistentSnapshotter,
@@ -526,7 +527,8 @@ class RaftNode:
         self._call(lambda engine: start(engine, functools.partial(self._on_engine_result, future)))
         return self._wait(future, timeout)
 
-    def add_member(self, node_id: str, address: str, timeout: float | None = None) -> None:
+    def add_member(self, node_id: str, address: str, timeout: float | None = None, *,
+                   check: bool = True) -> None:
         """Add a voting member (one change at a time; the new node must be started
         with a ``cluster`` that includes itself and the current members).
 
@@ -534,14 +536,25 @@ class RaftNode:
         address another member has (see :func:`validate_member`): such a
         change would stop every node that applies it.
         Raises :class:`RequestDeniedError` (retriable) while another change or
-        a new leader's first entry is uncommitted, or when ``node_id`` is
-        already a member.
+        a new leader's first entry is uncommitted, when ``node_id`` is
+        already a member, or (with ``check``, the default) when nothing at
+        ``address`` completes the cluster handshake with this node (etcd's
+        strict reconfiguration: a member that cannot be reached only makes
+        the quorum larger).
         """
         members = self.members()
         if node_id in members:
             # The engine would deny it too, without saying why.
             raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
         validate_member(node_id, address, members)
+        if check and self._transport is not None:
+            try:
+                self._transport.probe(address, timeout=self.config.election_timeout_max)
+            except TransportError as exc:
+                raise RequestDeniedError(
+                    f"not adding {node_id}: {exc}. Start it first, with the cluster secret "
+                    f"and the current members plus itself in its [cluster]",
+                    node_id=self.node_id) from None
         self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
         audit(self.node_id, "added member %s at %s", node_id, address)
 
