@@ -253,7 +253,6 @@ class RaftNode:
                 engine.tick()
                 self._flush(storage, transport)
                 self._watch_leader(engine)
-                self._sample(engine)
                 self._maybe_campaign(engine)
                 # A lone voter commits its own entries at the next tick: do
                 # not wait for network events that will never come.
@@ -261,6 +260,7 @@ class RaftNode:
                              and engine.commit_index < engine.last_log_index)
                 transport.poll(0.0 if lone_work else tick)
                 self._flush(storage, transport)
+                self._sample(engine)
         except StorageError as exc:
             # After a failed write or fsync the kernel may have dropped data:
             # stop rather than acknowledge anything more (fail-stop).
