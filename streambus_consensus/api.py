@@ -7,6 +7,10 @@ secret; requests more than 60 s old or new are refused, as is anything
 unsigned. With ``api_tls`` the server speaks TLS and, by default, requires a
 client certificate from the cluster's CA before any request is read.
 
+``/healthz`` needs no signature either (load balancers and liveness probes
+cannot sign): 200 while the node's Raft thread runs, 503 once it stopped,
+with a body of node id, Raft role, leader id and term only.
+
 ``/metrics`` needs no signature (Prometheus cannot sign), so it exposes only
 operational numbers whose labels are node ids, Raft roles, error class names
 and broker states: never topic names, broker ids or endpoints, config values
@@ -157,6 +161,7 @@ class ApiServer:
         secret: str,
         metrics: Callable[[], tuple[bytes, str]] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     ) -> None:
         if not secret:
             raise ConfigError("cluster_secret", "<redacted>", "the API needs the cluster secret")
@@ -164,6 +169,7 @@ class ApiServer:
         self.routes = routes
         self._secret = secret
         self._metrics = metrics
+        self._health = health
         host, port = parse_address(address, field_name="api_address")
         self._httpd = _Server((host, port), _make_handler(self))
         self._httpd.tls_context = tls_context
@@ -287,10 +293,16 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(length) if length else b""
 
         def _handle(self, method: str) -> None:
-            if method == "GET" and urlsplit(self.path).path == "/metrics" and api._metrics:
+            path = urlsplit(self.path).path
+            if method == "GET" and path == "/metrics" and api._metrics:
                 self._read_deadline.cancel()  # no body: the request is in
                 payload, content_type = api._metrics()
                 self._send(200, payload, content_type)
+                return
+            if method == "GET" and path == "/healthz" and api._health:
+                self._read_deadline.cancel()
+                status, health = api._health()
+                self._send(status, json.dumps(health).encode(), "application/json")
                 return
             try:
                 raw = self._read_body()

@@ -4,7 +4,8 @@ Every command but ``node run`` talks to the nodes' HTTP APIs
 (:mod:`streambus_consensus.api`), signing each request with the cluster
 secret. Output is a table for people or JSON (``--json``) for scripts.
 
-Errors print one line to stderr and exit non-zero: 2 for bad arguments or
+Errors print one line to stderr and exit non-zero: 1 when a running node
+stopped on an error (so that a supervisor restarts it), 2 for bad arguments or
 config, 3 when no node answers, 4 when the cluster refused or failed the
 request. This module is the only one in the package that prints.
 """
@@ -25,13 +26,13 @@ from typing import Any, NoReturn, TypeVar
 import prometheus_client
 
 from .client import ApiClient, ClusterUnreachableError
-from .config import NodeConfig, parse_address
+from .config import NodeConfig, parse_address, validate_member
 from .errors import ConfigError, ConsensusError, ProposalRejectedError
 from .tls import client_context
 
 __all__ = ["format_fields", "format_table", "main"]
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 2, 3, 4
+EXIT_OK, EXIT_NODE_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FAILED = 0, 1, 2, 3, 4
 ENV_API = "STREAMBUS_CONSENSUS_API"
 ENV_SECRET = "STREAMBUS_CONSENSUS_SECRET"
 ENV_SECRET_FILE = "STREAMBUS_CONSENSUS_SECRET_FILE"
@@ -64,6 +65,8 @@ connecting:
 
 exit codes:
   0  success
+  1  'node run': the node stopped on an error (storage failure, Raft thread
+     crash); let a supervisor restart it
   2  bad arguments or configuration
   3  no node answered
   4  the cluster refused or failed the request
@@ -79,6 +82,10 @@ examples:
 
 class _UsageError(Exception):
     """Bad command-line arguments (exit 2)."""
+
+
+class _NodeFailedError(Exception):
+    """``node run``: the node stopped on a storage failure or a Raft thread crash (exit 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,6 +269,10 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     server.start()
     server.wait()
+    server.stop()
+    if server.fatal_error is not None:
+        raise _NodeFailedError(f"node {config.node_id} stopped on an error: {server.fatal_error}; "
+                          f"exiting {EXIT_NODE_FAILED} so that its supervisor restarts it")
     return None
 
 
@@ -343,8 +354,10 @@ def _members(args: argparse.Namespace) -> _Output:
     if args.members_command == "add":
         if node_id in members:
             raise ConsensusError(f"{node_id} is already a member (at {members[node_id]})")
+        validate_member(node_id, args.address, members)
         result = _retry_rejected(lambda: client.request(
-            "POST", "/v1/members", {"node_id": node_id, "address": args.address}), args.timeout)
+            "POST", "/v1/members", {"node_id": node_id, "address": args.address,
+                                    "check": not args.no_check}), args.timeout)
         text = (f"added {node_id} at {args.address}; it catches up from the leader\n"
                 + _members_table(result["members"], leader))
         return _Output(result, text)
@@ -435,8 +448,50 @@ def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
+def _partition_rows(topic: str, parts: Iterable[dict[str, Any]]) -> list[list[Any]]:
+    return [[topic, p["index"], p["leader"], p["replicas"], p["isr"]] for p in parts]
+
+
+def _under_replicated(client: ApiClient, name: str | None, suffix: str) -> _Output:
+    """Partitions whose ISR is smaller than their replica set, of one topic or all."""
+    names = [name] if name else client.request("GET", "/v1/topics" + suffix)["topics"]
+    found: list[dict[str, Any]] = []
+    for topic in names:
+        described = client.request("GET", f"/v1/topics/{topic}{suffix}")
+        found += [{"topic": topic, **p} for p in described.get("partitions") or []
+                  if len(p["isr"]) < len(p["replicas"])]
+    table = format_table(["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"],
+                         [[p["topic"], p["index"], p["leader"], p["replicas"], p["isr"]]
+                          for p in found])
+    return _Output({"under_replicated": found}, table)
+
+
+def _topics_more(args: argparse.Namespace, client: ApiClient) -> _Output:
+    """add-partitions, elect, reassign."""
+    command, name = args.topics_command, args.name
+    if command == "add-partitions":
+        result = client.request("POST", f"/v1/topics/{name}/partitions",
+                                {"count": args.total})
+        return _Output(result, f"topic {name} has {result['partition_count']} partitions")
+    if command == "elect":
+        body: dict[str, Any] = {"kind": args.kind}
+        if args.partition is not None:
+            body["partition"] = args.partition
+        result = client.request("POST", f"/v1/topics/{name}/elect", body)
+        changed = result["changed"]
+        return _Output(result, f"{len(changed)} partition leader(s) changed\n" + format_table(
+            ["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"],
+            _partition_rows(name, changed)))
+    result = client.request("POST", f"/v1/topics/{name}/partitions/{args.partition}/reassign",
+                            {"replicas": args.replicas})
+    return _Output(result, f"reassigned {name}/{args.partition}\n" + format_table(
+        ["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"], _partition_rows(name, [result])))
+
+
 def _topics(args: argparse.Namespace) -> _Output:
     command = args.topics_command
+    if command == "describe" and args.name is None and not args.under_replicated:
+        raise _UsageError("topics describe: give a topic name, or --under-replicated for all")
     if command == "create":
         config = _key_values(args.topic_config, "--config")
     elif command == "alter":
@@ -448,6 +503,10 @@ def _topics(args: argparse.Namespace) -> _Output:
     if command == "list":
         result = client.request("GET", "/v1/topics" + suffix)
         return _Output(result, format_table(["TOPIC"], [[name] for name in result["topics"]]))
+    if command in ("add-partitions", "elect", "reassign"):
+        return _topics_more(args, client)
+    if command == "describe" and args.under_replicated:
+        return _under_replicated(client, args.name, suffix)
     if command == "describe":
         result = client.request("GET", f"/v1/topics/{args.name}{suffix}")
         return _Output(result, _topic_text(result))
@@ -464,9 +523,67 @@ def _topics(args: argparse.Namespace) -> _Output:
     return _Output(result, f"altered topic {args.name}\n" + _topic_text(result))
 
 
-def _brokers(args: argparse.Namespace) -> _Output:
+def _broker_text(broker: dict[str, Any]) -> str:
+    return format_fields([
+        ("broker", broker["broker_id"]), ("state", broker["state"]),
+        ("endpoint", broker["endpoint"]), ("rack", broker["rack"]),
+        ("incarnation", broker["incarnation_id"]), ("epoch", broker["broker_epoch"])])
+
+
+def _heartbeat(args: argparse.Namespace, client: ApiClient) -> _Output | None:
+    """One heartbeat per broker, or (``--every``) one round per interval until stopped."""
+
+    def one_round() -> list[dict[str, Any]]:
+        states = []
+        for broker_id in args.broker_ids:
+            epoch = args.epoch if args.epoch is not None else client.request(
+                "GET", f"/v1/brokers/{broker_id}")["broker_epoch"]
+            states.append(client.request("POST", f"/v1/brokers/{broker_id}/heartbeat",
+                                         {"broker_epoch": epoch}))
+        return states
+
+    if args.every is None:
+        # The leader unfences a fenced broker that heartbeats at its next check
+        # (within a second): wait for that, so the next command sees it active.
+        deadline = time.monotonic() + args.timeout
+        states = one_round()
+        while (any(b["state"] == "fenced" for b in states)
+               and time.monotonic() < deadline):
+            time.sleep(_POLL_INTERVAL * 10)
+            states = one_round()
+        return _Output(states[0] if len(states) == 1 else states, format_table(
+            ["ID", "STATE", "EPOCH"],
+            [[b["broker_id"], b["state"], b["broker_epoch"]] for b in states]))
+    while True:  # until Ctrl-C; a failed round (an election, say) is reported and retried
+        try:
+            states = one_round()
+        except ConsensusError as exc:
+            print(f"streambus-consensus: heartbeat failed, retrying: {_explain(exc)}",
+                  file=sys.stderr, flush=True)
+        else:
+            _print_line(json.dumps(states, sort_keys=True) if args.json else " ".join(
+                f"{b['broker_id']}:{b['state']}" for b in states))
+        time.sleep(args.every)
+
+
+def _brokers(args: argparse.Namespace) -> _Output | None:
     client = _client(args)
-    if args.brokers_command == "list":
+    command = args.brokers_command
+    if command == "register":
+        result = client.request("POST", "/v1/brokers", {
+            "broker_id": args.broker_id, "endpoint": args.endpoint, "rack": args.rack,
+            "incarnation_id": args.incarnation_id, "fenced": not args.active})
+        return _Output(result, f"registered broker {args.broker_id}\n" + _broker_text(result))
+    if command == "heartbeat":
+        return _heartbeat(args, client)
+    if command == "unregister":
+        result = client.request("DELETE", f"/v1/brokers/{args.broker_id}")
+        return _Output(result, f"unregistered broker {args.broker_id}")
+    if command in ("fence", "unfence"):
+        body = {} if args.epoch is None else {"broker_epoch": args.epoch}
+        result = client.request("POST", f"/v1/brokers/{args.broker_id}/{command}", body)
+        return _Output(result, f"{command}d broker {args.broker_id}\n" + _broker_text(result))
+    if command == "list":
         result = client.request("GET", "/v1/brokers")
         brokers = sorted(result["brokers"], key=lambda b: b["broker_id"])
         return _Output(result, format_table(
@@ -474,10 +591,41 @@ def _brokers(args: argparse.Namespace) -> _Output:
             [[b["broker_id"], b["state"], b["endpoint"], b["rack"], b["broker_epoch"]]
              for b in brokers]))
     result = client.request("GET", f"/v1/brokers/{args.broker_id}")
-    return _Output(result, format_fields([
-        ("broker", result["broker_id"]), ("state", result["state"]),
-        ("endpoint", result["endpoint"]), ("rack", result["rack"]),
-        ("incarnation", result["incarnation_id"]), ("epoch", result["broker_epoch"])]))
+    return _Output(result, _broker_text(result))
+
+
+def _backup_fields(info: Any) -> list[tuple[str, Any]]:
+    return [("last index", info.last_index), ("last term", info.last_term),
+            ("members", " ".join(f"{k}={v}" for k, v in sorted(info.members.items()))),
+            ("bytes", info.size), ("sha256", info.sha256)]
+
+
+def _snapshot(args: argparse.Namespace) -> _Output:
+    import base64
+    from dataclasses import asdict
+
+    from .backup import read_backup, restore_backup, write_backup
+
+    if args.snapshot_command == "save":
+        client = _client(args)
+        result = client.request("GET", "/v1/snapshot" + ("?local=1" if args.local else ""))
+        info = write_backup(args.file, base64.b64decode(result["snapshot"]))
+        return _Output({"file": args.file, "node_id": result["node_id"], **asdict(info)},
+                       f"saved a snapshot from {result['node_id']} to {args.file} "
+                       f"(checksum verified)\n" + format_fields(_backup_fields(info)))
+    blob, info = read_backup(args.file)
+    if args.snapshot_command == "inspect":
+        return _Output({"file": args.file, **asdict(info)},
+                       f"{args.file}: checksum ok\n" + format_fields(_backup_fields(info)))
+    config = NodeConfig.from_toml(args.node_config).validate()
+    data_dir = args.data_dir or config.data_dir
+    if data_dir is None:
+        raise _UsageError(f"{args.node_config} has no data_dir: give --data-dir")
+    restored = restore_backup(blob, data_dir, config.cluster)
+    return _Output({"data_dir": str(data_dir), "node_id": config.node_id, **asdict(restored)},
+                   f"restored {args.file} into {data_dir} for {config.node_id}; start it "
+                   f"with 'node run --config {args.node_config}'\n"
+                   + format_fields(_backup_fields(restored)))
 
 
 def _features(args: argparse.Namespace) -> _Output:
@@ -522,6 +670,29 @@ def _positive(text: str) -> float:
     return value
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def _duration(text: str) -> float:
+    """``2s``, ``500ms``, ``1m`` or plain seconds."""
+    number, factor = text, 1.0
+    for unit in ("ms", "s", "m"):
+        if text.endswith(unit):
+            number, factor = text[: -len(unit)], _UNITS[unit]
+            break
+    return _positive(number) * factor if number else _positive(text)
+
+
+def _broker_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of broker ids: {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError(f"no broker ids in {text!r}")
+    return ids
+
+
 def _connection_options(*config_flags: str) -> argparse.ArgumentParser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("connection and output")
@@ -555,6 +726,7 @@ def _build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="streambus-consensus", formatter_class=formatter, epilog=_EPILOG,
                      description="Run and administer a StreamBus metadata consensus cluster.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to do; COMMAND --help for more")
 
@@ -612,11 +784,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "The voting members as the first node that answers sees them.")
     add = command(members, "add", "add a voting member (start it first)",
                   "Add a voting member. Start the new node first, with a fresh data_dir and "
-                  "a [cluster] table holding the current members plus itself. Changes are "
+                  "a [cluster] table holding the current members plus itself: a node that "
+                  "does not complete the cluster handshake is refused. Changes are "
                   "made one at a time; while another is in flight this command retries "
                   "until --timeout.")
     add.add_argument("node_id", help="the new member's node_id")
     add.add_argument("address", metavar="HOST:PORT", help="the new member's cluster address")
+    add.add_argument("--no-check", action="store_true",
+                     help="add it even if it does not answer the cluster handshake yet "
+                          "(by default a node that does not is refused)")
     remove = command(members, "remove", "remove a voting member",
                      "Remove a voting member. When it leads, leadership is moved to another "
                      "node first (its API must be among the addresses). Stop the removed "
@@ -647,8 +823,12 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("--config", dest="topic_config", action="append", metavar="KEY=VALUE",
                         help="a topic setting, e.g. retention.ms=86400000; repeatable")
     describe = command(topics, "describe", "show a topic and its partitions",
-                       "Show a topic's settings and each partition's leader, replicas and ISR.")
-    describe.add_argument("name", help="topic name")
+                       "Show a topic's settings and each partition's leader, replicas and ISR; "
+                       "with --under-replicated only the partitions whose ISR is smaller than "
+                       "their replica set (of every topic when no name is given).")
+    describe.add_argument("name", nargs="?", help="topic name")
+    describe.add_argument("--under-replicated", action="store_true",
+                          help="only partitions with fewer in-sync replicas than replicas")
     for read in (tlist, describe):
         read.add_argument("--linearizable", action="store_true",
                           help="read through the leader's log instead of the local copy")
@@ -662,11 +842,92 @@ def _build_parser() -> argparse.ArgumentParser:
     alter.add_argument("--delete", action="append", metavar="KEY",
                        help="reset a setting to its default; repeatable")
 
-    brokers = group("brokers", "list or describe registered brokers", "brokers_command")
+    snap = group("snapshot", "save, inspect and restore backups", "snapshot_command")
+    save = command(snap, "save", "save a consistent snapshot of the cluster to a file",
+                   "Ask a node for a snapshot of everything the cluster committed before "
+                   "the request (it commits a no-op through the leader first) and write it "
+                   "to FILE, checksum verified. With --local the node snapshots what it has "
+                   "applied without asking the leader: the way to save what a survivor "
+                   "holds after the cluster lost its quorum.")
+    save.add_argument("file", help="where to write (must not exist)")
+    save.add_argument("--local", action="store_true",
+                      help="do not go through the leader (quorum lost); ask one node only")
+    inspect = command(snap, "inspect", "verify a snapshot file and show what it holds",
+                      "Check a snapshot file's checksum and show its last index, term and "
+                      "members.", connection=None)
+    inspect.add_argument("file", help="the snapshot file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    restore = command(snap, "restore", "seed a new node's data dir from a snapshot file",
+                      "Write a new data directory from a snapshot file, for the node of "
+                      "--config, with that config's [cluster] as the members. Run it for "
+                      "every node of the new cluster (same file), then start them. The data "
+                      "directory must not exist or be empty.", connection=None)
+    restore.add_argument("file", help="the snapshot file")
+    restore.add_argument("--config", dest="node_config", required=True, metavar="NODE.toml",
+                         help="the new node's config: its node_id, [cluster] and data_dir")
+    restore.add_argument("--data-dir", metavar="DIR", help="default: the config's data_dir")
+    restore.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    grow = command(topics, "add-partitions", "grow a topic to more partitions",
+                   "Grow a topic to --total partitions (never fewer); the new ones are "
+                   "placed over the active brokers.")
+    grow.add_argument("name", help="topic name")
+    grow.add_argument("--total", type=int, required=True, metavar="N",
+                      help="the topic's new partition count")
+    elect = command(topics, "elect", "elect partition leaders",
+                    "Elect leaders of a topic's partitions (or one --partition): preferred "
+                    "(the first replica, when in sync), isr (any in-sync replica) or unclean "
+                    "(any live replica: may lose data).")
+    elect.add_argument("name", help="topic name")
+    elect.add_argument("--partition", type=int, metavar="P", help="only this partition")
+    elect.add_argument("--kind", choices=("preferred", "isr", "unclean"), default="preferred",
+                       help="how to choose (default preferred)")
+    reassign = command(topics, "reassign", "move a partition to other brokers",
+                       "Set a partition's replicas (the first is the preferred leader).")
+    reassign.add_argument("name", help="topic name")
+    reassign.add_argument("partition", type=int, help="partition index")
+    reassign.add_argument("--replicas", type=_broker_ids, required=True, metavar="ID,ID,...",
+                          help="the new replica set, comma-separated broker ids")
+
+    brokers = group("brokers", "register, heartbeat, fence or list brokers", "brokers_command")
     command(brokers, "list", "list registered brokers",
             "List the brokers registered in the metadata, with their state.")
     bdescribe = command(brokers, "describe", "show one broker", "Show one registered broker.")
     bdescribe.add_argument("broker_id", type=int, help="the broker's id")
+    register = command(brokers, "register", "register a broker (as the broker does at start)",
+                       "Register a broker. It starts fenced and is unfenced by the leader once "
+                       "it heartbeats ('brokers heartbeat'), unless --active.")
+    register.add_argument("broker_id", type=int, help="the broker's id")
+    register.add_argument("endpoint", metavar="HOST:PORT", help="where clients reach it")
+    register.add_argument("--rack", help="its rack (replicas are spread across racks)")
+    register.add_argument("--incarnation-id", metavar="ID",
+                          help="its incarnation (default: a new one, which bumps its epoch)")
+    register.add_argument("--active", action="store_true",
+                          help="register it unfenced, without waiting for a heartbeat")
+    beat = command(brokers, "heartbeat", "send brokers' heartbeats (for local clusters)",
+                   "Heartbeat brokers on their behalf: once, or with --every every interval "
+                   "until Ctrl-C (a stand-in for brokers on a local cluster; a real broker "
+                   "heartbeats itself). A fenced broker that heartbeats is unfenced by the "
+                   "leader: without --every, heartbeats repeat until that happened or "
+                   "--timeout.")
+    beat.add_argument("broker_ids", type=_broker_ids, metavar="ID[,ID...]",
+                      help="the brokers' ids, comma-separated")
+    beat.add_argument("--epoch", type=int, metavar="N",
+                      help="the broker epoch (default: the registered one)")
+    beat.add_argument("--every", type=_duration, metavar="DURATION",
+                      help="repeat every DURATION (2s, 500ms, 1m) and print each round")
+    unregister = command(brokers, "unregister", "remove a broker",
+                         "Remove a broker; its partitions get new leaders.")
+    unregister.add_argument("broker_id", type=int, help="the broker's id")
+    for action in ("fence", "unfence"):
+        fence = command(brokers, action, f"{action} a broker",
+                        "Fence a broker: out of every ISR, leads nothing. A broker that "
+                        "still heartbeats is unfenced again at the leader's next check "
+                        "(within a second): stop it, or unregister it." if action == "fence"
+                        else "Unfence a fenced broker.")
+        fence.add_argument("broker_id", type=int, help="the broker's id")
+        fence.add_argument("--epoch", type=int, metavar="N",
+                           help="only if this is its current epoch")
 
     features = group("features", "metadata versions (feature levels): describe or upgrade",
                      "features_command")
@@ -690,21 +951,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
         handlers: dict[str, Callable[[argparse.Namespace], _Output | None]] = {
             "node": _run_node, "cluster": _cluster, "status": _status, "members": _members,
-            "leader": _leader, "topics": _topics, "brokers": _brokers, "features": _features}
+            "leader": _leader, "topics": _topics, "brokers": _brokers, "snapshot": _snapshot,
+            "features": _features}
         output = handlers[args.command](args)
     except _UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))
+    except _NodeFailedError as exc:
+        return _fail(EXIT_NODE_FAILED, str(exc))
     except ConfigError as exc:
         return _fail(EXIT_USAGE, str(exc))
     except ClusterUnreachableError as exc:
+        leaderless = _no_leader(args)
+        if leaderless is not None:
+            return _fail(EXIT_FAILED, leaderless)
         return _fail(EXIT_UNREACHABLE, f"cluster unreachable: {exc}")
     except ConsensusError as exc:
         return _fail(EXIT_FAILED, _explain(exc))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     if output is not None:
-        print(json.dumps(output.data, indent=2, sort_keys=True) if args.json else output.text)
+        try:
+            _print_line(json.dumps(output.data, indent=2, sort_keys=True) if args.json
+                        else output.text)
+        except BrokenPipeError:
+            return _closed_pipe()
     return EXIT_OK
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streambus-consensus")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _print_line(text: str) -> None:
+    print(text, flush=True)
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``| head``): stop quietly, as ``cat`` does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet too
+    os.close(devnull)
+    return EXIT_OK
+
+
+def _no_leader(args: argparse.Namespace) -> str | None:
+    """When a request timed out: if nodes answer but none knows a leader (quorum
+    lost, an election that cannot finish), say so instead of "unreachable"."""
+    try:
+        client = _client(argparse.Namespace(**{**vars(args), "timeout": 2.0}))
+        answered = [s for _, s in _statuses(client) if s is not None]
+    except (ConsensusError, _UsageError, AttributeError):
+        return None
+
+    def reaches_quorum(status: dict[str, Any]) -> bool:
+        up = 1 + sum(1 for peer in status["peers"] if peer["connected"])
+        return up > len(status.get("members") or [status["node_id"]]) // 2
+
+    if not answered or any(s["leader_id"] and reaches_quorum(s) for s in answered):
+        return None
+    seen = ", ".join(f"{s['node_id']} {s['state']} in term {s['term']}, "
+                     f"{1 + sum(p['connected'] for p in s['peers'])}/{len(s['members'])} "
+                     f"members reachable" for s in answered)
+    return (f"no leader: the nodes that answered know no leader with a quorum ({seen}); is "
+            f"a majority of the members ({', '.join(answered[0]['members'])}) running and "
+            f"connected?")
 
 
 def _explain(exc: ConsensusError) -> str:

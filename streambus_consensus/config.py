@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["NodeConfig", "parse_address"]
+__all__ = ["NodeConfig", "parse_address", "validate_member"]
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_SECRET_LENGTH = 16
@@ -47,6 +47,37 @@ def parse_address(address: str, *, field_name: str = "address") -> tuple[str, in
     if not 1 <= port <= 65535:
         raise ConfigError(field_name, address, "port must be in 1..65535")
     return host, port
+
+
+def validate_member(node_id: object, address: object,
+                    members: dict[str, str] | None = None) -> tuple[str, str]:
+    """Check a new member's id and cluster address before it goes near the log.
+
+    ``node_id`` must be a valid node id (see :attr:`NodeConfig.node_id`),
+    ``address`` ``host:port`` with the port in 1..65535, and, when the
+    current ``members`` are given, no member may already have that id or
+    that address. Returns ``(node_id, address)``; raises :class:`ConfigError`
+    naming the bad value. A membership change is applied on every node's
+    Raft thread, so a bad one must be refused here, where it is typed.
+    """
+    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
+        raise ConfigError("node_id", node_id, "must be 1-64 characters of [A-Za-z0-9_.-], "
+                                              "starting with a letter or digit")
+    if not isinstance(address, str):
+        raise ConfigError("address", address, "must be 'host:port'")
+    host, port = parse_address(address, field_name="address")
+    if any(c.isspace() for c in host) or "," in host or "=" in host:
+        raise ConfigError("address", address, "host part has spaces, ',' or '='")
+    for member, existing in (members or {}).items():
+        if member == node_id:
+            raise ConfigError("node_id", node_id, f"is already a member (at {existing})")
+        try:
+            same = parse_address(existing) == (host, port)
+        except ConfigError:
+            same = False  # a member's own address is checked where it was added
+        if same:
+            raise ConfigError("address", address, f"is member {member!r}'s address")
+    return node_id, address
 
 
 @dataclass(kw_only=True)

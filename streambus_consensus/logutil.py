@@ -8,7 +8,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["AUDIT_LOGGER", "RateLimitedLog", "audit"]
+
+
+AUDIT_LOGGER = "streambus_consensus.audit"
+"""The logger of audit lines: route it to a file of its own to keep a trail."""
+
+_audit = logging.getLogger(AUDIT_LOGGER)
+
+
+def audit(node_id: str, message: str, *args: Any) -> None:
+    """One INFO line for a change someone asked for (membership, leadership,
+    topics, brokers), logged by the node that carried it out once it is done."""
+    _audit.info("%s: " + message, node_id, *args)
 
 
 class RateLimitedLog:

@@ -35,6 +35,9 @@ name (after the prefix)                        type      what
 ``pre_votes_refused_total``                    counter   pre-votes this node refused
 ``engine_commit_clamps_total``                 counter   engine fix E1 at work
 ``engine_stale_appends_total``                 counter   engine fix E2 at work
+``members``                                    gauge     voting members (sampled each second)
+``peer_replication_lag_entries{peer}``         gauge     on the leader: entries a peer lacks
+``process_*``                                  mixed     memory, open fds, CPU of the process
 ``proposal_duration_seconds``                  hist.     submit to outcome
 ``apply_duration_seconds``                     hist.     state machine apply per entry
 ``fsync_duration_seconds``                     hist.     write-ahead log fsync
@@ -50,7 +53,7 @@ import importlib.metadata
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -58,7 +61,7 @@ from prometheus_client.registry import Collector
 from .interfaces import NodeState
 from .raft.node import RaftNode
 
-__all__ = ["PREFIX", "NodeCollector", "NodeMetrics", "metrics_endpoint"]
+__all__ = ["PREFIX", "NodeCollector", "NodeMetrics", "ProcessMetrics", "metrics_endpoint"]
 
 PREFIX = "streambus_consensus_"
 """The one prefix of every metric name."""
@@ -150,6 +153,16 @@ class NodeCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["node_id"])
             counter.add_metric(nid, float(value))
             yield counter
+        members = GaugeMetricFamily(PREFIX + "members", "Voting members of the cluster",
+                                    labels=["node_id"])
+        members.add_metric(nid, float(node.member_count))
+        yield members
+        lag = GaugeMetricFamily(PREFIX + "peer_replication_lag_entries",
+                                "On the leader: log entries each peer has yet to acknowledge",
+                                labels=["node_id", "peer"])
+        for peer, behind in sorted(node.replication_lag.items()):  # a whole dict, swapped in
+            lag.add_metric([node_id, peer], float(behind))
+        yield lag
         failed = CounterMetricFamily(PREFIX + "proposals_failed",
                                      "Proposals made on this node that failed, by error class",
                                      labels=["node_id", "reason"])
@@ -172,6 +185,26 @@ def _connected(node: RaftNode) -> int:
     return 0
 
 
+class ProcessMetrics(Collector):
+    """prometheus-client's process metrics (resident and virtual memory, open and
+    maximum file descriptors, CPU seconds, start time) read from ``/proc`` at
+    scrape time, named ``streambus_consensus_process_*`` and labelled with the
+    node id like every other series. Empty where ``/proc`` is missing."""
+
+    def __init__(self, node_id: str) -> None:
+        self._inner = ProcessCollector(namespace=PREFIX.rstrip("_"), registry=None)
+        self._node_id = node_id
+
+    def collect(self) -> Iterator[Metric]:
+        """The process collector's families, each sample given a ``node_id`` label."""
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "node_id": self._node_id},
+                                    sample.value)
+            yield labelled
+
+
 class NodeMetrics:
     """The metrics of one node: the collector plus histograms wired into the node.
 
@@ -191,6 +224,7 @@ class NodeMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(NodeCollector(node, extra))
+        self.registry.register(ProcessMetrics(node.node_id))
         labels = ["node_id"]
         self.proposal_seconds = Histogram(
             PREFIX + "proposal_duration_seconds",

@@ -7,6 +7,7 @@ key-value machine) or ``metadata`` (StreamBus cluster metadata).
 
 from __future__ import annotations
 
+import base64
 import gc
 import logging
 import threading
@@ -15,8 +16,8 @@ from typing import Any, Protocol
 
 from .api import ApiError, ApiRequest, ApiServer, Route
 from .config import NodeConfig
-from .errors import ConsensusError, NodeStoppedError
-from .interfaces import NodeStatus, StateMachine
+from .errors import ConsensusError
+from .interfaces import NodeState, NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
 from .raft.node import RaftNode
 from .raft.safety import MessageGuard
@@ -56,6 +57,13 @@ def _body_field(request: ApiRequest, name: str) -> Any:
     if not isinstance(request.body, dict) or name not in request.body:
         raise ApiError(400, "invalid_argument", f"JSON body must have a {name!r} field")
     return request.body[name]
+
+
+def _text_field(request: ApiRequest, name: str) -> str:
+    value = _body_field(request, name)
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_argument", f"{name!r} must be a string")
+    return value
 
 
 def _json_value(value: Any) -> str | int | None:
@@ -130,9 +138,11 @@ def admin_routes(node: RaftNode) -> list[Route]:
         return {"members": node.members(), "leader_id": node.leader_id}
 
     def add_member(request: ApiRequest) -> Any:
-        node_id = str(_body_field(request, "node_id"))
-        address = str(_body_field(request, "address"))
-        node.add_member(node_id, address)
+        check = request.body.get("check", True) if isinstance(request.body, dict) else True
+        if not isinstance(check, bool):
+            raise ApiError(400, "invalid_argument", "'check' must be true or false")
+        node.add_member(_text_field(request, "node_id"), _text_field(request, "address"),
+                        check=check)
         return {"members": node.members()}
 
     def remove_member(request: ApiRequest) -> Any:
@@ -140,13 +150,23 @@ def admin_routes(node: RaftNode) -> list[Route]:
         return {"members": node.members()}
 
     def transfer(request: ApiRequest) -> Any:
+        if request.body is not None and not isinstance(request.body, dict):
+            raise ApiError(400, "invalid_argument", "JSON body must be an object or empty")
         target = request.body.get("node_id") if isinstance(request.body, dict) else None
+        if target is not None and not isinstance(target, str):
+            raise ApiError(400, "invalid_argument", "'node_id' must be a string or null")
         node.transfer_leadership(target)
         return {"requested": target}
 
     def snapshot(_: ApiRequest) -> Any:
         node.snapshot_now()
         return {"requested": True}
+
+    def backup(request: ApiRequest) -> Any:
+        if not request.flag("local"):
+            node.barrier()  # everything the cluster committed before this request
+        blob = node.export_snapshot()
+        return {"snapshot": base64.b64encode(blob).decode("ascii"), "node_id": node.node_id}
 
     return [
         Route("GET", "/v1/status", status),
@@ -155,6 +175,7 @@ def admin_routes(node: RaftNode) -> list[Route]:
         Route("DELETE", "/v1/members/{node_id}", remove_member),
         Route("POST", "/v1/leader/transfer", transfer),
         Route("POST", "/v1/snapshot", snapshot),
+        Route("GET", "/v1/snapshot", backup),
     ]
 
 
@@ -175,6 +196,13 @@ class NodeServer:
         # Load the API's certificate now: a bad file stops the node before it starts.
         self._api_tls = api_server_context(self.config) if self.config.api_tls else None
         self._stopped = threading.Event()
+        self._done = threading.Event()
+        self.node.on_fatal(lambda _error: self._done.set())
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the node stopped on its own (storage failure, Raft thread crash), or ``None``."""
+        return self.node.fatal_error
 
     def start(self) -> None:
         """Start the node, then the application, then the API."""
@@ -190,6 +218,7 @@ class NodeServer:
                     secret=self.config.secret,
                     metrics=metrics_endpoint(self.node, self.application),
                     tls_context=self._api_tls,
+                    health=self._health,
                 )
                 self.api.start()
         except BaseException:
@@ -197,11 +226,20 @@ class NodeServer:
             raise
         logger.info("%s: serving (api %s)", self.config.node_id, self.config.api_address)
 
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        """``/healthz``: 200 while the Raft thread runs, 503 once it stopped."""
+        node = self.node
+        state = node.state
+        return (503 if state is NodeState.STOPPED else 200), {
+            "node_id": node.node_id, "state": str(state), "leader_id": node.leader_id,
+            "term": node.term}
+
     def stop(self) -> None:
         """Stop the API, the application and the node. Idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._done.set()
         if self.api is not None:
             self.api.stop()
         try:
@@ -210,18 +248,7 @@ class NodeServer:
             logger.exception("application stop failed")
         self.node.stop()
 
-    def wait(self, poll_interval: float = 0.2) -> None:
-        """Block until :meth:`stop` is called (from a signal handler, say).
-
-        Raises the node's error when it stops on its own (fail-stop: storage
-        failure, a log entry or snapshot it cannot apply), after stopping the
-        rest, so that the process exits non-zero instead of lingering.
-        """
-        while not self._stopped.wait(poll_interval):
-            failure = self.node.failure
-            if failure is not None:
-                self.stop()
-                if isinstance(failure, ConsensusError):
-                    raise failure
-                raise NodeStoppedError(f"node stopped: {type(failure).__name__}: {failure}",
-                                       node_id=self.config.node_id) from failure
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, say) or the
+        node stops on its own (see :attr:`fatal_error`; call :meth:`stop` then)."""
+        self._done.wait()

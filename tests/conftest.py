@@ -37,6 +37,20 @@ def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Clu
                 print(cluster.tail(node_id, 40))
 
 
+@pytest.fixture(scope="module")
+def metadata_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three metadata node processes shared by a module's tests (brokers stay
+    registered: a session timeout of 600 s)."""
+    local = LocalCluster(3, tmp_path_factory.mktemp("metadata"), app="metadata",
+                         settings={"broker_session_timeout": 600.0})
+    try:
+        local.start()
+        local.wait_for_leader()
+        yield local
+    finally:
+        local.close()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield

@@ -144,15 +144,8 @@ def test_no_secret_exits_2_saying_where_one_comes_from() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(3, tmp_path_factory.mktemp("cli"), app="metadata",
-                         settings={"broker_session_timeout": 600.0})
-    try:
-        local.start()
-        local.wait_for_leader()
-        yield local
-    finally:
-        local.close()
+def cluster(metadata_cluster: LocalCluster) -> LocalCluster:
+    return metadata_cluster
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ from ..errors import (
     ProposalRejectedError,
     ProposalTimeoutError,
 )
+from ..logutil import audit
 from ..raft.node import RaftNode
 from .commands import (
     AddPartitions,
@@ -218,6 +219,7 @@ class MetadataStore:
         """Remove a broker; its partitions get new leaders."""
         self._write(lambda rid: UnregisterBroker(request_id=rid, broker_id=broker_id),
                     timeout, request_id)
+        audit(self.node.node_id, "unregistered broker %d", broker_id)
 
     def fence_broker(self, broker_id: int, broker_epoch: int | None = None, *,
                      timeout: float | None = None,
@@ -271,12 +273,15 @@ class MetadataStore:
             request_id=rid, name=name, topic_id=topic_id, partitions=partitions,
             replication_factor=replication_factor, config=dict(config or {}),
             placement_offset=offset), timeout, request_id)
+        audit(self.node.node_id, "created topic %s (%d partitions, replication factor %d)",
+              name, partitions, replication_factor)
         return topic
 
     def delete_topic(self, name: str, *, timeout: float | None = None,
                      request_id: RequestId | None = None) -> None:
         """Delete a topic and its partitions."""
         self._write(lambda rid: DeleteTopic(request_id=rid, name=name), timeout, request_id)
+        audit(self.node.node_id, "deleted topic %s", name)
 
     def alter_topic_config(self, name: str, set_configs: Mapping[str, str | int] | None = None,
                            delete_configs: tuple[str, ...] = (), *,
@@ -286,6 +291,8 @@ class MetadataStore:
         topic: Topic = self._write(lambda rid: AlterTopicConfig(
             request_id=rid, name=name, set_configs=dict(set_configs or {}),
             delete_configs=tuple(delete_configs)), timeout, request_id)
+        audit(self.node.node_id, "altered topic %s config: set %s, reset %s", name,
+              sorted(set_configs or {}), sorted(delete_configs))
         return topic
 
     def add_partitions(self, name: str, new_total: int, *, timeout: float | None = None,
@@ -295,6 +302,7 @@ class MetadataStore:
         topic: Topic = self._write(lambda rid: AddPartitions(
             request_id=rid, name=name, new_total=new_total, placement_offset=offset),
             timeout, request_id)
+        audit(self.node.node_id, "grew topic %s to %d partitions", name, new_total)
         return topic
 
     # -- partitions ------------------------------------------------------------------
@@ -326,6 +334,8 @@ class MetadataStore:
         result: Partition = self._write(lambda rid: ReassignReplicas(
             request_id=rid, topic=topic, partition=partition, replicas=tuple(replicas)),
             timeout, request_id)
+        audit(self.node.node_id, "reassigned %s-%d to replicas %s", topic, partition,
+              list(replicas))
         return result
 
     # -- reads -----------------------------------------------------------------------

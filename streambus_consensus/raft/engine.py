@@ -41,6 +41,7 @@ from pysyncobj.transport import Transport as _PsoTransport
 
 from ..config import NodeConfig
 from ..errors import (
+    ConfigError,
     ConsensusError,
     CorruptStorageError,
     EngineCompatibilityError,
@@ -248,7 +249,13 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
 
     def addNode(self, node: Member) -> None:
         self._members[node.id] = node
-        self._transport.add_peer(node.id, node.address)
+        try:
+            self._transport.add_peer(node.id, node.address)
+        except ConfigError as exc:
+            # A committed change with a bad address (written before members
+            # were validated) must not stop every node that applies it: the
+            # member counts as unreachable until an operator removes it.
+            logger.error("member %s has an unusable address, not dialling it: %s", node.id, exc)
 
     def dropNode(self, node: Member) -> None:
         self._members.pop(node.id, None)

@@ -29,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from .. import tls
-from ..config import NodeConfig
+from ..config import NodeConfig, validate_member
 from ..errors import (
     CommandRefusedError,
     CommandTooLargeError,
@@ -40,6 +40,7 @@ from ..errors import (
     ReplicaHaltError,
     RequestDeniedError,
     StorageError,
+    TransportError,
 )
 from ..interfaces import (
     ConsistentSnapshotter,
@@ -49,9 +50,11 @@ from ..interfaces import (
     StateMachine,
     Storage,
 )
+from ..logutil import audit
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .prevote import ElectionGate
 from .safety import MessageGuard
+from .snapshot import unpack_snapshot
 from .storage import DiskStorage, MemoryStorage
 from .transport import TcpTransport
 
@@ -137,6 +140,7 @@ class RaftNode:
         """Pre-vote and leader stickiness in front of the engine's election timer."""
         self.fast_elections = 0
         self._fatal: BaseException | None = None
+        self._fatal_listeners: list[Callable[[BaseException], None]] = []
         # Counters read by the metrics collector (single-writer: the Raft thread).
         self.leader_changes = 0
         self.proposals_committed = 0
@@ -146,6 +150,11 @@ class RaftNode:
         self.snapshots_taken = 0
         self.last_snapshot_seconds = 0.0
         self.last_snapshot_bytes = 0
+        self.replication_lag: Mapping[str, int] = {}
+        """On the leader: entries each peer is behind its log, sampled every second."""
+        self.member_count = len(self.config.cluster)
+        """Voting members, sampled every second."""
+        self._sampled_at = 0.0
         self.fsync_observer: Callable[[float], None] | None = None
         self.apply_observer: Callable[[float], None] | None = None
         self.proposal_observer: Callable[[float], None] | None = None
@@ -259,6 +268,7 @@ class RaftNode:
                              and engine.commit_index < engine.last_log_index)
                 transport.poll(0.0 if lone_work else tick)
                 self._flush(storage, transport)
+                self._sample(engine)
         except StorageError as exc:
             # After a failed write or fsync the kernel may have dropped data:
             # stop rather than acknowledge anything more (fail-stop).
@@ -269,15 +279,28 @@ class RaftNode:
                             exc_info=True)
             self._fatal = exc
         finally:
+            self._release(engine, storage, transport)
+
+    def _release(self, engine: Engine, storage: Storage, transport: TcpTransport) -> None:
+        """The Raft thread's last act: sync, close everything, tell the fatal
+        listeners. Every step runs even if one before it fails, so a node
+        never lingers half-stopped."""
+        if not isinstance(self._fatal, StorageError):  # after a failed write, sync fails too
             try:
                 storage.sync()
             except StorageError:
                 logger.exception("%s: final sync failed", self.node_id)
-            engine.destroy()
-            storage.close()
-            transport.close()
-            self._stopping.set()
-            self._deliver_completed()
+        for step in (engine.destroy, storage.close, transport.close):
+            try:
+                step()
+            except Exception as exc:
+                level = logging.WARNING if self._fatal is not None else logging.ERROR
+                logger.log(level, "%s: while stopping: %s", self.node_id, exc)
+        self._stopping.set()
+        self._deliver_completed()
+        if self._fatal is not None:
+            for listener in list(self._fatal_listeners):
+                listener(self._fatal)
 
     def _flush(self, storage: Storage, transport: TcpTransport) -> None:
         storage.sync()
@@ -302,6 +325,23 @@ class RaftNode:
             term = engine.term
             for listener in list(self._leader_listeners):
                 self._jobs.put(functools.partial(listener, leader, term))
+
+    def _sample(self, engine: Engine) -> None:
+        """Once a second, copy what the metrics show of replication (copy-then-swap:
+        the scraping thread reads whole dicts, never the engine)."""
+        now = time.monotonic()
+        if now - self._sampled_at < 1.0:
+            return
+        self._sampled_at = now
+        members = engine.members()
+        self.member_count = len(members)
+        if engine.state is not NodeState.LEADER:
+            self.replication_lag = {}
+            return
+        last = engine.last_log_index
+        self.replication_lag = {
+            peer: max(0, last - (match or 0))
+            for peer, (match, _next) in engine.replication().items() if peer in members}
 
     def _on_peer_refused(self, peer_id: str) -> None:
         # Raft thread (called from the transport's poll). The leader's process
@@ -501,18 +541,36 @@ class RaftNode:
         self._call(lambda engine: start(engine, functools.partial(self._on_engine_result, future)))
         return self._wait(future, timeout)
 
-    def add_member(self, node_id: str, address: str, timeout: float | None = None) -> None:
+    def add_member(self, node_id: str, address: str, timeout: float | None = None, *,
+                   check: bool = True) -> None:
         """Add a voting member (one change at a time; the new node must be started
         with a ``cluster`` that includes itself and the current members).
 
+        Raises :class:`ConfigError` for an invalid id or address, or an
+        address another member has (see :func:`validate_member`): such a
+        change would stop every node that applies it.
         Raises :class:`RequestDeniedError` (retriable) while another change or
-        a new leader's first entry is uncommitted, or when ``node_id`` is
-        already a member.
+        a new leader's first entry is uncommitted, when ``node_id`` is
+        already a member, or (with ``check``, the default) when nothing at
+        ``address`` completes the cluster handshake with this node (etcd's
+        strict reconfiguration: a member that cannot be reached only makes
+        the quorum larger).
         """
-        if node_id in self.members():
+        members = self.members()
+        if node_id in members:
             # The engine would deny it too, without saying why.
             raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
+        validate_member(node_id, address, members)
+        if check and self._transport is not None:
+            try:
+                self._transport.probe(address, timeout=self.config.election_timeout_max)
+            except TransportError as exc:
+                raise RequestDeniedError(
+                    f"not adding {node_id}: {exc}. Start it first, with the cluster secret "
+                    f"and the current members plus itself in its [cluster]",
+                    node_id=self.node_id) from None
         self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
+        audit(self.node_id, "added member %s at %s", node_id, address)
 
     def remove_member(self, node_id: str, timeout: float | None = None) -> None:
         """Remove a voting member (not this node; transfer leadership away first).
@@ -527,6 +585,7 @@ class RaftNode:
                 "is this node: ask another member")
             raise RequestDeniedError(f"{node_id} {reason}", node_id=self.node_id)
         self._engine_request(lambda e, cb: e.remove_member(node_id, cb), timeout)
+        audit(self.node_id, "removed member %s", node_id)
 
     def transfer_leadership(self, node_id: str | None = None, timeout: float | None = None) -> None:
         """Ask ``node_id`` (or the most caught-up follower) to take over leadership.
@@ -564,6 +623,8 @@ class RaftNode:
         while True:
             code = self._call(attempt)
             if code == 0:
+                audit(self.node_id, "leadership transfer to %s started (term %d)",
+                      node_id or "the most caught-up follower", self.term)
                 return
             error = error_for(code, node_id=self.node_id, leader_hint=self.leader_id)
             if not isinstance(error, RequestDeniedError):
@@ -577,6 +638,31 @@ class RaftNode:
     def snapshot_now(self) -> None:
         """Take a snapshot and compact the log at the next opportunity."""
         self._call(lambda engine: engine.force_snapshot())
+
+    def export_snapshot(self, timeout: float | None = None) -> bytes:
+        """Take a snapshot now and return its file's bytes (checksummed; see
+        :mod:`.snapshot`): everything applied on this node when called, cut at
+        one log index. Call :meth:`barrier` first to include everything the
+        cluster committed. Raises :class:`ProposalTimeoutError` if no such
+        snapshot is written within ``timeout`` (default ``proposal_timeout``).
+        """
+        storage = self._storage
+        if storage is None:
+            raise NodeStoppedError("node is not started", node_id=self.node_id)
+        wanted = self.applied_index
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        self.snapshot_now()
+        while True:
+            blob = storage.load_snapshot()
+            if blob is not None and unpack_snapshot(blob, storage.snapshot_path)[
+                    0].last_index >= wanted:
+                return blob
+            if time.monotonic() >= deadline:
+                raise ProposalTimeoutError(f"no snapshot covering index {wanted} within "
+                                           f"{limit:.3g}s", node_id=self.node_id)
+            self._running()
+            time.sleep(0.02)
 
     def members(self) -> dict[str, str]:
         """Current voting members ``{node_id: address}``, this node included."""
@@ -604,6 +690,22 @@ class RaftNode:
     def _on_app_message(self, peer_id: str, message: Mapping[str, Any]) -> None:
         for handler in list(self._app_handlers):
             self._jobs.put(functools.partial(handler, peer_id, message))
+
+    def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
+        """Call ``listener(error)`` once if the Raft thread stops on an error
+        (a storage failure or a crash) rather than by :meth:`stop`.
+
+        It runs on the Raft thread as it exits: it must only record the error
+        or wake someone (a node process exits non-zero so that its
+        supervisor restarts it).
+        """
+        self._fatal_listeners.append(listener)
+
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why the Raft thread stopped on its own (storage failure, an entry or snapshot
+        it cannot apply, a crash), or ``None``."""
+        return self._fatal
 
     def on_leader_change(self, listener: LeaderListener) -> None:
         """Call ``listener(leader_id_or_None, term)`` on the worker thread at each change."""
@@ -667,12 +769,6 @@ class RaftNode:
                 raise NoLeaderError(f"no leader within {timeout:.3g}s", node_id=self.node_id)
             self._running()
             time.sleep(0.01)
-
-    @property
-    def failure(self) -> BaseException | None:
-        """Why the node stopped on its own (storage failure, an entry it cannot
-        apply, a crash of its Raft thread), or ``None``."""
-        return self._fatal
 
     def status(self) -> NodeStatus:
         """A picture of this node's Raft state, taken on the Raft thread."""

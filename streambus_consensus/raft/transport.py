@@ -258,6 +258,42 @@ class TcpTransport:
         for conn in [c for c in self._in if c.peer == node_id]:
             self._close(conn, notify=False)
 
+    def probe(self, address: str, timeout: float = 2.0) -> None:
+        """Dial ``address`` and run the client side of the handshake as this node,
+        then hang up: is a node there, with the cluster's secret (and TLS
+        setting), accepting this node as a member? Blocking; safe from any
+        thread (it touches no connection of the transport's).
+
+        Raises :class:`TransportError` saying what failed.
+        """
+        host, port = parse_address(address, field_name="address")
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                sock: socket.socket = (raw if self._client_tls is None else
+                                       self._client_tls.wrap_socket(raw, server_hostname=host))
+                with sock:
+                    hello = _read_frame(sock)
+                    if len(hello) != 4 + NONCE_SIZE or hello[:4] != PROTOCOL:
+                        raise TransportError(f"{address} does not speak the cluster protocol")
+                    theirs, mine = hello[4:], os.urandom(NONCE_SIZE)
+                    ident = self.node_id.encode("utf-8")
+                    payload = codec.encode((ident, mine, self._mac(b"c", theirs, mine, ident)))
+                    sock.sendall(_LEN.pack(len(payload)) + payload)
+                    answer = _read_frame(sock)
+                    if not hmac.compare_digest(answer, self._mac(b"s", mine, theirs)):
+                        raise TransportError(f"{address} failed authentication (another "
+                                             "cluster secret?)")
+        except ssl.SSLError as exc:
+            raise TransportError(f"TLS handshake with {address} failed: "
+                                 f"{describe_failure(exc)}") from None
+        except EOFError:
+            raise TransportError(
+                f"{address} hung up during the handshake: its [cluster] does not list "
+                f"{self.node_id}, or it has another cluster secret") from None
+        except OSError as exc:
+            raise TransportError(f"nothing answers at {address}: "
+                                 f"{exc.strerror or exc}") from None
+
     def connected_peers(self) -> frozenset[str]:
         """Peers whose outgoing connection is authenticated and open."""
         return frozenset(p for p, c in self._out.items() if c.ready)
@@ -690,3 +726,22 @@ def _ignore_message(peer: str, message: Mapping[str, Any]) -> None:
 
 def _ignore_peer(peer: str) -> None:
     return None
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    """One handshake frame (``u32 length | payload``) from a blocking socket."""
+    (length,) = _LEN.unpack(_read_exactly(sock, _LEN.size))
+    if length > HANDSHAKE_MAX:
+        raise TransportError(f"handshake frame of {length} bytes: not a cluster node")
+    return _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(size - got)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
