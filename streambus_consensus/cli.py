@@ -72,8 +72,8 @@ exit codes:
   4  the cluster refused or failed the request
 
 examples:
-  streambus-consensus node run --config examples/cluster/node1.toml
-  streambus-consensus status --config examples/cluster/node1.toml
+  streambus-consensus node run --config examples/cluster/n1.toml
+  streambus-consensus status --config examples/cluster/n1.toml
   streambus-consensus topics create orders --partitions 6 --replication-factor 3 \\
       --config retention.ms=86400000 --api 127.0.0.1:9101
   streambus-consensus leader transfer n2 --api 127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103
@@ -265,10 +265,14 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
             UNSAFE_NO_ENGINE_FIXES)
         guard = MessageGuard(enabled=False)
     server = NodeServer(config, application, guard=guard)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    signalled: list[int] = []
+    # The handler only records the signal: stopping joins threads and takes locks,
+    # which a handler interrupting this thread at any point must never do.
+    signal.signal(signal.SIGTERM, lambda number, _: signalled.append(number))
+    signal.signal(signal.SIGINT, lambda number, _: signalled.append(number))
     server.start()
-    server.wait()
+    while not signalled and not server.wait(_POLL_INTERVAL * 5):
+        pass
     server.stop()
     if server.fatal_error is not None:
         raise _NodeFailedError(f"node {config.node_id} stopped on an error: {server.fatal_error}; "

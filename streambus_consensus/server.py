@@ -248,7 +248,8 @@ class NodeServer:
             logger.exception("application stop failed")
         self.node.stop()
 
-    def wait(self) -> None:
-        """Block until :meth:`stop` is called (from a signal handler, say) or the
-        node stops on its own (see :attr:`fatal_error`; call :meth:`stop` then)."""
-        self._done.wait()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` is called or the node stops on its own (see
+        :attr:`fatal_error`; call :meth:`stop` then), at most ``timeout``
+        seconds; ``True`` when either happened."""
+        return self._done.wait(timeout)
