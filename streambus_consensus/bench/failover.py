@@ -215,7 +215,8 @@ def _rejoins(base: Path, count: int, app: str, settings: dict[str, Any],
     elections: list[int] = []
     with LocalCluster(3, base, app=app, settings=settings, proxied=True) as cluster:
         network = cluster.network
-        assert network is not None
+        if network is None:  # proxied=True always builds one
+            raise RuntimeError("the cluster has no link proxy to cut links with")
         cluster.start()
         cluster.wait_for_leader(30)
         writer = _Writer(cluster, app)
