@@ -21,6 +21,7 @@ import pytest
 
 from streambus_consensus.client import ApiClient
 from streambus_consensus.errors import ConsensusError, ProposalRejectedError
+from streambus_consensus.provision import render_node_config
 from streambus_consensus.testing.harness import LocalCluster, NodeProcess, free_ports, wait_until
 from tests.conftest import ClusterFactory
 
@@ -32,29 +33,16 @@ ELECTION_TIMEOUT_MAX = 0.8  # the NodeConfig default the cluster runs with
 # -- helpers --------------------------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def add_node_process(cluster: LocalCluster, node_id: str, members: dict[str, str]) -> NodeProcess:
     """Register (not start) a new node process whose config has a fresh data
     dir and a ``[cluster]`` of ``members`` (the current ones) plus itself."""
     raft_port, api_port = free_ports(2)
     node = NodeProcess(node_id, raft_port, api_port, cluster.base_dir / node_id)
     node.directory.mkdir(parents=True, exist_ok=False)
-    lines = [f"node_id = {_toml(node_id)}", 'data_dir = "data"',
-             f"api_address = {_toml(node.api_address)}"]
-    if cluster.secret is not None:
-        lines.append(f"cluster_secret = {_toml(cluster.secret)}")
-    lines += [f"{key} = {_toml(value)}" for key, value in cluster.settings.items()]
-    lines.append("[cluster]")
-    lines += [f"{member} = {_toml(address)}"
-              for member, address in {**members, node_id: node.raft_address}.items()]
-    node.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    node.config_path.write_text(render_node_config(
+        node_id, {**members, node_id: node.raft_address}, data_dir="data",
+        secret_file=str(cluster.secret_file), api_address=node.api_address,
+        settings=cluster.settings), encoding="utf-8")
     cluster.nodes[node_id] = node
     return node
 
