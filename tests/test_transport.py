@@ -30,6 +30,7 @@ from streambus_consensus import codec
 from streambus_consensus.errors import ConfigError, TransportError
 from streambus_consensus.raft import transport as transport_module
 from streambus_consensus.raft.transport import TcpTransport
+from streambus_consensus.testing.harness import free_ports
 
 SECRET = "unit-test-cluster-secret-0123456789"
 OTHER_SECRET = "a-different-cluster-secret-987654"
@@ -38,13 +39,13 @@ _LEN = struct.Struct(">I")
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def addresses(*node_ids: str) -> dict[str, str]:
-    return {n: f"127.0.0.1:{free_port()}" for n in node_ids}
+    """Distinct free ports: all are held at once while they are picked."""
+    ports = free_ports(len(node_ids))
+    return {n: f"127.0.0.1:{port}" for n, port in zip(node_ids, ports, strict=True)}
 
 
 @dataclass
