@@ -14,7 +14,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .api import sign_request
@@ -53,10 +53,12 @@ class ApiClient:
         timeout: socket timeout per request.
         tls: a client TLS context, for nodes that serve the API with ``api_tls``.
         pool_size: kept-alive connections held per node.
+        sleep: waits out a ``Retry-After`` (tests pass their own).
     """
 
     def __init__(self, addresses: Sequence[str], *, secret: str, timeout: float = 10.0,
-                 tls: ssl.SSLContext | None = None, pool_size: int = 8) -> None:
+                 tls: ssl.SSLContext | None = None, pool_size: int = 8,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if not addresses:
             raise ValueError("at least one API address is needed")
         if not secret:
@@ -70,6 +72,7 @@ class ApiClient:
         self.tls = tls
         self._preferred = 0
         self._pool_size = pool_size
+        self._sleep = sleep
         self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
 
@@ -78,34 +81,53 @@ class ApiClient:
         """Send one request; return its ``result`` or raise the typed error.
 
         With ``address`` only that node is asked; otherwise each node is tried
-        until one answers (connection failures move on to the next).
+        until one answers (connection failures move on to the next). A node
+        at its connection or request bound answers 503 with ``Retry-After``
+        without handling the request: the next node is tried, and when every
+        one is busy the round is repeated after ``Retry-After`` (at most
+        ``timeout`` after the call), then the 503 is raised as
+        :class:`ProposalRejectedError` (retriable).
         """
-        targets = [address] if address else (self.addresses[self._preferred:]
-                                              + self.addresses[:self._preferred])
-        errors = []
-        for target in targets:
-            try:
-                status, payload = self._send(target, method, path, body)
-            except (ssl.SSLError, ssl.CertificateError) as exc:
-                errors.append(f"{target}: TLS handshake failed: {describe_failure(exc)}")
-                continue
-            except (OSError, http.client.HTTPException) as exc:  # e.g. cut mid-answer
-                hint = ""
-                if self.tls is None and isinstance(exc, http.client.RemoteDisconnected
-                                                   | ConnectionResetError):
-                    hint = " (if the node serves its API over TLS, give its CA file)"
-                errors.append(f"{target}: {exc or type(exc).__name__}{hint}")
-                continue
-            if address is None:
-                self._preferred = self.addresses.index(target)
-            return _result(status, payload)
-        raise ClusterUnreachableError("no node answered: " + "; ".join(errors))
+        started, waited = time.monotonic(), 0.0
+        while True:
+            targets = [address] if address else (self.addresses[self._preferred:]
+                                                  + self.addresses[:self._preferred])
+            errors: list[str] = []
+            busy: tuple[int, Any, float] | None = None
+            for target in targets:
+                try:
+                    status, payload, retry_after = self._send(target, method, path, body)
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    errors.append(f"{target}: TLS handshake failed: {describe_failure(exc)}")
+                    continue
+                except (OSError, http.client.HTTPException) as exc:  # e.g. cut mid-answer
+                    hint = ""
+                    if self.tls is None and isinstance(exc, http.client.RemoteDisconnected
+                                                       | ConnectionResetError):
+                        hint = " (if the node serves its API over TLS, give its CA file)"
+                    errors.append(f"{target}: {exc or type(exc).__name__}{hint}")
+                    continue
+                if status == 503 and retry_after is not None:
+                    busy = (status, payload, retry_after)  # not handled: ask another node
+                    errors.append(f"{target}: busy")
+                    continue
+                if address is None:
+                    self._preferred = self.addresses.index(target)
+                return _result(status, payload)
+            if busy is None:
+                raise ClusterUnreachableError("no node answered: " + "; ".join(errors))
+            wait = busy[2]
+            if max(time.monotonic() - started, waited) + wait > self.timeout:
+                return _result(busy[0], busy[1])
+            self._sleep(wait)
+            waited += wait
 
-    def _send(self, address: str, method: str, path: str, body: Any) -> tuple[int, Any]:
+    def _send(self, address: str, method: str, path: str,
+              body: Any) -> tuple[int, Any, float | None]:
         raw = b"" if body is None else json.dumps(body).encode()
         conn, reused = self._checkout(address)
         try:
-            status, data, keep = self._exchange(conn, method, path, raw)
+            status, data, keep, retry_after = self._exchange(conn, method, path, raw)
         except (OSError, http.client.HTTPException):
             conn.close()
             if not reused:
@@ -113,7 +135,7 @@ class ApiClient:
             # The node closed a kept-alive connection as we reused it: once more, fresh.
             conn, _ = self._connect(address), False
             try:
-                status, data, keep = self._exchange(conn, method, path, raw)
+                status, data, keep, retry_after = self._exchange(conn, method, path, raw)
             except BaseException:
                 conn.close()
                 raise
@@ -125,12 +147,12 @@ class ApiClient:
         else:
             conn.close()
         try:
-            return status, json.loads(data) if data else None
+            return status, json.loads(data) if data else None, retry_after
         except ValueError:
             raise OSError(f"non-JSON answer with status {status}") from None
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
-                  raw: bytes) -> tuple[int, bytes, bool]:
+                  raw: bytes) -> tuple[int, bytes, bool, float | None]:
         timestamp = f"{time.time():.3f}"
         headers = {"Content-Type": "application/json", "Content-Length": str(len(raw)),
                    "X-SBC-Timestamp": timestamp,
@@ -138,7 +160,8 @@ class ApiClient:
         conn.request(method, path, body=raw, headers=headers)
         response = conn.getresponse()
         data = response.read()
-        return response.status, data, not response.will_close
+        return response.status, data, not response.will_close, _seconds(
+            response.getheader("Retry-After"))
 
     def _connect(self, address: str) -> http.client.HTTPConnection:
         host, port = parse_address(address)
@@ -190,6 +213,16 @@ class ApiClient:
         """``GET /v1/status`` of one node."""
         result: dict[str, Any] = self.request("GET", "/v1/status", address=address)
         return result
+
+
+def _seconds(text: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is not sent by nodes)."""
+    if text is None:
+        return None
+    try:
+        return max(0.0, min(float(text), 60.0))
+    except ValueError:
+        return None
 
 
 def _result(status: int, payload: Any) -> Any:

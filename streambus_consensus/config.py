@@ -208,6 +208,28 @@ class NodeConfig:
     """With ``api_tls``: refuse API clients (``/metrics`` scrapers included)
     that present no certificate signed by ``tls_ca_file``."""
 
+    api_max_connections: int = 1024
+    """API connections served at once. Past it a new connection is answered
+    ``503`` with ``Retry-After`` and closed. Keep it well under the process's
+    open-file limit (``ulimit -n``), which peers and storage share."""
+
+    api_max_in_flight: int = 256
+    """API requests handled at once (waiting for Raft included). Past it a
+    request is answered ``503`` with ``Retry-After``; its connection stays open."""
+
+    api_handler_threads: int = 8
+    """Threads that run the API routes that block (membership changes,
+    snapshots, long polls). The hot routes never occupy one: they run on the
+    API's event loop and await Raft."""
+
+    api_request_timeout: float = 10.0
+    """Longest a client may take to send one whole request (line, headers and
+    body), and a TLS handshake: a client sending a byte at a time is cut off.
+    Handling the request is not bounded by it."""
+
+    api_idle_timeout: float = 10.0
+    """A kept-alive API connection idle for longer is closed."""
+
     def __post_init__(self) -> None:
         if isinstance(self.cluster, dict):
             self.cluster = dict(self.cluster)
@@ -287,7 +309,8 @@ class NodeConfig:
         self._check_positive("election_timeout_min", "election_timeout_max",
                              "heartbeat_interval", "tick_interval", "proposal_timeout",
                              "snapshot_interval_seconds", "connect_retry_interval",
-                             "broker_session_timeout", "peer_frame_timeout")
+                             "broker_session_timeout", "peer_frame_timeout",
+                             "api_request_timeout", "api_idle_timeout")
         if self.election_timeout_min <= 3 * self.heartbeat_interval:
             raise ConfigError(
                 "election_timeout_min + heartbeat_interval",
@@ -321,7 +344,8 @@ class NodeConfig:
             )
         for name, low in (("max_append_bytes", 1024), ("max_pending_proposals", 1),
                           ("snapshot_interval_entries", 2), ("snapshot_chunk_bytes", 1024),
-                          ("max_command_bytes", 1024)):
+                          ("max_command_bytes", 1024), ("api_max_connections", 1),
+                          ("api_max_in_flight", 1), ("api_handler_threads", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(name, value, f"must be an integer >= {low}")

@@ -19,6 +19,7 @@ from .config import NodeConfig
 from .errors import ConsensusError
 from .interfaces import NodeState, NodeStatus, StateMachine
 from .kv import KeyValueStateMachine, kv_command
+from .raft.aio import wait_outcome
 from .raft.node import RaftNode
 from .raft.safety import MessageGuard
 from .tls import api_server_context
@@ -89,33 +90,36 @@ class KeyValueApplication:
         """``GET/PUT/DELETE /v1/kv/{key}``, ``POST /v1/kv/{key}/incr|cas``."""
         sm = self.state_machine
 
-        def read(request: ApiRequest) -> Any:
+        # The hot routes are async: they run on the API's event loop and await
+        # Raft, so a caller waiting for a commit holds no thread.
+        async def propose(command: bytes) -> Any:
+            return await wait_outcome(node, node.propose_async(command))
+
+        async def read(request: ApiRequest) -> Any:
             key = request.path_args[0]
             if request.flag("linearizable"):
-                value = node.propose(kv_command("get", key))
-                return {"value": value, "applied_index": node.applied_index}
+                await wait_outcome(node, node.read_index_async())
             return {"value": sm.get(key), "applied_index": node.applied_index}
 
-        def write(request: ApiRequest) -> Any:
+        async def write(request: ApiRequest) -> Any:
             value = _json_value(_body_field(request, "value"))
-            previous = node.propose(kv_command("set", request.path_args[0], value))
-            return {"previous": previous}
+            return {"previous": await propose(kv_command("set", request.path_args[0], value))}
 
-        def delete(request: ApiRequest) -> Any:
-            return {"previous": node.propose(kv_command("delete", request.path_args[0]))}
+        async def delete(request: ApiRequest) -> Any:
+            return {"previous": await propose(kv_command("delete", request.path_args[0]))}
 
-        def incr(request: ApiRequest) -> Any:
-            return {"value": node.propose(kv_command("incr", request.path_args[0]))}
+        async def incr(request: ApiRequest) -> Any:
+            return {"value": await propose(kv_command("incr", request.path_args[0]))}
 
-        def cas(request: ApiRequest) -> Any:
+        async def cas(request: ApiRequest) -> Any:
             expected = _json_value(_body_field(request, "expected"))
             new = _json_value(_body_field(request, "new"))
-            return {"swapped": node.propose(kv_command("cas", request.path_args[0],
-                                                       expected, new))}
+            return {"swapped": await propose(kv_command("cas", request.path_args[0],
+                                                        expected, new))}
 
-        def dump(request: ApiRequest) -> Any:
+        async def dump(request: ApiRequest) -> Any:
             if request.flag("linearizable"):
-                node.barrier()
+                await wait_outcome(node, node.read_index_async())
             return {"items": sm.items(), "applied_index": node.applied_index}
 
         return [
@@ -219,6 +223,11 @@ class NodeServer:
                     metrics=metrics_endpoint(self.node, self.application),
                     tls_context=self._api_tls,
                     health=self._health,
+                    max_connections=self.config.api_max_connections,
+                    max_in_flight=self.config.api_max_in_flight,
+                    handler_threads=self.config.api_handler_threads,
+                    request_timeout=self.config.api_request_timeout,
+                    idle_timeout=self.config.api_idle_timeout,
                 )
                 self.api.start()
         except BaseException:

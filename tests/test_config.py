@@ -50,6 +50,11 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "peer_tls": False,
     "api_tls": False,
     "api_client_cert_required": True,
+    "api_max_connections": 1024,
+    "api_max_in_flight": 256,
+    "api_handler_threads": 8,
+    "api_request_timeout": 10.0,
+    "api_idle_timeout": 10.0,
 }
 
 
@@ -328,7 +333,8 @@ def test_tls_paths_must_be_non_empty_strings(name: str) -> None:
 
 POSITIVE_FIELDS = ["election_timeout_min", "election_timeout_max", "heartbeat_interval",
                    "tick_interval", "proposal_timeout", "snapshot_interval_seconds",
-                   "connect_retry_interval", "peer_frame_timeout"]
+                   "connect_retry_interval", "peer_frame_timeout", "api_request_timeout",
+                   "api_idle_timeout"]
 
 
 @pytest.mark.parametrize("name", POSITIVE_FIELDS)
@@ -381,7 +387,8 @@ def test_stepdown_of_wrong_type_is_refused(stepdown: Any) -> None:
 
 INTEGER_MINIMUMS = {"max_append_bytes": 1024, "max_pending_proposals": 1,
                     "snapshot_interval_entries": 2, "snapshot_chunk_bytes": 1024,
-                    "max_command_bytes": 1024}
+                    "max_command_bytes": 1024, "api_max_connections": 1,
+                    "api_max_in_flight": 1, "api_handler_threads": 1}
 
 
 def _small_ints(**changes: Any) -> NodeConfig:

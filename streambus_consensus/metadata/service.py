@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -161,6 +162,15 @@ def _checked(handler: Handler) -> Handler:
     proposed (:func:`~.commands.encode_command`); here a CodecError can only
     come from the caller's arguments, never from the cluster.
     """
+    if inspect.iscoroutinefunction(handler):
+        async def run_async(request: ApiRequest) -> Any:
+            try:
+                return await handler(request)
+            except CodecError as exc:
+                raise ApiError(400, "invalid_argument", str(exc)) from None
+
+        return run_async
+
     def run(request: ApiRequest) -> Any:
         try:
             return handler(request)
@@ -200,13 +210,17 @@ class MetadataApplication:
         """See the module docstring."""
         s = self._store
 
-        def list_topics(req: ApiRequest) -> Any:
-            image = s().read_image() if req.flag("linearizable") else s().image()
+        # The hot routes are async: they run on the API's event loop and await
+        # Raft, holding no thread (see :class:`~..api.ApiServer`).
+        async def list_topics(req: ApiRequest) -> Any:
+            if req.flag("linearizable"):
+                await s().read_index_async()
+            image = s().image()
             return {"topics": sorted(image.topics), "offset": image.offset}
 
-        def create_topic(req: ApiRequest) -> Any:
+        async def create_topic(req: ApiRequest) -> Any:
             body = _body(req)
-            topic = s().create_topic(
+            topic = await s().create_topic_async(
                 _field(body, "name", str), _field(body, "partitions", int),
                 _field(body, "replication_factor", int),
                 config=_field(body, "config", dict, default=None),
@@ -214,8 +228,10 @@ class MetadataApplication:
             described = s().describe_topic(topic.name)
             return _topic_json(topic, described[1] if described else ())
 
-        def describe_topic(req: ApiRequest) -> Any:
-            found = s().describe_topic(req.path_args[0], linearizable=req.flag("linearizable"))
+        async def describe_topic(req: ApiRequest) -> Any:
+            if req.flag("linearizable"):
+                await s().read_index_async()
+            found = s().describe_topic(req.path_args[0])
             if found is None:
                 raise ApiError(404, "unknown_topic", f"topic {req.path_args[0]!r} does not exist")
             return _topic_json(*found)
@@ -289,7 +305,7 @@ class MetadataApplication:
                                   request_id=_request_id(_body(req)))
             return {"unregistered": int(req.path_args[0])}
 
-        def heartbeat(req: ApiRequest) -> Any:
+        async def heartbeat(req: ApiRequest) -> Any:  # never blocks: in memory or a message
             broker: Broker | None = s().heartbeat(_int_arg(req.path_args[0], "broker id"),
                                                   _field(_body(req), "broker_epoch", int))
             return to_json(broker)

@@ -46,6 +46,7 @@ from ..errors import (
     ProposalTimeoutError,
 )
 from ..logutil import audit
+from ..raft.aio import wait_outcome
 from ..raft.node import RaftNode
 from .commands import (
     AddPartitions,
@@ -79,6 +80,11 @@ __all__ = ["AsyncMetadataStore", "MetadataStore"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _backoff(attempt: int, deadline: float) -> float:
+    """Seconds to wait before retry ``attempt``: growing, never past ``deadline``."""
+    return min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic()))
 
 _PLACEMENT_RANGE = 1 << 30
 """Placement offsets are drawn from [0, this)."""
@@ -165,6 +171,71 @@ class MetadataStore:
         A command of a metadata version above the cluster's finalized one is
         never proposed: CommandRefusedError ``feature_not_enabled``.
         """
+        self._check_level(command)
+        data = encode_command(command)
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._deadline_error(command)
+            try:
+                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0))
+            except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
+                attempt += 1
+                logger.debug("retrying %s after %s", command.request_id, exc)
+                time.sleep(_backoff(attempt, deadline))
+                continue
+            except ProposalRejectedError:
+                attempt += 1
+                time.sleep(_backoff(attempt, deadline))
+                continue
+            result.raise_for_refusal()
+            return result
+
+    async def execute_async(self, command: Command,
+                            timeout: float | None = None) -> ApplyResult:
+        """:meth:`execute` on the running event loop: the same retries, deadline
+        and errors, holding no thread while the command goes through Raft."""
+        self._check_level(command)
+        data = encode_command(command)
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._deadline_error(command)
+            try:
+                result: ApplyResult = await wait_outcome(
+                    self.node, self.node.propose_async(data), min(remaining, 5.0))
+            except (OutcomeUnknownError, ProposalRejectedError) as exc:
+                attempt += 1
+                logger.debug("retrying %s after %s", command.request_id, exc)
+                await asyncio.sleep(_backoff(attempt, deadline))
+                continue
+            result.raise_for_refusal()
+            return result
+
+    async def read_index_async(self, timeout: float | None = None) -> int:
+        """Wait (on the running loop) until local reads are linearizable: every
+        write committed before the call is applied here. Returns the applied
+        index. Retried through elections until ``timeout`` (default
+        ``write_timeout``), then :class:`ProposalTimeoutError`."""
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProposalTimeoutError("no linearizable read point before the deadline",
+                                           node_id=self.node.node_id)
+            try:
+                return await wait_outcome(self.node, self.node.read_index_async(),
+                                          min(remaining, 5.0))
+            except (OutcomeUnknownError, ProposalRejectedError):
+                attempt += 1
+                await asyncio.sleep(_backoff(attempt, deadline))
+
+    def _check_level(self, command: Command) -> None:
         level = command_level(command)
         finalized = self.image().metadata_version
         if level > finalized:
@@ -172,29 +243,12 @@ class MetadataStore:
                 "feature_not_enabled", f"{type(command).__name__} needs metadata version "
                 f"{level}; the cluster's is {finalized} (raise it with 'features upgrade')",
                 node_id=self.node.node_id)
-        data = encode_command(command)
-        deadline = time.monotonic() + (timeout or self.write_timeout)
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProposalTimeoutError(
-                    f"{type(command).__name__} {command.request_id.client_id}#"
-                    f"{command.request_id.seq}: no outcome before the deadline; it may still "
-                    "apply, retry with the same request id", node_id=self.node.node_id)
-            try:
-                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0))
-            except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
-                attempt += 1
-                logger.debug("retrying %s after %s", command.request_id, exc)
-                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
-                continue
-            except ProposalRejectedError:
-                attempt += 1
-                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
-                continue
-            result.raise_for_refusal()
-            return result
+
+    def _deadline_error(self, command: Command) -> ProposalTimeoutError:
+        return ProposalTimeoutError(
+            f"{type(command).__name__} {command.request_id.client_id}#"
+            f"{command.request_id.seq}: no outcome before the deadline; it may still "
+            "apply, retry with the same request id", node_id=self.node.node_id)
 
     def _write(self, make: Callable[[RequestId], Command], timeout: float | None,
                request_id: RequestId | None) -> Any:
@@ -267,15 +321,34 @@ class MetadataStore:
                      timeout: float | None = None,
                      request_id: RequestId | None = None) -> Topic:
         """Create a topic; replicas are placed over active brokers, racks spread."""
+        make = self._create_topic(name, partitions, replication_factor, config)
+        topic: Topic = self.execute(make(request_id or self.next_request_id()), timeout).value
+        self._created(topic)
+        return topic
+
+    async def create_topic_async(self, name: str, partitions: int, replication_factor: int,
+                                 *, config: Mapping[str, str | int] | None = None,
+                                 timeout: float | None = None,
+                                 request_id: RequestId | None = None) -> Topic:
+        """:meth:`create_topic` on the running event loop, holding no thread."""
+        make = self._create_topic(name, partitions, replication_factor, config)
+        result = await self.execute_async(make(request_id or self.next_request_id()), timeout)
+        topic: Topic = result.value
+        self._created(topic)
+        return topic
+
+    def _create_topic(self, name: str, partitions: int, replication_factor: int,
+                      config: Mapping[str, str | int] | None) -> Callable[[RequestId], Command]:
         topic_id = str(uuid.uuid4())
         offset = self._rng.randrange(_PLACEMENT_RANGE)
-        topic: Topic = self._write(lambda rid: CreateTopic(
+        return lambda rid: CreateTopic(
             request_id=rid, name=name, topic_id=topic_id, partitions=partitions,
             replication_factor=replication_factor, config=dict(config or {}),
-            placement_offset=offset), timeout, request_id)
+            placement_offset=offset)
+
+    def _created(self, topic: Topic) -> None:
         audit(self.node.node_id, "created topic %s (%d partitions, replication factor %d)",
-              name, partitions, replication_factor)
-        return topic
+              topic.name, topic.partition_count, topic.replication_factor)
 
     def delete_topic(self, name: str, *, timeout: float | None = None,
                      request_id: RequestId | None = None) -> None:

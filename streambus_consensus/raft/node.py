@@ -462,6 +462,26 @@ class RaftNode:
         self._wait(self._submit(_BARRIER), timeout)
         return self.applied_index
 
+    def read_index_async(self) -> Future[int]:
+        """A future resolving to an applied index at which this node may serve a
+        linearizable read: every entry committed before the call is applied.
+
+        Stand-in until ReadIndex: a barrier through the log. The ReadIndex
+        implementation replaces this method (same signature and errors).
+        """
+        barrier = self._submit(_BARRIER)
+        index: Future[int] = Future()
+
+        def done(finished: Future[Any]) -> None:
+            error = finished.exception()
+            if error is not None:
+                _fail(index, error)
+            elif not index.done():
+                index.set_result(self.applied_index)
+
+        barrier.add_done_callback(done)
+        return index
+
     def _submit(self, entry: bytes) -> Future[Any]:
         future: Future[Any] = Future()
         engine, transport = self._running()
