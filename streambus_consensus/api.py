@@ -501,6 +501,8 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_NO_BIO = ssl.MemoryBIO()
+"""Placeholder of a plain connection's TLS buffers (never used)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -510,6 +512,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: ApiServer) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
+        self._tls: ssl.SSLObject | None = None
+        self._tls_in = self._tls_out = _NO_BIO
+        self._handshaking = False
         self._buffer = bytearray()
         self._head: tuple[str, str, str, dict[str, str], int, int] | None = None
         """The parsed head of the request being received: method, target,
@@ -543,43 +548,22 @@ class _Connection(asyncio.Protocol):
             server._open += 1
             self._counted = True
         if server._tls is not None:
-            transport.pause_reading()
-            self._busy = True  # nothing is read before the handshake is done
-            asyncio.get_running_loop().create_task(self._start_tls(transport, server._tls))
+            # TLS over memory buffers rather than asyncio's SSL transport: a
+            # failed handshake's alert (say, "certificate required") then
+            # reaches the client, which can tell its user why.
+            self._tls_in, self._tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self._tls = server._tls.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+            self._handshaking = True
+            self._busy = True  # no request before the handshake is done...
+            self._receiving_since = time.monotonic()  # ...which has the request's deadline
         elif self._refused:
             self._refuse()
 
-    async def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            tls_transport = await loop.start_tls(
-                transport, self, context, server_side=True,
-                ssl_handshake_timeout=self._server.request_timeout)
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            peer = transport.get_extra_info("peername") or ("?",)
-            _tls_failures.log(str(getattr(exc, "reason", exc)), logging.INFO,
-                              "api: TLS handshake from %s failed: %s", peer[0],
-                              describe_failure(exc))
-            self._forget()
-            transport.abort()
-            return
-        except (OSError, TimeoutError):  # closed or timed out mid-handshake
-            self._forget()
-            transport.abort()
-            return
-        if tls_transport is None:  # closed meanwhile
-            self._forget()
-            return
-        self._transport = tls_transport
-        self._busy = False
-        self._idle_since = time.monotonic()
-        if self._refused:
-            self._refuse()
-        elif self._buffer:
-            self._receiving_since = self._idle_since
-            self._process()
-
     def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            data = self._tls_received(data)
+            if not data:
+                return
         if self._refused or self._closed:
             return  # an answer is out already: drop what follows
         if not self._buffer and not self._busy:
@@ -592,8 +576,78 @@ class _Connection(asyncio.Protocol):
             return
         self._process()
 
+    def _tls_received(self, data: bytes) -> bytes:
+        """Decrypt ``data``; drive the handshake first. Returns the plaintext."""
+        tls, transport = self._tls, self._transport
+        if tls is None or transport is None or self._closed:
+            return b""
+        self._tls_in.write(data)
+        if self._handshaking:
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush_tls()
+                return b""
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                self._flush_tls()  # the alert says why
+                peer = transport.get_extra_info("peername") or ("?",)
+                _tls_failures.log(str(getattr(exc, "reason", exc)), logging.INFO,
+                                  "api: TLS handshake from %s failed: %s", peer[0],
+                                  describe_failure(exc))
+                transport.close()
+                self._forget()
+                return b""
+            self._handshaking = False
+            self._flush_tls()
+            self._busy = False
+            self._receiving_since = None
+            self._idle_since = time.monotonic()
+            if self._refused:
+                self._refuse()
+                return b""
+        chunks = []
+        try:
+            while True:
+                chunk = tls.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLError):  # closed by the client, or garbage
+            self._flush_tls()
+            self._close()
+            return b""
+        self._flush_tls()
+        return b"".join(chunks)
+
+    def _flush_tls(self) -> None:
+        pending = self._tls_out.read() if self._tls is not None else b""
+        if pending and self._transport is not None:
+            self._transport.write(pending)
+
+    def _write(self, data: bytes) -> None:
+        if self._tls is None:
+            self._transport.write(data)  # type: ignore[union-attr]
+            return
+        view = memoryview(data)
+        while view:
+            view = view[self._tls.write(view):]
+        self._flush_tls()
+
+    def _close(self) -> None:
+        """Close after what is written (with TLS, a close_notify first)."""
+        if self._closed or self._transport is None:
+            return
+        if self._tls is not None and not self._handshaking:
+            with contextlib.suppress(ssl.SSLError):
+                self._tls.unwrap()
+            self._flush_tls()
+        self._transport.close()
+        self._forget()
+
     def eof_received(self) -> bool | None:
-        if self._busy and not self._refused and self._server._tls is None:
+        if self._busy and not self._refused and self._tls is None:
             self._close_after = True  # answer the request, then close
             return True
         return None
@@ -633,11 +687,9 @@ class _Connection(asyncio.Protocol):
                 server.timed_out_connections += 1
                 logger.debug("api: a request took over %.3gs to arrive; closing",
                              server.request_timeout)
-                transport.close()
-                self._forget()
+                self._close()
         elif not self._busy and now - self._idle_since > server.idle_timeout:
-            transport.close()
-            self._forget()
+            self._close()
 
     def _refuse(self) -> None:
         server = self._server
@@ -682,7 +734,7 @@ class _Connection(asyncio.Protocol):
         if len(buf) < start + length:
             if headers.get("expect", "").lower() == "100-continue":
                 headers["expect"] = ""
-                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return False
         body = bytes(buf[start:start + length])
         del buf[:start + length]
@@ -737,23 +789,18 @@ class _Connection(asyncio.Protocol):
             head += f"{name}: {value}\r\n"
         if self._close_after:
             head += "Connection: close\r\n"
-        if len(payload) < 65536:
-            transport.write(head.encode("latin-1") + b"\r\n" + payload)
-        else:
-            transport.writelines((head.encode("latin-1"), b"\r\n", payload))
+        self._write(head.encode("latin-1") + b"\r\n" + payload)
         if self._close_after:
             if not self._refused:
-                transport.close()
-                self._forget()
-            elif transport.can_write_eof():
+                self._close()
+            elif self._tls is None and transport.can_write_eof():
                 # The client may still be sending its request: close our side
                 # only, drop what it sends, and let the sweep close the rest,
                 # so that it reads the answer rather than a reset.
                 transport.write_eof()
                 self._idle_since = time.monotonic()
             else:
-                transport.close()
-                self._forget()
+                self._close()
             return
         self._busy = False
         self._idle_since = now = time.monotonic()

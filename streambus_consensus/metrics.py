@@ -41,6 +41,10 @@ name (after the prefix)                        type      what
 ``proposal_duration_seconds``                  hist.     submit to outcome
 ``apply_duration_seconds``                     hist.     state machine apply per entry
 ``fsync_duration_seconds``                     hist.     write-ahead log fsync
+``api_connections``                            gauge     open API connections
+``api_requests_in_flight``                     gauge     API requests being handled
+``api_refused_total{kind}``                    counter   503s at a bound (connections|requests)
+``api_request_timeouts_total``                 counter   connections cut: request too slow
 =============================================  ========  ==================================
 
 The metadata application adds its own gauges (``metadata_*``) through
@@ -51,7 +55,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,7 +65,11 @@ from prometheus_client.registry import Collector
 from .interfaces import NodeState
 from .raft.node import RaftNode
 
-__all__ = ["PREFIX", "NodeCollector", "NodeMetrics", "ProcessMetrics", "metrics_endpoint"]
+if TYPE_CHECKING:
+    from .api import ApiServer
+
+__all__ = ["PREFIX", "NodeCollector", "NodeMetrics", "ProcessMetrics", "api_metrics",
+           "metrics_endpoint"]
 
 PREFIX = "streambus_consensus_"
 """The one prefix of every metric name."""
@@ -245,10 +253,46 @@ class NodeMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def metrics_endpoint(node: RaftNode, application: Any) -> Callable[[], tuple[bytes, str]]:
+def metrics_endpoint(node: RaftNode, application: Any, *,
+                     api: Callable[[], ApiServer | None] | None = None
+                     ) -> Callable[[], tuple[bytes, str]]:
     """Build the node's metrics and return the ``/metrics`` renderer.
 
-    ``application.collect_metrics`` (optional) adds the application's metrics.
+    ``application.collect_metrics`` (optional) adds the application's metrics;
+    ``api`` (optional) gives the node's API server, whose figures are added.
     """
-    extra = getattr(application, "collect_metrics", None)
+    application_metrics = getattr(application, "collect_metrics", None)
+
+    def extra() -> Iterator[Metric]:
+        if application_metrics is not None:
+            yield from application_metrics()
+        server = api() if api is not None else None
+        if server is not None:
+            yield from api_metrics(server, node.node_id)
+
     return NodeMetrics(node, extra=extra).render
+
+
+def api_metrics(server: ApiServer, node_id: str) -> Iterator[Metric]:
+    """The HTTP front end's figures: connections, requests in flight, refusals."""
+    nid = [node_id]
+    for name, doc, value in (
+        ("api_connections", "Open API connections (refused ones still closing included)",
+         server.open_connections),
+        ("api_requests_in_flight", "API requests being handled", server.in_flight),
+    ):
+        gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["node_id"])
+        gauge.add_metric(nid, float(value))
+        yield gauge
+    refused = CounterMetricFamily(PREFIX + "api_refused",
+                                  "API connections or requests answered 503 at a bound "
+                                  "(api_max_connections, api_max_in_flight)",
+                                  labels=["node_id", "kind"])
+    refused.add_metric([node_id, "connections"], float(server.refused_connections))
+    refused.add_metric([node_id, "requests"], float(server.refused_requests))
+    yield refused
+    timeouts = CounterMetricFamily(PREFIX + "api_request_timeouts",
+                                   "API connections cut because a request did not arrive "
+                                   "within api_request_timeout", labels=["node_id"])
+    timeouts.add_metric(nid, float(server.timed_out_connections))
+    yield timeouts

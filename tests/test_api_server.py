@@ -29,6 +29,7 @@ from streambus_consensus.certs import issue_certificate, make_ca
 from streambus_consensus.client import ApiClient
 from streambus_consensus.config import NodeConfig
 from streambus_consensus.errors import ProposalRejectedError, ProposalTimeoutError
+from streambus_consensus.metrics import PREFIX, api_metrics
 from streambus_consensus.raft.aio import wait_outcome
 from streambus_consensus.testing.harness import free_ports, wait_until
 
@@ -209,6 +210,10 @@ def test_past_the_connection_bound_a_new_connection_gets_503_at_once(serve: Any)
             third.sock.sendall(signed("GET", "/v1/plain"))
             assert third.closed(5)
         assert server.refused_connections == 1
+        exposed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for m in api_metrics(server, "n1") for s in m.samples}
+        assert exposed[PREFIX + "api_refused_total", (("kind", "connections"),
+                                                      ("node_id", "n1"))] == 1
     # Closed connections free their slots.
     wait_until(lambda: server.open_connections == 0, 5, "connections to close")
     with connect(server) as again:
@@ -344,7 +349,7 @@ def test_tls_with_client_certificates(serve: Any, tmp_path: Path) -> None:
         assert ok.request("GET", "/v1/plain")["plain"] is True
     no_cert = ApiClient([address], secret=SECRET,
                         tls=tls.client_context(str(tmp_path / "ca.pem")), timeout=5)
-    with pytest.raises(Exception, match=r"certificate|no node answered"):
+    with pytest.raises(Exception, match=r"requires? a client certificate"):
         no_cert.request("GET", "/v1/echo/x")
     no_cert.close()
     with connect(server) as plain:  # not TLS at all: dropped
