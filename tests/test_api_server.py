@@ -377,3 +377,29 @@ def test_a_proposal_without_outcome_is_the_same_typed_504_as_the_blocking_path()
     done: Future[Any] = Future()
     done.set_result(7)
     assert asyncio.run(wait_outcome(node, done)) == 7  # type: ignore[arg-type]
+
+
+def test_outcomes_resolved_together_on_another_thread_all_arrive() -> None:
+    node = _NodeTwin()
+    futures: list[Future[Any]] = [Future() for _ in range(50)]
+
+    def resolve_all() -> None:  # as the node's worker does, a batch at a time
+        for i, future in enumerate(futures):
+            if i % 10 == 9:
+                future.set_exception(ProposalRejectedError(f"no {i}"))
+            else:
+                future.set_result(i)
+
+    async def main() -> list[Any]:
+        waits = [asyncio.ensure_future(wait_outcome(node, f, 5.0))  # type: ignore[arg-type]
+                 for f in futures]
+        await asyncio.sleep(0)
+        threading.Thread(target=resolve_all).start()
+        return await asyncio.gather(*waits, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    for i, outcome in enumerate(outcomes):
+        if i % 10 == 9:
+            assert isinstance(outcome, ProposalRejectedError) and str(outcome) == f"no {i}"
+        else:
+            assert outcome == i
