@@ -231,6 +231,8 @@ def test_past_the_in_flight_bound_a_request_gets_503_and_its_connection_stays(
         status, headers, _ = other.answer()
         assert status == 503 and headers["retry-after"] == "1"
         assert "connection" not in headers
+        other.sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # a busy node is alive
+        assert other.answer()[0] == 200
         gate.opened.set()
         assert holder.answer()[0] == 200
         other.sock.sendall(signed("GET", "/v1/echo/y"))
