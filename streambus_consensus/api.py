@@ -257,6 +257,7 @@ class ApiServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._stopping = threading.Event()
         self._stop: asyncio.Event | None = None
         self._connections: set[_Connection] = set()
         self._open = 0
@@ -294,6 +295,7 @@ class ApiServer:
         loop thread. Handlers still running on the pool finish on their own (a
         long poll or a proposal ends when the node stops); their answers are
         dropped. Idempotent."""
+        self._stopping.set()
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended
@@ -308,7 +310,7 @@ class ApiServer:
     def _serve(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        loop.set_exception_handler(_loop_exception)
+        loop.set_exception_handler(_loop_exception(self._stopping))
         try:
             loop.run_until_complete(self._main())
         finally:
@@ -507,13 +509,23 @@ _tls_failures = RateLimitedLog(logger)
 _overload_log = RateLimitedLog(logger)
 
 
-def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Rate-limited warnings instead of asyncio's ERROR lines: running out of file
-    descriptors (asyncio then pauses accepting for a second) is load, not a bug."""
-    exc = context.get("exception")
-    message = str(context.get("message", "event loop error"))
-    level = logging.WARNING if isinstance(exc, OSError) else logging.ERROR
-    _overload_log.log(message, level, "api: %s: %s", message, exc or "")
+def _loop_exception(stopping: threading.Event) -> Callable[
+        [asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler: rate-limited warnings instead of asyncio's
+    ERROR lines for running out of file descriptors (asyncio then pauses
+    accepting for a second: load, not a bug), and nothing but debug lines
+    while the server stops (a paused accept may retry on the closed socket)."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", "event loop error"))
+        if stopping.is_set():
+            logger.debug("api: while stopping: %s: %s", message, exc)
+            return
+        level = logging.WARNING if isinstance(exc, OSError) else logging.ERROR
+        _overload_log.log(message, level, "api: %s: %s", message, exc or "")
+
+    return handle
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}

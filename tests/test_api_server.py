@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -405,3 +407,46 @@ def test_outcomes_resolved_together_on_another_thread_all_arrive() -> None:
             assert isinstance(outcome, ProposalRejectedError) and str(outcome) == f"no {i}"
         else:
             assert outcome == i
+
+
+_FD_CHILD = """
+import logging, resource, socket, sys, time
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from streambus_consensus.api import ApiServer, Route
+
+async def ok(request):
+    return {}
+
+server = ApiServer(sys.argv[1], [Route("GET", "/v1/x", ok)], secret="s" * 20)
+server.start()
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print("ready", flush=True)
+sys.stdin.readline()  # the parent holds its connections, then says when
+server.stop()
+"""
+
+
+def test_running_out_of_file_descriptors_is_one_warning_not_a_spin(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    child = subprocess.Popen([sys.executable, "-c", _FD_CHILD, address], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    socks: list[socket.socket] = []
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        port = int(address.rsplit(":", 1)[1])
+        for _ in range(80):  # more than the child's 48 descriptors
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(2.5)  # asyncio retries the accept every second meanwhile
+        child.stdin.write("stop\n")
+        child.stdin.flush()
+        _, err = child.communicate(timeout=20)
+    finally:
+        for sock in socks:
+            sock.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    lines = err.splitlines()
+    assert not [line for line in lines if line.startswith(("ERROR", "CRITICAL"))], err
+    assert len([line for line in lines if "out of system resource" in line]) == 1, err
