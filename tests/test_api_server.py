@@ -450,3 +450,21 @@ def test_running_out_of_file_descriptors_is_one_warning_not_a_spin(tmp_path: Pat
     lines = err.splitlines()
     assert not [line for line in lines if line.startswith(("ERROR", "CRITICAL"))], err
     assert len([line for line in lines if "out of system resource" in line]) == 1, err
+
+
+def test_waits_with_different_deadlines_share_one_timer_and_each_expires() -> None:
+    node = _NodeTwin()
+
+    async def main() -> list[Any]:
+        never: list[Future[Any]] = [Future() for _ in range(3)]
+        answered: Future[Any] = Future()
+        waits = [asyncio.ensure_future(wait_outcome(node, f, t))  # type: ignore[arg-type]
+                 for f, t in zip([*never, answered], [0.3, 0.1, 0.05, 5.0], strict=True)]
+        await asyncio.sleep(0.02)
+        answered.set_result("kept")  # resolved before every deadline: not expired
+        return await asyncio.gather(*waits, return_exceptions=True)
+
+    *expired, kept = asyncio.run(main())
+    assert all(isinstance(e, ProposalTimeoutError) for e in expired), expired
+    assert kept == "kept"
+    assert node.proposals_failed["ProposalTimeoutError"] == 3
