@@ -139,21 +139,17 @@ class Route:
     handler: Handler
 
     def match(self, method: str, path: str) -> tuple[str, ...] | None:
-        if method != self.method:
+        """The path arguments if ``method`` and ``path`` are this route's, else ``None``."""
+        want, got = _pattern_parts(self.pattern), path.strip("/").split("/")
+        if method != self.method or len(want) != len(got):
             return None
-        want = self.pattern.strip("/").split("/")
-        got = path.strip("/").split("/")
-        if len(want) != len(got):
-            return None
-        args = []
-        for w, g in zip(want, got, strict=True):
-            if w.startswith("{") and w.endswith("}"):
-                if not g:
-                    return None
-                args.append(g)
-            elif w != g:
-                return None
-        return tuple(args)
+        return _match(want, got)
+
+
+def _pattern_parts(pattern: str) -> tuple[str | None, ...]:
+    """A route pattern's segments, ``None`` for each ``{argument}``."""
+    return tuple(None if w.startswith("{") and w.endswith("}") else w
+                 for w in pattern.strip("/").split("/"))
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
@@ -237,8 +233,7 @@ class ApiServer:
         self.idle_timeout = idle_timeout
         self._table: dict[tuple[str, int], list[tuple[Route, tuple[str | None, ...], bool]]] = {}
         for route in routes:
-            want = tuple(None if w.startswith("{") and w.endswith("}") else w
-                         for w in route.pattern.strip("/").split("/"))
+            want = _pattern_parts(route.pattern)
             self._table.setdefault((route.method, len(want)), []).append(
                 (route, want, inspect.iscoroutinefunction(route.handler)))
         host, port = parse_address(address, field_name="api_address")
