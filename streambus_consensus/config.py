@@ -219,8 +219,9 @@ class NodeConfig:
 
     api_handler_threads: int = 8
     """Threads that run the API routes that block (membership changes,
-    snapshots, long polls). The hot routes never occupy one: they run on the
-    API's event loop and await Raft."""
+    snapshots, ``/v1/watch`` long polls, which hold one for up to their wait).
+    The hot routes never occupy one: they run on the API's event loop and
+    await Raft."""
 
     api_request_timeout: float = 10.0
     """Longest a client may take to send one whole request (line, headers and
