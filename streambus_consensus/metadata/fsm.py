@@ -986,19 +986,41 @@ class MetadataStateMachine:
     def _update_hosted(
         self, delta: _Delta, broker_id: int, step: Callable[[Partition], Partition]
     ) -> None:
-        """Run ``step`` on every partition that has ``broker_id`` as a replica."""
+        """Run ``step`` on every partition that has ``broker_id`` as a replica.
+
+        ``step`` depends only on a partition's replicas, ISR and leader (and on
+        who is active, fixed for the command), so its outcome is computed once
+        per distinct ``(replicas, isr, leader)``: a million partitions over a
+        few brokers share a few dozen, and the new ISR tuples are shared too.
+        Each changed partition is then built directly, without ``replace``.
+        """
+        memo: dict[tuple[tuple[int, ...], tuple[int, ...], int | None],
+                   tuple[tuple[int, ...], int | None, int] | None] = {}
+        changes = delta.changes
+        changed_kind = ChangeKind.PARTITION_CHANGED
         for name in sorted(self._broker_topics.get(broker_id, ())):
             parts = delta.partitions_of(name)
             updated: list[Partition] | None = None
             for i, p in enumerate(parts):
-                if broker_id not in p.replicas:
+                key = (p.replicas, p.isr, p.leader)
+                if key in memo:
+                    outcome = memo[key]
+                else:
+                    outcome = None
+                    if broker_id in p.replicas:
+                        q = step(p)
+                        if q is not p:
+                            outcome = (q.isr, q.leader, q.leader_epoch - p.leader_epoch)
+                    memo[key] = outcome
+                if outcome is None:
                     continue
-                q = step(p)
-                if q is not p:
-                    if updated is None:
-                        updated = list(parts)
-                    updated[i] = q
-                    delta.changes.append(Change(ChangeKind.PARTITION_CHANGED, (name, i), q))
+                q = Partition(name, i, p.replicas, outcome[0], outcome[1],
+                              p.leader_epoch + outcome[2], p.partition_epoch + 1,
+                              p.recovering)
+                if updated is None:
+                    updated = list(parts)
+                updated[i] = q
+                changes.append(Change(changed_kind, (name, i), q))
             if updated is not None:
                 delta.partitions[name] = tuple(updated)
 
