@@ -73,6 +73,7 @@ from .commands import (
     BeginControlledShutdown,
     Command,
     CreateTopic,
+    CreateTopics,
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
@@ -82,6 +83,7 @@ from .commands import (
     RegisterBroker,
     RequestId,
     SetMetadataVersion,
+    TopicSpec,
     UnfenceBroker,
     UnregisterBroker,
     command_level,
@@ -102,6 +104,7 @@ __all__ = [
     "MetadataImage",
     "MetadataStateMachine",
     "RefusalCode",
+    "TopicOutcome",
     "register_handler",
 ]
 
@@ -272,6 +275,25 @@ class ApplyResult:
         """Raise :class:`~streambus_consensus.errors.CommandRefusedError` when refused."""
         if not self.ok:
             raise CommandRefusedError(self.code, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicOutcome:
+    """What became of one topic of a batched create (:class:`~.commands.CreateTopics`)."""
+
+    name: str
+    """The topic's name, as given."""
+    code: str
+    """``"ok"`` when created, else a :class:`RefusalCode` value (e.g. ``topic_exists``)."""
+    message: str
+    """Why it was refused; empty when created."""
+    topic: Topic | None
+    """The created topic, or ``None`` when refused."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the topic was created."""
+        return self.code == OK
 
 
 def _refusal(code: RefusalCode, message: str, offset: int) -> ApplyResult:
@@ -767,6 +789,7 @@ class MetadataStateMachine:
             UnfenceBroker: self._unfence_broker,
             BeginControlledShutdown: self._begin_controlled_shutdown,
             CreateTopic: self._create_topic,
+            CreateTopics: self._create_topics,
             DeleteTopic: self._delete_topic,
             AlterTopicConfig: self._alter_topic_config,
             AddPartitions: self._add_partitions,
@@ -1123,11 +1146,23 @@ class MetadataStateMachine:
         return "", broker
 
     def _create_topic(self, cmd: CreateTopic, index: int, delta: _Delta) -> tuple[str, Any]:
+        return "", self._new_topic(cmd, delta, {}, set())
+
+    def _new_topic(
+        self, cmd: CreateTopic | TopicSpec, delta: _Delta, batch_names: dict[str, str],
+        batch_ids: set[str],
+    ) -> Topic:
+        """Check one new topic and add it (and its partitions) to ``delta``.
+
+        ``batch_names`` (normalized name -> name) and ``batch_ids`` hold the
+        topics created earlier in the same batch, which the committed indexes
+        do not know yet; this topic is added to them.
+        """
         name = cmd.name
         _check_topic_name(name)
-        if name in self._topics:
+        if name in self._topics or batch_names.get(_normalize(name)) == name:
             _refuse(RefusalCode.TOPIC_EXISTS, f"topic {name!r} already exists")
-        other = self._normalized.get(_normalize(name))
+        other = self._normalized.get(_normalize(name)) or batch_names.get(_normalize(name))
         if other is not None:
             _refuse(
                 RefusalCode.TOPIC_NAME_COLLISION,
@@ -1135,10 +1170,11 @@ class MetadataStateMachine:
                 f"are interchangeable)",
             )
         _check_uuid(cmd.topic_id, RefusalCode.INVALID_TOPIC_ID, "topic id")
-        if cmd.topic_id in self._topic_ids:
+        if cmd.topic_id in self._topic_ids or cmd.topic_id in batch_ids:
+            taken = self._topic_ids.get(cmd.topic_id, "another topic of the batch")
             _refuse(
                 RefusalCode.TOPIC_ID_EXISTS,
-                f"topic id {cmd.topic_id} is taken by {self._topic_ids[cmd.topic_id]!r}",
+                f"topic id {cmd.topic_id} is taken by {taken!r}",
             )
         if not 1 <= cmd.partitions <= MAX_PARTITIONS_PER_TOPIC:
             _refuse(
@@ -1165,7 +1201,34 @@ class MetadataStateMachine:
         delta.changes.extend(
             Change(ChangeKind.PARTITION_CREATED, (name, p.index), p) for p in parts
         )
-        return "", topic
+        batch_names[_normalize(name)] = name
+        batch_ids.add(cmd.topic_id)
+        return topic
+
+    def _create_topics(self, cmd: CreateTopics, index: int, delta: _Delta) -> tuple[str, Any]:
+        if not cmd.topics:
+            _refuse(RefusalCode.INVALID_PARTITIONS, "a batched create needs at least one topic")
+        total = sum(min(max(spec.partitions, 0), MAX_PARTITIONS_PER_TOPIC + 1)
+                    for spec in cmd.topics)
+        if total > MAX_PARTITIONS_PER_TOPIC:
+            _refuse(
+                RefusalCode.INVALID_PARTITIONS,
+                f"a batched create may hold at most {MAX_PARTITIONS_PER_TOPIC} partitions in "
+                f"all, got {total}",
+            )
+        batch_names: dict[str, str] = {}
+        batch_ids: set[str] = set()
+        outcomes: list[TopicOutcome] = []
+        created = 0
+        for spec in cmd.topics:
+            try:
+                topic = self._new_topic(spec, delta, batch_names, batch_ids)
+            except _RefusalError as refused:
+                outcomes.append(TopicOutcome(spec.name, str(refused.code), refused.message, None))
+            else:
+                outcomes.append(TopicOutcome(spec.name, OK, "", topic))
+                created += 1
+        return f"{created} of {len(cmd.topics)} topics created", tuple(outcomes)
 
     def _delete_topic(self, cmd: DeleteTopic, index: int, delta: _Delta) -> tuple[str, Any]:
         topic = self._known_topic(cmd.name)
@@ -1470,6 +1533,10 @@ def _value_wire(value: Any) -> Any:
         return ("partition", value.topic, value.index, _partitions_blob((value,)))
     if isinstance(value, tuple) and all(isinstance(p, Partition) for p in value):
         return ("partitions", tuple((p.topic, p.index, _partitions_blob((p,))) for p in value))
+    if isinstance(value, tuple) and all(isinstance(o, TopicOutcome) for o in value):
+        return ("topic_outcomes", tuple(
+            (o.name, o.code, o.message, None if o.topic is None else _topic_wire(o.topic))
+            for o in value))
     raise CodecError(f"cannot snapshot a result value of type {type(value).__name__}")
 
 
@@ -1632,6 +1699,16 @@ def _value_from(w: Any, configs: dict[tuple[Any, ...], TopicConfig]) -> Any:
         return _one_partition(w[1:])
     if tag == "partitions" and len(w) == 2:
         return tuple(_one_partition(item) for item in _want(w[1], tuple, "partitions"))
+    if tag == "topic_outcomes" and len(w) == 2:
+        outcomes = []
+        for item in _want(w[1], tuple, "topic outcomes"):
+            _want(item, tuple, "topic outcome", 4)
+            outcomes.append(TopicOutcome(
+                _want(item[0], str, "topic outcome name"),
+                _want(item[1], str, "topic outcome code"),
+                _want(item[2], str, "topic outcome message"),
+                None if item[3] is None else _topic_from(item[3], configs)))
+        return tuple(outcomes)
     raise CodecError(f"invalid snapshot: unknown result value {tag!r}")
 
 

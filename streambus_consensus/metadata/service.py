@@ -8,6 +8,9 @@ that a client retrying after a timeout or failover applies once.
 ``GET /v1/topics``                            names (``?linearizable=1``)
 ``POST /v1/topics``                           create: name, partitions,
                                               replication_factor, config
+``POST /v1/topics:batch``                     create many in one entry: ``{"topics":
+                                              [{name, partitions, replication_factor,
+                                              config}, ...]}``; one result per topic
 ``GET /v1/topics/{name}``                     topic and partitions (``?linearizable=1``)
 ``DELETE /v1/topics/{name}``                  delete
 ``PUT /v1/topics/{name}/config``              ``{"set": {...}, "delete": [...]}``
@@ -55,7 +58,7 @@ from .commands import RequestId
 from .feed import MetadataEvent, WatchedStateMachine
 from .fsm import MetadataImage
 from .records import Broker, BrokerState, Partition, Topic
-from .store import MetadataStore
+from .store import MetadataStore, NewTopic
 
 __all__ = ["MetadataApplication", "to_json"]
 
@@ -132,6 +135,22 @@ def _request_id(body: dict[str, Any]) -> RequestId | None:
         raise ApiError(400, "invalid_argument",
                        "request_id must be {\"client_id\": str, \"seq\": int}")
     return RequestId(raw["client_id"], raw["seq"])
+
+
+def _new_topics(body: dict[str, Any]) -> list[NewTopic]:
+    """The ``topics`` of a batched create, each checked like ``POST /v1/topics``'s body."""
+    topics = []
+    for i, item in enumerate(_field(body, "topics", list)):
+        if not isinstance(item, dict):
+            raise ApiError(400, "invalid_argument", f"topics[{i}] must be an object")
+        try:
+            topics.append(NewTopic(
+                _field(item, "name", str), _field(item, "partitions", int),
+                _field(item, "replication_factor", int),
+                _field(item, "config", dict, default={})))
+        except ApiError as exc:
+            raise ApiError(400, "invalid_argument", f"topics[{i}]: {exc}") from None
+    return topics
 
 
 def _int_arg(text: str, what: str) -> int:
@@ -213,6 +232,15 @@ class MetadataApplication:
                 request_id=_request_id(body))
             described = s().describe_topic(topic.name)
             return _topic_json(topic, described[1] if described else ())
+
+        def create_topics(req: ApiRequest) -> Any:
+            body = _body(req)
+            outcomes = s().create_topics(_new_topics(body), request_id=_request_id(body))
+            return {"created": sum(1 for o in outcomes if o.ok), "results": [
+                {"name": o.name, "ok": o.ok, "code": o.code, "message": o.message,
+                 "topic": None if o.topic is None
+                 else to_json(o.topic) | {"config": o.topic.config.to_dict()}}
+                for o in outcomes]}
 
         def describe_topic(req: ApiRequest) -> Any:
             found = s().describe_topic(req.path_args[0], linearizable=req.flag("linearizable"))
@@ -330,6 +358,7 @@ class MetadataApplication:
         routes = [
             Route("GET", "/v1/topics", list_topics),
             Route("POST", "/v1/topics", create_topic),
+            Route("POST", "/v1/topics:batch", create_topics),
             Route("GET", "/v1/topics/{name}", describe_topic),
             Route("DELETE", "/v1/topics/{name}", delete_topic),
             Route("PUT", "/v1/topics/{name}/config", alter_config),
