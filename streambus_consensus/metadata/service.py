@@ -25,7 +25,10 @@ that a client retrying after a timeout or failover applies once.
 ``POST /v1/brokers/{id}/heartbeat``           ``{"broker_epoch": e}``
 ``POST /v1/brokers/{id}/{fence|unfence|shutdown}``
 ``GET /v1/watch?after=OFFSET&wait=SECONDS``   changes after an offset (long poll); a
-                                              full image when too old or absent
+                                              full image when too old or absent;
+                                              ``&format=compact``: partition changes
+                                              as columns, at most ``limit`` changes
+                                              per answer (see :func:`compact_events`)
 ``GET /v1/features``                          metadata versions: this node's software's
                                               range, the cluster's finalized one
 ``POST /v1/features``                         ``{"metadata_version": n}``: raise it, once
@@ -56,11 +59,16 @@ from ..raft.node import RaftNode
 from ..testing import next_level
 from .commands import RequestId
 from .feed import MetadataEvent, WatchedStateMachine
-from .fsm import MetadataImage
+from .fsm import Change, ChangeKind, MetadataImage
 from .records import Broker, BrokerState, Partition, Topic
 from .store import MetadataStore, NewTopic
 
-__all__ = ["MetadataApplication", "to_json"]
+__all__ = ["COMPACT_WATCH_LIMIT", "MetadataApplication", "compact_events", "to_json"]
+
+COMPACT_WATCH_LIMIT = 100_000
+"""Default and largest number of changes in one compact ``/v1/watch`` answer.
+An answer is encoded in one call that holds the interpreter lock; bounding it
+keeps the Raft thread of the node running while a mass change is streamed."""
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +96,84 @@ def to_json(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     return value
+
+
+_PARTITION_KINDS = frozenset({ChangeKind.PARTITION_CHANGED, ChangeKind.PARTITION_CREATED})
+
+
+def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[str, Any]:
+    """``{"events": [...], "sets": [...], "resume": ...}``: events in the
+    compact watch format, the table of replica sets they use, and where the
+    next read resumes.
+
+    Partition changes come in *runs*: consecutive changes of one kind to
+    partitions of one topic become one object of columns, ``{"kind", "topic",
+    "index": [...], "leader": [...], "isr": [...], "replicas": [...],
+    "leader_epoch": [...], "partition_epoch": [...], "recovering": [...]}``,
+    where ``isr`` and ``replicas`` hold positions in the answer's ``sets``
+    table (lists of broker ids) (a million partitions over a few brokers use a few dozen distinct
+    sets). Other changes keep the plain format, in order between the runs.
+
+    The first event starts at its change number ``skip``; at most ``limit``
+    changes are returned. Every event carries ``"first"`` (its first change
+    number here) and ``"total"``; for one cut short, ``resume`` is the
+    cursor ``{"after": ..., "skip": ...}`` to pass back; ``None`` when every
+    event was returned whole (resume after the last one's offset).
+    """
+    out: list[dict[str, Any]] = []
+    sets: dict[tuple[int, ...], int] = {}
+    budget = limit
+    for n, event in enumerate(events):
+        if event.is_reset:
+            out.append(to_json(event))
+            continue
+        first = skip if n == 0 else 0
+        end = min(len(event.changes), first + budget)
+        out.append({"offset": event.offset, "reset": False, "first": first,
+                    "total": len(event.changes),
+                    "runs": _runs(event.changes[first:end], sets)})
+        budget -= end - first
+        if end < len(event.changes):
+            return {"events": out, "sets": [list(s) for s in sets],
+                    "resume": {"after": event.offset - 1, "skip": end}}
+        if budget <= 0:
+            break
+    return {"events": out, "sets": [list(s) for s in sets], "resume": None}
+
+
+def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    key: tuple[ChangeKind, str] | None = None
+    index: list[int] = []
+    leader: list[int | None] = []
+    isr: list[int] = []
+    replicas: list[int] = []
+    leader_epoch: list[int] = []
+    partition_epoch: list[int] = []
+    recovering: list[int] = []
+    for change in changes:
+        record = change.record
+        if change.kind not in _PARTITION_KINDS or not isinstance(record, Partition):
+            key = None
+            runs.append({"kind": str(change.kind), "key": to_json(change.key),
+                         "record": to_json(record)})
+            continue
+        if key != (change.kind, record.topic):
+            key = (change.kind, record.topic)
+            index, leader, isr, replicas = [], [], [], []
+            leader_epoch, partition_epoch, recovering = [], [], []
+            runs.append({"kind": str(change.kind), "topic": record.topic, "index": index,
+                         "leader": leader, "isr": isr, "replicas": replicas,
+                         "leader_epoch": leader_epoch, "partition_epoch": partition_epoch,
+                         "recovering": recovering})
+        index.append(record.index)
+        leader.append(record.leader)
+        isr.append(sets.setdefault(record.isr, len(sets)))
+        replicas.append(sets.setdefault(record.replicas, len(sets)))
+        leader_epoch.append(record.leader_epoch)
+        partition_epoch.append(record.partition_epoch)
+        recovering.append(1 if record.recovering else 0)
+    return runs
 
 
 def _topic_json(topic: Topic, partitions: tuple[Partition, ...]) -> dict[str, Any]:
@@ -352,8 +438,18 @@ class MetadataApplication:
             after_text = req.param("after")
             after = None if after_text in (None, "") else _int_arg(after_text, "after")
             wait = _seconds_arg(req.param("wait"), "wait", 30.0)
+            fmt = req.param("format") or "plain"
+            if fmt not in ("plain", "compact"):
+                raise ApiError(400, "invalid_argument", "format must be 'plain' or 'compact'")
             events = s().state_machine.feed.read(after, timeout=wait)
-            return {"events": [to_json(e) for e in events]}
+            if fmt == "plain":
+                return {"events": [to_json(e) for e in events]}
+            skip = _int_arg(req.param("skip") or "0", "skip")
+            limit = _int_arg(req.param("limit") or str(COMPACT_WATCH_LIMIT), "limit")
+            if skip < 0 or not 1 <= limit <= COMPACT_WATCH_LIMIT:
+                raise ApiError(400, "invalid_argument", "skip must be >= 0 and limit in "
+                               f"1..{COMPACT_WATCH_LIMIT}")
+            return compact_events(events, skip, limit)
 
         routes = [
             Route("GET", "/v1/topics", list_topics),
