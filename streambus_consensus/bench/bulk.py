@@ -79,6 +79,7 @@ def measure_batched(base: Path, *, batches: int, callers: int, single_seconds: f
                 for _ in range(callers)]
         singles = closed_loop(functools.partial(single, callers_=pool), callers,
                               single_seconds).summary()
+        singles["seconds"] = single_seconds
         row["single_create"] = singles
         log(f"  single creates, {callers} callers: {singles.get('ops_per_s')} topics/s, "
             f"p50 {singles.get('p50_ms')} ms")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -142,37 +143,30 @@ def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[s
 
 
 def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list[dict[str, Any]]:
+    # Split into runs with C-level grouping, then fill each run's columns with
+    # comprehensions: a million partitions take a fraction of a second.
     runs: list[dict[str, Any]] = []
-    key: tuple[ChangeKind, str] | None = None
-    index: list[int] = []
-    leader: list[int | None] = []
-    isr: list[int] = []
-    replicas: list[int] = []
-    leader_epoch: list[int] = []
-    partition_epoch: list[int] = []
-    recovering: list[int] = []
-    for change in changes:
-        record = change.record
-        if change.kind not in _PARTITION_KINDS or not isinstance(record, Partition):
-            key = None
-            runs.append({"kind": str(change.kind), "key": to_json(change.key),
-                         "record": to_json(record)})
-            continue
-        if key != (change.kind, record.topic):
-            key = (change.kind, record.topic)
-            index, leader, isr, replicas = [], [], [], []
-            leader_epoch, partition_epoch, recovering = [], [], []
-            runs.append({"kind": str(change.kind), "topic": record.topic, "index": index,
-                         "leader": leader, "isr": isr, "replicas": replicas,
-                         "leader_epoch": leader_epoch, "partition_epoch": partition_epoch,
-                         "recovering": recovering})
-        index.append(record.index)
-        leader.append(record.leader)
-        isr.append(sets.setdefault(record.isr, len(sets)))
-        replicas.append(sets.setdefault(record.replicas, len(sets)))
-        leader_epoch.append(record.leader_epoch)
-        partition_epoch.append(record.partition_epoch)
-        recovering.append(1 if record.recovering else 0)
+    keys = [(c.kind, c.key[0]) if c.kind in _PARTITION_KINDS and type(c.key) is tuple
+            else (c.kind, None) for c in changes]
+    start = 0
+    for (kind, topic), group in itertools.groupby(keys):
+        end = start + len(list(group))
+        if topic is None:
+            runs += [{"kind": str(c.kind), "key": to_json(c.key), "record": to_json(c.record)}
+                     for c in changes[start:end]]
+        else:
+            records = [c.record for c in changes[start:end] if isinstance(c.record, Partition)]
+            runs.append({
+                "kind": str(kind), "topic": topic,
+                "index": [p.index for p in records],
+                "leader": [p.leader for p in records],
+                "isr": [sets.setdefault(p.isr, len(sets)) for p in records],
+                "replicas": [sets.setdefault(p.replicas, len(sets)) for p in records],
+                "leader_epoch": [p.leader_epoch for p in records],
+                "partition_epoch": [p.partition_epoch for p in records],
+                "recovering": [1 if p.recovering else 0 for p in records],
+            })
+        start = end
     return runs
 
 
