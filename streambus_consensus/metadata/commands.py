@@ -459,7 +459,9 @@ Command: TypeAlias = (
 
 def _freeze_mapping(obj: object, name: str) -> None:
     value = getattr(obj, name)
-    if isinstance(value, Mapping) and not isinstance(value, MappingProxyType):
+    if type(value) is MappingProxyType:  # decoded commands: already frozen
+        return
+    if type(value) is dict or isinstance(value, Mapping):  # dict first: ABC checks are slow
         object.__setattr__(obj, name, MappingProxyType(dict(value)))
 
 
@@ -575,7 +577,7 @@ class _ConfigMap(_Kind):
     _number = _Int(-_INT64_MAX - 1, _INT64_MAX)
 
     def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, Mapping):
+        if type(value) not in (dict, MappingProxyType) and not isinstance(value, Mapping):
             raise CodecError(f"{where}: expected a mapping, got {type(value).__name__}")
         if len(value) > _MAX_ITEMS:
             raise CodecError(f"{where}: {len(value)} items, at most {_MAX_ITEMS} allowed")
@@ -635,8 +637,22 @@ class _SpecKind(_Kind):
     def from_wire(self, value: Any, where: str) -> Any:
         if type(value) is not tuple or len(value) != len(self._fields):
             raise CodecError(f"{where}: expected a topic of {len(self._fields)} fields")
+        name, topic_id, partitions, factor, config, offset = value
+        if (type(name) is str and len(name) <= _MAX_TEXT and type(topic_id) is str
+                and len(topic_id) <= 64 and type(partitions) is int and type(factor) is int
+                and -_INT32_MAX - 1 <= partitions <= _INT32_MAX
+                and -_INT32_MAX - 1 <= factor <= _INT32_MAX
+                and type(config) is dict and not config
+                and type(offset) is int and 0 <= offset <= _INT64_MAX):
+            # The common case (no settings), checked without naming every field.
+            return TopicSpec(name=name, topic_id=topic_id, partitions=partitions,
+                             replication_factor=factor, config=_NO_CONFIG,
+                             placement_offset=offset)
         return TopicSpec(**{name: kind.from_wire(item, f"{where}.{name}")
                             for (name, kind), item in zip(self._fields, value, strict=True)})
+
+
+_NO_CONFIG: Final[Mapping[str, str | int]] = MappingProxyType({})
 
 
 _BROKER_ID = _Int(0, _INT32_MAX)

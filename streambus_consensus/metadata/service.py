@@ -318,8 +318,11 @@ class MetadataApplication:
             outcomes = s().create_topics(_new_topics(body), request_id=_request_id(body))
             return {"created": sum(1 for o in outcomes if o.ok), "results": [
                 {"name": o.name, "ok": o.ok, "code": o.code, "message": o.message,
-                 "topic": None if o.topic is None
-                 else to_json(o.topic) | {"config": o.topic.config.to_dict()}}
+                 "topic": None if o.topic is None else {
+                     "name": o.topic.name, "topic_id": o.topic.topic_id,
+                     "config": o.topic.config.to_dict(),
+                     "partition_count": o.topic.partition_count,
+                     "replication_factor": o.topic.replication_factor}}
                 for o in outcomes]}
 
         def describe_topic(req: ApiRequest) -> Any:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -316,10 +317,16 @@ class MetadataStore:
         """
         if self.image().metadata_version < BATCH_CREATE_VERSION and request_id is None:
             return self._create_one_by_one(topics, timeout)
+        # One draw of randomness for the batch: ids from one read of the OS's
+        # random source, placement offsets from one random start (each topic
+        # one step further, so their leaders still spread).
+        entropy = os.urandom(16 * len(topics))
+        start = self._rng.randrange(_PLACEMENT_RANGE)
         specs = tuple(TopicSpec(
-            name=t.name, topic_id=str(uuid.uuid4()), partitions=t.partitions,
-            replication_factor=t.replication_factor, config=dict(t.config),
-            placement_offset=self._rng.randrange(_PLACEMENT_RANGE)) for t in topics)
+            name=t.name, topic_id=str(uuid.UUID(bytes=entropy[16 * i:16 * i + 16], version=4)),
+            partitions=t.partitions, replication_factor=t.replication_factor,
+            config=dict(t.config), placement_offset=(start + i) % _PLACEMENT_RANGE)
+            for i, t in enumerate(topics))
         outcomes: tuple[TopicOutcome, ...] = self._write(
             lambda rid: CreateTopics(request_id=rid, topics=specs), timeout, request_id)
         created = [o.name for o in outcomes if o.ok]
