@@ -4,13 +4,16 @@ that a batch ends in the same state as the same topics created one by one."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streambus_consensus.errors import CodecError
+from streambus_consensus.config import NodeConfig
+from streambus_consensus.errors import CodecError, CommandRefusedError
 from streambus_consensus.metadata import (
     BATCH_CREATE_VERSION,
     MAX_PARTITIONS_PER_TOPIC,
@@ -31,6 +34,9 @@ from streambus_consensus.metadata import (
     decode_command,
     encode_command,
 )
+from streambus_consensus.metadata.store import AsyncMetadataStore, MetadataStore, NewTopic
+from streambus_consensus.provision import generate_secret
+from streambus_consensus.testing.harness import free_ports
 
 
 def uid(n: int) -> str:
@@ -197,3 +203,50 @@ def test_a_batch_ends_where_the_same_creates_one_by_one_end(
     assert dict(a.partitions) == dict(b.partitions)
     # The batch's changes are the singles' changes, in the same order.
     assert list(result.changes) == [c for r in singles for c in r.changes]
+
+
+# --------------------------------------------------------------------------
+# MetadataStore.create_topics on an in-process node (real loopback TCP)
+
+
+def test_the_store_creates_a_batch_in_one_entry_and_falls_back_below_version_2(
+        tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    config = NodeConfig(node_id="n1", cluster={"n1": f"127.0.0.1:{port}"},
+                        cluster_secret=generate_secret(), data_dir=str(tmp_path / "n1"),
+                        broker_session_timeout=86_400.0)
+    with MetadataStore.open(config) as store:
+        store.node.wait_for_leader(10)
+        for broker_id in range(3):
+            store.register_broker(broker_id, f"127.0.0.1:{9092 + broker_id}", fenced=False)
+        # Version 1: one entry per topic, the same per-topic outcomes.
+        before = store.image().offset
+        outcomes = store.create_topics([NewTopic("a", 2, 3), NewTopic("a", 1, 1),
+                                        NewTopic("b c", 1, 1)])
+        assert [(o.name, o.code) for o in outcomes] == [
+            ("a", OK), ("a", "topic_exists"), ("b c", "invalid_topic_name")]
+        assert store.image().offset == before + 3
+        with pytest.raises(CommandRefusedError) as refused:
+            store.create_topics([NewTopic("c", 1, 1)], request_id=store.next_request_id())
+        assert refused.value.code == "feature_not_enabled"
+        assert "CreateTopics needs metadata version 2" in str(refused.value)
+
+        store.upgrade_metadata_version(BATCH_CREATE_VERSION)
+        rid = store.next_request_id()
+        before = store.image().offset
+        batch = [NewTopic(f"t{i}", 3, 3, {"retention.ms": 1000}) for i in range(100)]
+        first = store.create_topics([*batch, NewTopic("a", 1, 1)], request_id=rid)
+        assert store.image().offset == before + 1
+        assert [o.ok for o in first] == [True] * 100 + [False]
+        assert first[0].topic is not None and first[0].topic.config.retention_ms == 1000
+        leaders = {store.image().partitions[f"t{i}"][0].leader for i in range(100)}
+        assert leaders == {0, 1, 2}  # placement offsets differ across the batch
+        again = store.create_topics(batch, request_id=rid)  # a retry: same answer
+        assert again == first and store.image().offset == before + 2
+
+        async def twin() -> list[TopicOutcome]:
+            outcomes: list[TopicOutcome] = await AsyncMetadataStore(store).create_topics(
+                [NewTopic("async-1", 1, 1), NewTopic("t0", 1, 1)])
+            return outcomes
+
+        assert [o.code for o in asyncio.run(twin())] == [OK, "topic_exists"]
