@@ -112,8 +112,10 @@ def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[s
     "index": [...], "leader": [...], "isr": [...], "replicas": [...],
     "leader_epoch": [...], "partition_epoch": [...], "recovering": [...]}``,
     where ``isr`` and ``replicas`` hold positions in the answer's ``sets``
-    table (lists of broker ids) (a million partitions over a few brokers use a few dozen distinct
-    sets). Other changes keep the plain format, in order between the runs.
+    table of lists of broker ids (a million partitions over a few brokers use
+    a few dozen distinct sets). A column other than ``index`` whose values are
+    all equal is sent as that one value instead of a list. Other changes keep
+    the plain format, in order between the runs.
 
     The first event starts at its change number ``skip``; at most ``limit``
     changes are returned. Every event carries ``"first"`` (its first change
@@ -142,6 +144,11 @@ def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[s
     return {"events": out, "sets": [list(s) for s in sets], "resume": None}
 
 
+def _column(values: list[Any]) -> Any:
+    """A column whose values are all equal is sent as that one value."""
+    return values[0] if values and values.count(values[0]) == len(values) else values
+
+
 def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list[dict[str, Any]]:
     # Split into runs with C-level grouping, then fill each run's columns with
     # comprehensions: a million partitions take a fraction of a second.
@@ -159,12 +166,12 @@ def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list
             runs.append({
                 "kind": str(kind), "topic": topic,
                 "index": [p.index for p in records],
-                "leader": [p.leader for p in records],
-                "isr": [sets.setdefault(p.isr, len(sets)) for p in records],
-                "replicas": [sets.setdefault(p.replicas, len(sets)) for p in records],
-                "leader_epoch": [p.leader_epoch for p in records],
-                "partition_epoch": [p.partition_epoch for p in records],
-                "recovering": [1 if p.recovering else 0 for p in records],
+                "leader": _column([p.leader for p in records]),
+                "isr": _column([sets.setdefault(p.isr, len(sets)) for p in records]),
+                "replicas": _column([sets.setdefault(p.replicas, len(sets)) for p in records]),
+                "leader_epoch": _column([p.leader_epoch for p in records]),
+                "partition_epoch": _column([p.partition_epoch for p in records]),
+                "recovering": _column([1 if p.recovering else 0 for p in records]),
             })
         start = end
     return runs
