@@ -320,6 +320,7 @@ def _refuse(code: RefusalCode, message: str) -> NoReturn:
 # slots through their descriptors instead: the same records, half the time.
 
 _NEW: Final = object.__new__
+_UNSEEN: Final = object()
 _P_SLOTS: Final = tuple(Partition.__dict__[name].__set__ for name in (
     "topic", "index", "replicas", "isr", "leader", "leader_epoch", "partition_epoch",
     "recovering"))
@@ -815,6 +816,8 @@ class MetadataStateMachine:
     _broker_topics: dict[int, set[str]]
     _lru: OrderedDict[str, None]
     _placement_cache: tuple[object, list[list[int]]]
+    _replica_sets: dict[tuple[int, ...], tuple[int, ...]]
+    """One shared copy of each replica tuple placed (a cache: not state)."""
 
     def __init__(self, *, max_results_per_client: int = 1024, max_clients: int = 10_000) -> None:
         if type(max_results_per_client) is not int or max_results_per_client < 1:
@@ -1060,22 +1063,30 @@ class MetadataStateMachine:
         """
         memo: dict[tuple[tuple[int, ...], tuple[int, ...], int | None],
                    tuple[tuple[int, ...], int | None, int] | None] = {}
+        by_id: dict[tuple[int, int, int | None], Any] = {}
         changes = delta.changes
         changed_kind = ChangeKind.PARTITION_CHANGED
         for name in sorted(self._broker_topics.get(broker_id, ())):
             parts = delta.partitions_of(name)
             updated: list[Partition] | None = None
             for i, p in enumerate(parts):
-                key = (p.replicas, p.isr, p.leader)
-                if key in memo:
-                    outcome = memo[key]
-                else:
-                    outcome = None
-                    if broker_id in p.replicas:
-                        q = step(p)
-                        if q is not p:
-                            outcome = (q.isr, q.leader, q.leader_epoch - p.leader_epoch)
-                    memo[key] = outcome
+                # Keyed by identity first (tuples do not cache their hash, and
+                # the replica and ISR tuples are shared: interned on create and
+                # restore), by value when this exact pair was not seen yet.
+                fast = (id(p.replicas), id(p.isr), p.leader)
+                outcome = by_id.get(fast, _UNSEEN)
+                if outcome is _UNSEEN:
+                    key = (p.replicas, p.isr, p.leader)
+                    if key in memo:
+                        outcome = memo[key]
+                    else:
+                        outcome = None
+                        if broker_id in p.replicas:
+                            q = step(p)
+                            if q is not p:
+                                outcome = (q.isr, q.leader, q.leader_epoch - p.leader_epoch)
+                        memo[key] = outcome
+                    by_id[fast] = outcome
                 if outcome is None:
                     continue
                 q = _partition(name, i, p.replicas, outcome[0], outcome[1],
@@ -1231,6 +1242,8 @@ class MetadataStateMachine:
         config = _config(_DEFAULT_CONFIG, cmd.config, (), rf)
         assignment = self._place(cmd.partitions, rf, cmd.placement_offset, 0)
         topic = Topic(name, cmd.topic_id, config, cmd.partitions, rf)
+        intern = self._replica_sets.setdefault
+        assignment = [intern(replicas, replicas) for replicas in assignment]
         parts = tuple(
             _partition(name, i, replicas, replicas, replicas[0], 0, 0, False)
             for i, replicas in enumerate(assignment)
@@ -1524,6 +1537,7 @@ class MetadataStateMachine:
         self._normalized, self._topic_ids = normalized, topic_ids
         self._broker_topics, self._lru = broker_topics, lru
         self._placement_cache = (None, [])
+        self._replica_sets = {}
         self._image = MetadataImage(offset, brokers, topics, partitions, metadata_version)
 
 
