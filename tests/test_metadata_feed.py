@@ -97,16 +97,18 @@ def test_the_compact_watch_format_carries_every_change_in_bounded_answers() -> N
         for event in answer["events"]:
             assert sum(len(run.get("index", [None])) for run in event["runs"]) <= 4
             for run in event["runs"]:
-                if "topic" not in run:
+                if "topics" not in run:
                     got.append((run["kind"], run["key"]))
                     continue
+                names = [name for name, count in run["topics"] for _ in range(count)]
+                assert len(names) == len(run["index"])
                 def col(name: str, i: int, run: dict[str, Any] = run) -> Any:
                     value = run[name]
                     return value[i] if isinstance(value, list) else value  # one value: all
 
                 for i, index in enumerate(run["index"]):
                     got.append((run["kind"], Partition(
-                        run["topic"], index, sets[col("replicas", i)], sets[col("isr", i)],
+                        names[i], index, sets[col("replicas", i)], sets[col("isr", i)],
                         col("leader", i), col("leader_epoch", i), col("partition_epoch", i),
                         col("recovering", i) == 1)))
             after = event["offset"]
@@ -118,5 +120,5 @@ def test_the_compact_watch_format_carries_every_change_in_bounded_answers() -> N
     assert answers >= len(wanted) // 4
     fenced = [c for c in wanted if c.kind is ChangeKind.PARTITION_CHANGED]
     assert len(fenced) >= 10  # the fence is one event, cut across answers
-    assert any("topic" in run and not isinstance(run["recovering"], list)
+    assert any("topics" in run and not isinstance(run["recovering"], list)
                for run in compact_events(events, 0, 100)["events"][-1]["runs"])

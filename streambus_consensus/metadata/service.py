@@ -60,7 +60,7 @@ from ..raft.node import RaftNode
 from ..testing import next_level
 from .commands import RequestId
 from .feed import MetadataEvent, WatchedStateMachine
-from .fsm import Change, ChangeKind, MetadataImage
+from .fsm import Change, MetadataImage
 from .records import Broker, BrokerState, Partition, Topic
 from .store import MetadataStore, NewTopic
 
@@ -99,7 +99,6 @@ def to_json(value: Any) -> Any:
     return value
 
 
-_PARTITION_KINDS = frozenset({ChangeKind.PARTITION_CHANGED, ChangeKind.PARTITION_CREATED})
 
 
 def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[str, Any]:
@@ -108,10 +107,11 @@ def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[s
     next read resumes.
 
     Partition changes come in *runs*: consecutive changes of one kind to
-    partitions of one topic become one object of columns, ``{"kind", "topic",
-    "index": [...], "leader": [...], "isr": [...], "replicas": [...],
-    "leader_epoch": [...], "partition_epoch": [...], "recovering": [...]}``,
-    where ``isr`` and ``replicas`` hold positions in the answer's ``sets``
+    partitions become one object of columns, ``{"kind", "topics": [[name,
+    count], ...], "index": [...], "leader": [...], "isr": [...], "replicas":
+    [...], "leader_epoch": [...], "partition_epoch": [...], "recovering":
+    [...]}``: the first ``count`` rows are partitions of the first topic named,
+    and so on; ``isr`` and ``replicas`` hold positions in the answer's ``sets``
     table of lists of broker ids (a million partitions over a few brokers use
     a few dozen distinct sets). A column other than ``index`` whose values are
     all equal is sent as that one value instead of a list. Other changes keep
@@ -153,18 +153,21 @@ def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list
     # Split into runs with C-level grouping, then fill each run's columns with
     # comprehensions: a million partitions take a fraction of a second.
     runs: list[dict[str, Any]] = []
-    keys = [(c.kind, c.key[0]) if c.kind in _PARTITION_KINDS and type(c.key) is tuple
-            else (c.kind, None) for c in changes]
+    # Only partition changes have a (topic, index) key. (No set lookups here:
+    # hashing an enum member runs Python code.)
+    kinds = [c.kind if type(c.key) is tuple else None for c in changes]
     start = 0
-    for (kind, topic), group in itertools.groupby(keys):
+    for kind, group in itertools.groupby(kinds):
         end = start + len(list(group))
-        if topic is None:
+        if kind is None:
             runs += [{"kind": str(c.kind), "key": to_json(c.key), "record": to_json(c.record)}
                      for c in changes[start:end]]
         else:
-            records = [c.record for c in changes[start:end] if isinstance(c.record, Partition)]
+            records: list[Partition] = [c.record for c in changes[start:end]]  # type: ignore[misc]
             runs.append({
-                "kind": str(kind), "topic": topic,
+                "kind": str(kind),
+                "topics": [[topic, len(list(same))] for topic, same
+                           in itertools.groupby([p.topic for p in records])],
                 "index": [p.index for p in records],
                 "leader": _column([p.leader for p in records]),
                 "isr": _column([sets.setdefault(p.isr, len(sets)) for p in records]),
