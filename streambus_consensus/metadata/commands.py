@@ -557,7 +557,10 @@ class _Tuple(_Kind):
             raise CodecError(f"{where}: expected a tuple, got {type(value).__name__}")
         if len(value) > self.max_items:
             raise CodecError(f"{where}: {len(value)} items, at most {self.max_items} allowed")
-        return tuple(convert(item, f"{where}[{i}]") for i, item in enumerate(value))
+        try:  # the common case, without formatting a position per item
+            return tuple([convert(item, where) for item in value])
+        except CodecError:  # again, to name the item at fault
+            return tuple(convert(item, f"{where}[{i}]") for i, item in enumerate(value))
 
     def check(self, value: Any, where: str) -> Any:
         return self._each(value, where, self.item.check)
@@ -631,20 +634,19 @@ class _SpecKind(_Kind):
     def to_wire(self, value: Any, where: str) -> Any:
         if type(value) is not TopicSpec:
             raise CodecError(f"{where}: expected a TopicSpec, got {type(value).__name__}")
+        wire: tuple[Any, ...] = (value.name, value.topic_id, value.partitions,
+                                 value.replication_factor, {}, value.placement_offset)
+        if not value.config and _plain_spec(wire):
+            return wire
         return tuple(kind.to_wire(getattr(value, name), f"{where}.{name}")
                      for name, kind in self._fields)
 
     def from_wire(self, value: Any, where: str) -> Any:
         if type(value) is not tuple or len(value) != len(self._fields):
             raise CodecError(f"{where}: expected a topic of {len(self._fields)} fields")
-        name, topic_id, partitions, factor, config, offset = value
-        if (type(name) is str and len(name) <= _MAX_TEXT and type(topic_id) is str
-                and len(topic_id) <= 64 and type(partitions) is int and type(factor) is int
-                and -_INT32_MAX - 1 <= partitions <= _INT32_MAX
-                and -_INT32_MAX - 1 <= factor <= _INT32_MAX
-                and type(config) is dict and not config
-                and type(offset) is int and 0 <= offset <= _INT64_MAX):
+        if _plain_spec(value):
             # The common case (no settings), checked without naming every field.
+            name, topic_id, partitions, factor, _config, offset = value
             return TopicSpec(name=name, topic_id=topic_id, partitions=partitions,
                              replication_factor=factor, config=_NO_CONFIG,
                              placement_offset=offset)
@@ -653,6 +655,17 @@ class _SpecKind(_Kind):
 
 
 _NO_CONFIG: Final[Mapping[str, str | int]] = MappingProxyType({})
+
+
+def _plain_spec(wire: tuple[Any, ...]) -> bool:
+    """Whether a topic's wire tuple is valid and has no settings (the fast path)."""
+    name, topic_id, partitions, factor, config, offset = wire
+    return (type(name) is str and len(name) <= _MAX_TEXT and type(topic_id) is str
+            and len(topic_id) <= 64 and type(partitions) is int and type(factor) is int
+            and -_INT32_MAX - 1 <= partitions <= _INT32_MAX
+            and -_INT32_MAX - 1 <= factor <= _INT32_MAX
+            and type(config) is dict and not config
+            and type(offset) is int and 0 <= offset <= _INT64_MAX)
 
 
 _BROKER_ID = _Int(0, _INT32_MAX)
