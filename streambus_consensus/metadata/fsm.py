@@ -1064,8 +1064,11 @@ class MetadataStateMachine:
         memo: dict[tuple[tuple[int, ...], tuple[int, ...], int | None],
                    tuple[tuple[int, ...], int | None, int] | None] = {}
         by_id: dict[tuple[int, int, int | None], Any] = {}
-        changes = delta.changes
+        append = delta.changes.append
         changed_kind = ChangeKind.PARTITION_CHANGED
+        new = _NEW
+        s_topic, s_index, s_replicas, s_isr, s_leader, s_le, s_pe, s_rec = _P_SLOTS
+        c_kind, c_key, c_record = _C_SLOTS
         for name in sorted(self._broker_topics.get(broker_id, ())):
             parts = delta.partitions_of(name)
             updated: list[Partition] | None = None
@@ -1089,13 +1092,24 @@ class MetadataStateMachine:
                     by_id[fast] = outcome
                 if outcome is None:
                     continue
-                q = _partition(name, i, p.replicas, outcome[0], outcome[1],
-                               p.leader_epoch + outcome[2], p.partition_epoch + 1,
-                               p.recovering)
+                # _partition and _change, inlined: this loop runs a million times.
+                q = new(Partition)
+                s_topic(q, name)
+                s_index(q, i)
+                s_replicas(q, p.replicas)
+                s_isr(q, outcome[0])
+                s_leader(q, outcome[1])
+                s_le(q, p.leader_epoch + outcome[2])
+                s_pe(q, p.partition_epoch + 1)
+                s_rec(q, p.recovering)
                 if updated is None:
                     updated = list(parts)
                 updated[i] = q
-                changes.append(_change(changed_kind, (name, i), q))
+                c = new(Change)
+                c_kind(c, changed_kind)
+                c_key(c, (name, i))
+                c_record(c, q)
+                append(c)
             if updated is not None:
                 delta.partitions[name] = tuple(updated)
 
