@@ -101,6 +101,8 @@ class _Output:
 
     data: Any
     text: str
+    code: int = 0
+    """The exit code once printed (non-zero: part of the request was refused)."""
 
 
 # -- formatting (pure: strings in, strings out) -----------------------------------------
@@ -492,6 +494,47 @@ def _topics_more(args: argparse.Namespace, client: ApiClient) -> _Output:
         ["TOPIC", "PARTITION", "LEADER", "REPLICAS", "ISR"], _partition_rows(name, [result])))
 
 
+_BATCH = 1000
+"""Topics per batched create request (the server's MAX_TOPICS_PER_BATCH)."""
+
+
+def _topic_names(args: argparse.Namespace) -> list[str]:
+    names = list(args.name)
+    if args.from_file:
+        try:
+            if args.from_file == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.from_file, encoding="utf-8") as f:
+                    text = f.read()
+        except OSError as exc:
+            raise _UsageError(f"topics create: cannot read {args.from_file}: "
+                              f"{exc.strerror}") from None
+        names += [line.strip() for line in text.splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise _UsageError("topics create: give a topic name, several, or --from-file")
+    return names
+
+
+def _create_many(client: ApiClient, names: list[str], partitions: int,
+                 replication_factor: int, config: dict[str, str]) -> _Output:
+    """``topics create a b c``: batched creates, one result per topic; exit 4 if any refused."""
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(names), _BATCH):
+        answer = client.request("POST", "/v1/topics:batch", {"topics": [
+            {"name": name, "partitions": partitions, "replication_factor": replication_factor,
+             "config": config} for name in names[start:start + _BATCH]]})
+        results += answer["results"]
+    created = sum(1 for r in results if r["ok"])
+    rows = [[r["name"], "created" if r["ok"] else r["code"], r["message"] or "-"]
+            for r in results]
+    text = (f"created {created} of {len(results)} topics\n"
+            + format_table(["TOPIC", "RESULT", "DETAIL"], rows))
+    return _Output({"created": created, "results": results}, text,
+                   EXIT_OK if created == len(results) else EXIT_FAILED)
+
+
 def _topics(args: argparse.Namespace) -> _Output:
     command = args.topics_command
     if command == "describe" and args.name is None and not args.under_replicated:
@@ -515,10 +558,13 @@ def _topics(args: argparse.Namespace) -> _Output:
         result = client.request("GET", f"/v1/topics/{args.name}{suffix}")
         return _Output(result, _topic_text(result))
     if command == "create":
+        names = _topic_names(args)
+        if len(names) > 1 or args.from_file:
+            return _create_many(client, names, args.partitions, args.replication_factor, config)
         result = client.request("POST", "/v1/topics", {
-            "name": args.name, "partitions": args.partitions,
+            "name": names[0], "partitions": args.partitions,
             "replication_factor": args.replication_factor, "config": config})
-        return _Output(result, f"created topic {args.name}\n" + _topic_text(result))
+        return _Output(result, f"created topic {names[0]}\n" + _topic_text(result))
     if command == "delete":
         result = client.request("DELETE", f"/v1/topics/{args.name}")
         return _Output(result, f"deleted topic {args.name}")
@@ -815,11 +861,18 @@ def _build_parser() -> argparse.ArgumentParser:
     topics = group("topics", "create, list, describe, delete or alter topics",
                    "topics_command")
     tlist = command(topics, "list", "list topic names", "List the topics' names.")
-    create = command(topics, "create", "create a topic",
+    create = command(topics, "create", "create one topic or many",
                      "Create a topic; its replicas are placed over the active brokers. "
+                     "Several names (or --from-file) create them in batches of up to "
+                     f"{_BATCH}, one log entry each: every topic succeeds or fails on its "
+                     "own, and the exit code is 4 if any was refused. "
                      "Here --config is a topic setting; give a node config with "
                      "--node-config.", connection=conn_create)
-    create.add_argument("name", help="topic name: 1-249 characters of [a-zA-Z0-9._-]")
+    create.add_argument("name", nargs="*",
+                        help="topic name(s): 1-249 characters of [a-zA-Z0-9._-]")
+    create.add_argument("--from-file", metavar="FILE",
+                        help="also create the topics named in FILE, one per line "
+                        "('-': standard input; '#' starts a comment line)")
     create.add_argument("--partitions", type=int, required=True, metavar="N",
                         help="number of partitions (> 0)")
     create.add_argument("--replication-factor", type=int, required=True, metavar="R",
@@ -981,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         else output.text)
         except BrokenPipeError:
             return _closed_pipe()
+        return output.code
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from streambus_consensus import cli
+from streambus_consensus.errors import CommandRefusedError, ConsensusError
 from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
 from tests.conftest import ClusterFactory
 from tests.test_membership import add_node_process, members_of
@@ -236,6 +237,75 @@ def test_topics_and_brokers(cluster: LocalCluster, secret_file: str) -> None:
     assert ok("topics", "delete", "orders", env=env).strip() == "deleted topic orders"
     fails(4, "unknown_topic", "topics", "describe", "orders", env=env)
     assert rows(ok("topics", "list", "--linearizable", env=env)) == []
+
+
+@pytest.mark.cluster
+def test_batched_topic_create(cluster: LocalCluster, secret_file: str, tmp_path: Path) -> None:
+    env = {"STREAMBUS_CONSENSUS_API": apis(cluster),
+           "STREAMBUS_CONSENSUS_SECRET_FILE": secret_file}
+    client = cluster.client()
+    for broker in (1, 2, 3):
+        client.request("POST", "/v1/brokers", {"broker_id": broker, "fenced": False,
+                                               "endpoint": f"10.0.0.{broker}:9092"})
+    client.request("POST", "/v1/topics", {"name": "taken", "partitions": 1,
+                                          "replication_factor": 1})
+    batch = {"topics": [{"name": "b1", "partitions": 2, "replication_factor": 3},
+                        {"name": "taken", "partitions": 1, "replication_factor": 1},
+                        {"name": "b2", "partitions": 0, "replication_factor": 1}]}
+    # Below metadata version 2: one create per topic, the same per-topic answers...
+    before = client.request("POST", "/v1/topics:batch", batch)
+    assert [(r["name"], r["code"]) for r in before["results"]] == [
+        ("b1", "ok"), ("taken", "topic_exists"), ("b2", "invalid_partitions")]
+    assert before["created"] == 1 and before["results"][0]["topic"]["partition_count"] == 2
+    # ...but a request id names one entry, which this version cannot write.
+    rid = {"client_id": "batch-test", "seq": 1}
+    with pytest.raises(CommandRefusedError) as refused:
+        client.request("POST", "/v1/topics:batch", {"topics": [
+            {"name": "b3", "partitions": 1, "replication_factor": 1}], "request_id": rid})
+    assert refused.value.code == "feature_not_enabled"
+    assert client.request("POST", "/v1/features", {"metadata_version": 2})["finalized"] == 2
+
+    # One entry, per-topic outcomes, and a retry answered from the remembered result.
+    body = {"topics": [{"name": f"m{i}", "partitions": 3, "replication_factor": 3,
+                        "config": {"retention.ms": 1000}} for i in range(50)]
+            + [{"name": "taken", "partitions": 1, "replication_factor": 1}],
+            "request_id": rid}
+    offset = client.request("GET", "/v1/topics")["offset"]
+    first = client.request("POST", "/v1/topics:batch", body)
+    assert first["created"] == 50 and first["results"][-1]["code"] == "topic_exists"
+    assert first["results"][0]["topic"]["config"]["retention.ms"] == 1000
+    again = client.request("POST", "/v1/topics:batch", body)
+    assert again == first
+    after = client.request("GET", "/v1/topics?linearizable=1")
+    assert after["offset"] <= offset + 3  # the batch, its retry and the read
+    assert {f"m{i}" for i in range(50)} <= set(after["topics"])
+    for bad, message in ((["x"], "JSON body must be an object"),
+                         ({"topics": ["x"]}, "topics\\[0\\] must be an object"),
+                         ({"topics": [{"name": "x", "partitions": "3",
+                                       "replication_factor": 1}]},
+                          "topics\\[0\\]: 'partitions' must be an integer")):
+        with pytest.raises(ConsensusError, match="invalid_argument: " + message):
+            client.request("POST", "/v1/topics:batch", bad)
+
+    # The CLI: several names, or a file of names; exit 4 when any is refused.
+    out = ok("topics", "create", "c1", "c2", "--partitions", "1", "--replication-factor", "2",
+             env=env)
+    assert out.startswith("created 2 of 2 topics")
+    assert rows(out.split("\n", 1)[1]) == [["c1", "created", "-"], ["c2", "created", "-"]]
+    names = tmp_path / "names.txt"
+    names.write_text("# topics\nf1\n\nc1\nf2\n", encoding="utf-8")
+    partial = run("topics", "create", "--from-file", str(names), "--partitions", "1",
+                  "--replication-factor", "1", env=env)
+    assert partial.returncode == 4 and partial.stdout.startswith("created 2 of 3 topics")
+    assert rows(partial.stdout.split("\n", 1)[1])[1][:2] == ["c1", "topic_exists"]
+    listed = rows(ok("topics", "list", "--linearizable", env=env))
+    assert ["f1"] in listed and ["f2"] in listed
+    report = run("topics", "create", "--json", "--from-file", str(names), "--partitions", "1",
+                 "--replication-factor", "1", env=env)
+    assert report.returncode == 4
+    assert [r["code"] for r in json.loads(report.stdout)["results"]] == ["topic_exists"] * 3
+    fails(2, "give a topic name", "topics", "create", "--partitions", "1",
+          "--replication-factor", "1", env=env)
 
 
 @pytest.mark.cluster

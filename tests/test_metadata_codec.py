@@ -16,6 +16,7 @@ import streambus_consensus.metadata as metadata
 from streambus_consensus import codec
 from streambus_consensus.errors import CodecError, ConfigError, UnsupportedMetadataVersionError
 from streambus_consensus.metadata import (
+    BATCH_CREATE_VERSION,
     ELECTION_KINDS,
     FORMAT_VERSION,
     TOPIC_CONFIG_KEYS,
@@ -27,6 +28,7 @@ from streambus_consensus.metadata import (
     BrokerState,
     Command,
     CreateTopic,
+    CreateTopics,
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
@@ -186,7 +188,7 @@ GOOD = codec.decode(encode_command(
     [
         ([1, "no_op", ("c", 1)], "tuple"),
         ((1,), "tuple"),
-        ((2, *GOOD[1:]), "needs metadata version 2; this software supports 1..1"),
+        ((3, *GOOD[1:]), "needs metadata version 3; this software supports 1..2"),
         ((0, *GOOD[1:]), "invalid command metadata version 0"),
         (("1", *GOOD[1:]), "invalid command metadata version '1'"),
         ((32768, *GOOD[1:]), "invalid command metadata version 32768"),
@@ -215,35 +217,38 @@ def test_decode_refuses(value: Any, fragment: str) -> None:
 
 def test_a_newer_metadata_version_is_named_in_a_typed_error() -> None:
     with pytest.raises(UnsupportedMetadataVersionError) as info:
-        decode_command(codec.encode((3, "from_the_future", ("c", 1))))
-    assert (info.value.required, info.value.supported) == (3, (1, 1))
-    assert "command 'from_the_future' needs metadata version 3" in str(info.value)
+        decode_command(codec.encode((4, "from_the_future", ("c", 1))))
+    assert (info.value.required, info.value.supported) == (4, (1, 2))
+    assert "command 'from_the_future' needs metadata version 4" in str(info.value)
 
 
 def test_a_command_must_carry_its_own_kinds_version() -> None:
     with next_level.installed() as level:
-        assert level == 2 and supported_metadata_versions() == (1, 2)
+        assert level == 3 and supported_metadata_versions() == (1, 3)
         command = next_level.SetRetention(request_id=RequestId("c", 1), name="t",
                                           retention_ms=5)
         data = encode_command(command)  # type: ignore[arg-type]
-        assert codec.decode(data)[0] == 2  # type: ignore[index]
+        assert codec.decode(data)[0] == 3  # type: ignore[index]
         assert decode_command(data) == command
-        with pytest.raises(CodecError, match="test_set_retention is a metadata version 2 "
+        with pytest.raises(CodecError, match="test_set_retention is a metadata version 3 "
                                              "command, not version 1"):
             decode_command(codec.encode((1, "test_set_retention", ("c", 1), "t", 5)))
         with pytest.raises(CodecError, match="no_op is a metadata version 1 command"):
-            decode_command(codec.encode((2, "no_op", ("c", 1))))
+            decode_command(codec.encode((3, "no_op", ("c", 1))))
         with pytest.raises(ValueError, match="already registered"):
-            register_command(next_level.SetRetention, "again", {}, level=2)
-        with pytest.raises(ValueError, match="skips 3"):
-            register_command(type("Skip", (), {}), "skip", {}, level=4)
-    assert supported_metadata_versions() == (1, 1)
+            register_command(next_level.SetRetention, "again", {}, level=3)
+        with pytest.raises(ValueError, match="skips 4"):
+            register_command(type("Skip", (), {}), "skip", {}, level=5)
+    assert supported_metadata_versions() == (1, 2)
     with pytest.raises(UnsupportedMetadataVersionError):
         decode_command(data)
 
 
-def test_every_kind_of_this_release_is_metadata_version_1() -> None:
-    assert supported_metadata_versions() == (1, FORMAT_VERSION)
+def test_every_kind_of_the_first_release_is_metadata_version_1() -> None:
+    assert supported_metadata_versions() == (1, BATCH_CREATE_VERSION)
+    assert FORMAT_VERSION == 1 and BATCH_CREATE_VERSION == 2
+    batch = CreateTopics(request_id=RequestId("c", 1), topics=())
+    assert command_level(batch) == 2 and codec.decode(encode_command(batch))[0] == 2  # type: ignore[index]
     for command in (NoOp(request_id=RequestId("c", 1)),
                     SetMetadataVersion(request_id=RequestId("c", 1), level=2)):
         assert command_level(command) == 1

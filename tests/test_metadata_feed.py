@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
-from streambus_consensus.metadata import RegisterBroker, RequestId, encode_command
+from streambus_consensus.metadata import (
+    ChangeKind,
+    CreateTopic,
+    FenceBroker,
+    Partition,
+    RegisterBroker,
+    RequestId,
+    encode_command,
+)
 from streambus_consensus.metadata.feed import MetadataEvent, WatchedStateMachine
+from streambus_consensus.metadata.service import compact_events
 from streambus_consensus.testing.harness import wait_until
 
 
@@ -59,3 +69,56 @@ def test_a_watcher_gets_each_change_once_across_restores() -> None:
     node.restore(node.snapshot())  # a restart from a snapshot at the same offset
     register(node, 4)
     assert [e.offset for e in node.feed.read(3, timeout=0)] == [4]
+
+
+def _mass_change() -> WatchedStateMachine:
+    """Three brokers, a few topics, then broker 1 fenced: most partitions change."""
+    machine = WatchedStateMachine()
+    for b in range(1, 4):
+        register(machine, b)
+    for t in range(4):
+        machine.apply(encode_command(CreateTopic(
+            request_id=RequestId("t", 200 + t), name=f"t{t}", topic_id=str(uuid.UUID(int=t + 9)),
+            partitions=5, replication_factor=2, config={}, placement_offset=t)))
+    machine.apply(encode_command(FenceBroker(request_id=RequestId("t", 300), broker_id=1)))
+    return machine
+
+
+def test_the_compact_watch_format_carries_every_change_in_bounded_answers() -> None:
+    machine = _mass_change()
+    events = machine.feed.read(0, timeout=0)
+    wanted = [c for e in events for c in e.changes]
+    got: list[tuple[str, object]] = []
+    after, skip, answers = 0, 0, 0
+    while True:
+        answer = compact_events(machine.feed.read(after, timeout=0), skip, limit=4)
+        answers += 1
+        sets = [tuple(s) for s in answer["sets"]]
+        for event in answer["events"]:
+            assert sum(len(run.get("index", [None])) for run in event["runs"]) <= 4
+            for run in event["runs"]:
+                if "topics" not in run:
+                    got.append((run["kind"], run["key"]))
+                    continue
+                names = [name for name, count in run["topics"] for _ in range(count)]
+                assert len(names) == len(run["index"])
+                def col(name: str, i: int, run: dict[str, Any] = run) -> Any:
+                    value = run[name]
+                    return value[i] if isinstance(value, list) else value  # one value: all
+
+                for i, index in enumerate(run["index"]):
+                    got.append((run["kind"], Partition(
+                        names[i], index, sets[col("replicas", i)], sets[col("isr", i)],
+                        col("leader", i), col("leader_epoch", i), col("partition_epoch", i),
+                        col("recovering", i) == 1)))
+            after = event["offset"]
+        if answer["resume"] is None:
+            break
+        after, skip = answer["resume"]["after"], answer["resume"]["skip"]
+    assert got == [(str(c.kind), c.record if isinstance(c.record, Partition) else c.key)
+                   for c in wanted]
+    assert answers >= len(wanted) // 4
+    fenced = [c for c in wanted if c.kind is ChangeKind.PARTITION_CHANGED]
+    assert len(fenced) >= 10  # the fence is one event, cut across answers
+    assert any("topics" in run and not isinstance(run["recovering"], list)
+               for run in compact_events(events, 0, 100)["events"][-1]["runs"])

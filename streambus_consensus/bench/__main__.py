@@ -3,8 +3,8 @@
 ``python -m streambus_consensus.bench [--quick] [--only SECTION ...] [--out DIR]``
 
 Sections, in order: ``latency`` (1), ``overhead`` (2, with 5: durability),
-``scale`` (4), ``profile`` (6), ``tls`` (7), ``failover`` (3). The idle-election watch of
-section 3 runs in the background for the whole run (at least ``--idle``
+``scale`` (4), ``profile`` (6), ``tls`` (7), ``bulk`` (8), ``failover`` (3).
+The idle-election watch of section 3 runs in the background for the whole run (at least ``--idle``
 seconds; the run waits at the end if needed), so a full run fits in 20
 minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 3
 minutes) and writes under ``results/quick/`` instead, so a smoke run never
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import failover, latency, overhead, profile, scale, tls_cost
+from . import bulk, failover, latency, overhead, profile, scale, tls_cost
 from .common import (
     command_line,
     loadavg,
@@ -39,7 +39,7 @@ from .common import (
 from .idle import IdleWatch
 from .report import render
 
-SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "failover")
+SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "bulk", "failover")
 
 FULL: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 3.0},
@@ -47,6 +47,8 @@ FULL: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000, 1_000_000), "creates": 200},
     "profile": {"seconds": 8},
     "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
+    "bulk": {"batches": 1000, "callers": 4, "single_seconds": 3.0,
+             "fence_partitions": 1_000_000, "big_partitions": 100_000},
     "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
@@ -55,6 +57,8 @@ QUICK: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000), "creates": 40},
     "profile": {"seconds": 3},
     "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
+    "bulk": {"batches": 50, "callers": 4, "single_seconds": 1.0,
+             "fence_partitions": 100_000, "big_partitions": 100_000},
     "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": lambda: scale.run(base / "scale", log=_log, **plan["scale"]),
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
                 "tls": lambda: tls_cost.run(base / "tls", log=_log, **plan["tls"]),
+                "bulk": lambda: bulk.run(base / "bulk", log=_log, **plan["bulk"]),
                 "failover": lambda: failover.measure(
                     base / "failover", plan["failover"]["kills"], 0.0,
                     rejoins=plan["failover"]["rejoins"], log=_log),

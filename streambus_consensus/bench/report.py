@@ -150,6 +150,8 @@ def target_rows(results: dict[str, Any]) -> list[list[Any]]:
         if many and "ops_per_s" in many:
             out.append([f"issue 3: >= 10,000 creates/s with 32 callers ({path}, 3 nodes)",
                         f"{many['ops_per_s']:,.0f}/s", _met(many["ops_per_s"] >= 10_000)])
+    bulk = results.get("bulk") or {}
+    out += _bulk_targets(bulk)
     return out
 
 
@@ -255,6 +257,70 @@ def _failover(section: dict[str, Any], idle: dict[str, Any] | None) -> str:
             "seconds, from the SIGKILL or SIGSTOP. The killed node is restarted (the paused one "
             "resumed) and caught up before the next round. p99 of 20 samples is their maximum.\n\n"
             + _table(["measure", "seconds", "target"], rows))
+
+
+def _bulk_targets(bulk: dict[str, Any]) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    batched = (bulk.get("batched") or {}).get("batched") or {}
+    if batched.get("topics_per_s") is not None:
+        out.append(["issue 10: >= 20,000 topics/s created in batches of 100 (3 partitions, RF 3)",
+                    f"{batched['topics_per_s']:,.0f} topics/s",
+                    _met(batched["topics_per_s"] >= 20_000)])
+    large = bulk.get("large") or {}
+    fence = large.get("fence") or {}
+    if fence:
+        where = f"{large['partitions']:,} partitions"
+        mark = "" if large["partitions"] >= 1_000_000 else " (target is set at 1M)"
+        delivered = fence.get("all_delivered_s")
+        out.append([f"issue 10: fence committed and at every node's watcher <= 3 s ({where}){mark}",
+                    f"committed {fence['commit_s']:.2f} s, delivered {_fmt(delivered)} s",
+                    _met(None if delivered is None else delivered <= 3.0)])
+        out.append([f"issue 14: 0 elections during the fence ({where}){mark}",
+                    str(fence["elections"]), _met(fence["elections"] == 0)])
+    big = large.get("large_create") or {}
+    if big:
+        out.append([f"issue 14: 0 elections during a {big['partitions']:,}-partition create",
+                    f"{big['elections']} ({big['seconds']:.2f} s)", _met(big["elections"] == 0)])
+    return out
+
+
+def _bulk(section: dict[str, Any]) -> str:
+    parts = []
+    b = section.get("batched") or {}
+    if b:
+        single, batched = b["single_create"], b["batched"]
+        parts.append(
+            f"Batched creates: `POST /v1/topics:batch`, {b['batch_size']} topics a batch "
+            f"(3 partitions, RF 3, 6 brokers in 3 racks), {b['callers']} keep-alive callers "
+            "to the leader of a 3-node cluster (fsync on), beside single `POST /v1/topics` "
+            "creates with as many callers.\n\n"
+            + _table(["mode", "topics", "seconds", "topics/s", "p50 ms (a call)",
+                      "p99 ms (a call)", "elections"],
+                     [["single", single.get("n"), single.get("seconds"),
+                       single.get("ops_per_s"), single.get("p50_ms"), single.get("p99_ms"), "-"],
+                      ["batches of 100", batched["topics"], batched["seconds"],
+                       batched["topics_per_s"], batched["batch_latency"].get("p50_ms"),
+                       batched["batch_latency"].get("p99_ms"), batched["elections"]]]))
+    large = section.get("large") or {}
+    if large:
+        fence, big = large["fence"], large["large_create"]
+        parts.append(
+            f"Fence at scale: {large['partitions']:,} partitions (100 per topic, RF 3) on 3 "
+            "brokers, built offline and installed as each member's snapshot; broker 0 (a "
+            "replica of every partition, leader of a third) is fenced with `POST "
+            "/v1/brokers/0/fence`. Committed: that call's answer. Delivered: a watcher on "
+            "each node (`GET /v1/watch?format=compact`, long-polling since before the fence) "
+            "has every changed partition. Elections: term changes seen meanwhile and "
+            "3 s after. Then broker 0 is unfenced and one topic of the documented maximum "
+            "size is created (`POST /v1/topics:batch`).\n\n"
+            + _table(["change", "partitions changed", "committed s", "delivered s, per node",
+                      "all delivered s", "elections"],
+                     [["fence broker 0", fence["changed_partitions"], fence["commit_s"],
+                       ", ".join(f"{n} {_fmt(v)}" for n, v in fence["delivered_s"].items()),
+                       fence["all_delivered_s"], fence["elections"]],
+                      [f"create a {big['partitions']:,}-partition topic", big["partitions"],
+                       big["seconds"], "-", "-", big["elections"]]]))
+    return "\n\n".join(parts)
 
 
 def _scale(section: dict[str, Any]) -> str:
@@ -377,6 +443,8 @@ def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
         ("5. Durability cost: fsync on against page cache only", "overhead", _durability),
         ("6. Profile: where the time goes per committed operation", "profile", _profile),
         ("7. TLS cost: mutual TLS against plain TCP", "tls", _tls),
+        ("8. Bulk: batched creates, a broker fenced in 1M partitions, a 100k-partition "
+         "create", "bulk", _bulk),
     ]
     for title, key, fn in sections:
         body += ["", f"## {title}", ""]

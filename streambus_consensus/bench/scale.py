@@ -95,11 +95,11 @@ def build_state(topics: int, partitions: int = PARTITIONS_PER_TOPIC,
 
 
 def build_snapshot(topics: int, members: dict[str, str], out: Path,
-                   probe_gc: bool = True) -> dict[str, Any]:
+                   probe_gc: bool = True, brokers: int = BROKERS) -> dict[str, Any]:
     """Build the state, write the node snapshot file to ``out``; return timings."""
     figures: dict[str, Any] = {"topics": topics, "partitions": topics * PARTITIONS_PER_TOPIC}
     t0 = time.perf_counter()
-    fsm = build_state(topics)
+    fsm = build_state(topics, brokers=brokers)
     figures["build_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     state = fsm.prepare_snapshot()()
@@ -360,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--topics", type=int, required=True)
         parser.add_argument("--members", required=True)
         parser.add_argument("--out", required=True)
+        parser.add_argument("--brokers", type=int, default=BROKERS)
+        parser.add_argument("--no-gc-probe", action="store_true")
         args = parser.parse_args(argv[1:])
-        figures = build_snapshot(args.topics, json.loads(args.members), Path(args.out))
+        figures = build_snapshot(args.topics, json.loads(args.members), Path(args.out),
+                                 probe_gc=not args.no_gc_probe, brokers=args.brokers)
         print(json.dumps(figures), flush=True)
         return 0
     parser = argparse.ArgumentParser(description=__doc__,

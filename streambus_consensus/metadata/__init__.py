@@ -10,15 +10,18 @@ go to listeners. Readers take a consistent :class:`MetadataImage`.
 from __future__ import annotations
 
 from .commands import (
+    BATCH_CREATE_VERSION,
     ELECTION_KINDS,
     FORMAT_VERSION,
     MAX_METADATA_VERSION,
+    MAX_TOPICS_PER_BATCH,
     AddPartitions,
     AlterIsr,
     AlterTopicConfig,
     BeginControlledShutdown,
     Command,
     CreateTopic,
+    CreateTopics,
     DeleteTopic,
     ElectionKind,
     ElectLeaders,
@@ -29,6 +32,7 @@ from .commands import (
     RegisterBroker,
     RequestId,
     SetMetadataVersion,
+    TopicSpec,
     UnfenceBroker,
     UnregisterBroker,
     command_level,
@@ -49,6 +53,7 @@ from .fsm import (
     MetadataImage,
     MetadataStateMachine,
     RefusalCode,
+    TopicOutcome,
     register_handler,
 )
 from .placement import (
@@ -70,6 +75,7 @@ from .records import (
 )
 
 __all__ = [
+    "BATCH_CREATE_VERSION",
     "CLEANUP_POLICIES",
     "COMPRESSION_TYPES",
     "ELECTION_KINDS",
@@ -77,6 +83,7 @@ __all__ = [
     "MAX_METADATA_VERSION",
     "MAX_PARTITIONS_PER_TOPIC",
     "MAX_REPLICATION_FACTOR",
+    "MAX_TOPICS_PER_BATCH",
     "OK",
     "SNAPSHOT_VERSION",
     "TOPIC_CONFIG_KEYS",
@@ -91,6 +98,7 @@ __all__ = [
     "ChangeKind",
     "Command",
     "CreateTopic",
+    "CreateTopics",
     "DeleteTopic",
     "ElectLeaders",
     "ElectionKind",
@@ -108,6 +116,8 @@ __all__ = [
     "SetMetadataVersion",
     "Topic",
     "TopicConfig",
+    "TopicOutcome",
+    "TopicSpec",
     "UnfenceBroker",
     "UnregisterBroker",
     "check_placement",

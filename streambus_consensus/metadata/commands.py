@@ -18,11 +18,12 @@ the state machine's business: it answers with a refusal code, not an exception.
 
 **Metadata versions** (feature levels, as Kafka's ``metadata.version``). Each
 command kind belongs to the metadata version that introduced it, and its
-entries carry that number first. Every kind of this release is version 1
-(:data:`FORMAT_VERSION`), so logs written before feature levels existed
-decode unchanged. A release that adds a kind, or changes one's fields, adds a
-version; this software decodes every version from 1 up to
-:func:`supported_metadata_versions`'s highest and raises
+entries carry that number first. Every kind of the first release is version
+1 (:data:`FORMAT_VERSION`), so logs written before feature levels existed
+decode unchanged; version 2 (:data:`BATCH_CREATE_VERSION`) adds
+:class:`CreateTopics`, the batched create. A release that adds a kind, or
+changes one's fields, adds a version; this software decodes every version
+from 1 up to :func:`supported_metadata_versions`'s highest and raises
 :class:`~streambus_consensus.errors.UnsupportedMetadataVersionError` above
 it. The cluster's *finalized* version (:class:`SetMetadataVersion`, kept in
 the state machine) says which versions may be written: a command above it is
@@ -31,7 +32,7 @@ never proposed, and is refused the same way on every replica if it is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal, TypeAlias
@@ -40,15 +41,18 @@ from .. import codec
 from ..errors import CodecError, UnsupportedMetadataVersionError
 
 __all__ = [
+    "BATCH_CREATE_VERSION",
     "ELECTION_KINDS",
     "FORMAT_VERSION",
     "MAX_METADATA_VERSION",
+    "MAX_TOPICS_PER_BATCH",
     "AddPartitions",
     "AlterIsr",
     "AlterTopicConfig",
     "BeginControlledShutdown",
     "Command",
     "CreateTopic",
+    "CreateTopics",
     "DeleteTopic",
     "ElectLeaders",
     "ElectionKind",
@@ -59,6 +63,7 @@ __all__ = [
     "RegisterBroker",
     "RequestId",
     "SetMetadataVersion",
+    "TopicSpec",
     "UnfenceBroker",
     "UnregisterBroker",
     "command_level",
@@ -72,6 +77,14 @@ __all__ = [
 FORMAT_VERSION: Final = 1
 """The metadata version of every command kind of this release (the first
 element of their encoding); also the version of a cluster that never set one."""
+
+BATCH_CREATE_VERSION: Final = 2
+"""The metadata version that introduced :class:`CreateTopics` (the batched create).
+A cluster finalized below it is never sent one (the store falls back to
+single creates, see :meth:`~.store.MetadataStore.create_topics`)."""
+
+MAX_TOPICS_PER_BATCH: Final = 1000
+"""Most topics one :class:`CreateTopics` may carry."""
 
 MAX_METADATA_VERSION: Final = 32767
 """Largest metadata version a command may name (Kafka's feature levels are int16)."""
@@ -209,6 +222,52 @@ class CreateTopic:
 
     def __post_init__(self) -> None:
         _freeze_mapping(self, "config")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicSpec:
+    """One topic of a :class:`CreateTopics`: the fields of a :class:`CreateTopic`
+    without the request id."""
+
+    name: str
+    """1-249 characters of ``[a-zA-Z0-9._-]``, not ``"."`` or ``".."``."""
+    topic_id: str
+    """The new topic's id, a UUID chosen by the proposer."""
+    partitions: int
+    """Number of partitions, ``1..MAX_PARTITIONS_PER_TOPIC``."""
+    replication_factor: int
+    """Replicas per partition; at most the number of active brokers."""
+    config: Mapping[str, str | int] = field(default_factory=dict)
+    """Topic settings under Kafka's keys; unset keys take the defaults."""
+    placement_offset: int = 0
+    """Where the round-robin placement starts, chosen by the proposer."""
+
+    def __post_init__(self) -> None:
+        _freeze_mapping(self, "config")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateTopics:
+    """Create many topics in one entry, each on its own (Kafka's CreateTopics).
+
+    Each topic is created or refused independently: one that already exists
+    is refused with ``topic_exists`` while the others are created. The answer
+    is one :class:`~.fsm.TopicOutcome` per topic, in order, remembered under
+    the one request id, so a retried batch gets the same outcomes back and
+    creates nothing twice. At most :data:`MAX_TOPICS_PER_BATCH` topics, and at
+    most ``MAX_PARTITIONS_PER_TOPIC`` partitions in all (one apply must stay
+    short); a batch past either limit is refused as a whole. Introduced at
+    metadata version :data:`BATCH_CREATE_VERSION`.
+    """
+
+    read_only: ClassVar[bool] = False
+    request_id: RequestId
+    """Idempotency key of the whole batch."""
+    topics: tuple[TopicSpec, ...]
+    """The topics, in order; the names must be distinct."""
+
+    def __post_init__(self) -> None:
+        _freeze_tuple(self, "topics")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -384,6 +443,7 @@ Command: TypeAlias = (
     | UnfenceBroker
     | BeginControlledShutdown
     | CreateTopic
+    | CreateTopics
     | DeleteTopic
     | AlterTopicConfig
     | AddPartitions
@@ -399,7 +459,9 @@ Command: TypeAlias = (
 
 def _freeze_mapping(obj: object, name: str) -> None:
     value = getattr(obj, name)
-    if isinstance(value, Mapping) and not isinstance(value, MappingProxyType):
+    if type(value) is MappingProxyType:  # decoded commands: already frozen
+        return
+    if type(value) is dict or isinstance(value, Mapping):  # dict first: ABC checks are slow
         object.__setattr__(obj, name, MappingProxyType(dict(value)))
 
 
@@ -490,12 +552,24 @@ class _Tuple(_Kind):
     def __init__(self, item: _Kind, max_items: int = _MAX_ITEMS) -> None:
         self.item, self.max_items = item, max_items
 
-    def check(self, value: Any, where: str) -> Any:
+    def _each(self, value: Any, where: str, convert: Callable[[Any, str], Any]) -> Any:
         if type(value) is not tuple:
             raise CodecError(f"{where}: expected a tuple, got {type(value).__name__}")
         if len(value) > self.max_items:
             raise CodecError(f"{where}: {len(value)} items, at most {self.max_items} allowed")
-        return tuple(self.item.check(item, f"{where}[{i}]") for i, item in enumerate(value))
+        try:  # the common case, without formatting a position per item
+            return tuple([convert(item, where) for item in value])
+        except CodecError:  # again, to name the item at fault
+            return tuple(convert(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+    def check(self, value: Any, where: str) -> Any:
+        return self._each(value, where, self.item.check)
+
+    def to_wire(self, value: Any, where: str) -> Any:
+        return self._each(value, where, self.item.to_wire)
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        return self._each(value, where, self.item.from_wire)
 
 
 class _ConfigMap(_Kind):
@@ -506,7 +580,7 @@ class _ConfigMap(_Kind):
     _number = _Int(-_INT64_MAX - 1, _INT64_MAX)
 
     def check(self, value: Any, where: str) -> Any:
-        if not isinstance(value, Mapping):
+        if type(value) not in (dict, MappingProxyType) and not isinstance(value, Mapping):
             raise CodecError(f"{where}: expected a mapping, got {type(value).__name__}")
         if len(value) > _MAX_ITEMS:
             raise CodecError(f"{where}: {len(value)} items, at most {_MAX_ITEMS} allowed")
@@ -545,6 +619,55 @@ class _RequestIdKind(_Kind):
         return RequestId(client_id, seq)
 
 
+class _SpecKind(_Kind):
+    """A :class:`TopicSpec`: ``(name, topic_id, partitions, replication_factor,
+    config, placement_offset)`` on the wire."""
+
+    _fields: tuple[tuple[str, _Kind], ...] = ()
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not tuple or len(value) != len(self._fields):
+            raise CodecError(f"{where}: expected a topic of {len(self._fields)} fields")
+        return tuple(kind.check(item, f"{where}.{name}")
+                     for (name, kind), item in zip(self._fields, value, strict=True))
+
+    def to_wire(self, value: Any, where: str) -> Any:
+        if type(value) is not TopicSpec:
+            raise CodecError(f"{where}: expected a TopicSpec, got {type(value).__name__}")
+        wire: tuple[Any, ...] = (value.name, value.topic_id, value.partitions,
+                                 value.replication_factor, {}, value.placement_offset)
+        if not value.config and _plain_spec(wire):
+            return wire
+        return tuple(kind.to_wire(getattr(value, name), f"{where}.{name}")
+                     for name, kind in self._fields)
+
+    def from_wire(self, value: Any, where: str) -> Any:
+        if type(value) is not tuple or len(value) != len(self._fields):
+            raise CodecError(f"{where}: expected a topic of {len(self._fields)} fields")
+        if _plain_spec(value):
+            # The common case (no settings), checked without naming every field.
+            name, topic_id, partitions, factor, _config, offset = value
+            return TopicSpec(name=name, topic_id=topic_id, partitions=partitions,
+                             replication_factor=factor, config=_NO_CONFIG,
+                             placement_offset=offset)
+        return TopicSpec(**{name: kind.from_wire(item, f"{where}.{name}")
+                            for (name, kind), item in zip(self._fields, value, strict=True)})
+
+
+_NO_CONFIG: Final[Mapping[str, str | int]] = MappingProxyType({})
+
+
+def _plain_spec(wire: tuple[Any, ...]) -> bool:
+    """Whether a topic's wire tuple is valid and has no settings (the fast path)."""
+    name, topic_id, partitions, factor, config, offset = wire
+    return (type(name) is str and len(name) <= _MAX_TEXT and type(topic_id) is str
+            and len(topic_id) <= 64 and type(partitions) is int and type(factor) is int
+            and -_INT32_MAX - 1 <= partitions <= _INT32_MAX
+            and -_INT32_MAX - 1 <= factor <= _INT32_MAX
+            and type(config) is dict and not config
+            and type(offset) is int and 0 <= offset <= _INT64_MAX)
+
+
 _BROKER_ID = _Int(0, _INT32_MAX)
 _EPOCH = _Int(0, _INT64_MAX)
 _INDEX = _Int(0, _INT32_MAX)
@@ -553,6 +676,12 @@ _OFFSET = _Int(0, _INT64_MAX)
 _NAME = _Str(0, _MAX_TEXT)
 _REQUEST_ID = _RequestIdKind()
 _BROKER_IDS = _Tuple(_BROKER_ID, 32767)
+
+_SPEC = _SpecKind()
+_SPEC._fields = (
+    ("name", _NAME), ("topic_id", _Str(0, 64)), ("partitions", _COUNT),
+    ("replication_factor", _COUNT), ("config", _ConfigMap()), ("placement_offset", _OFFSET),
+)
 
 _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
     RegisterBroker: ("register_broker", {
@@ -573,6 +702,9 @@ _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
         "request_id": _REQUEST_ID, "name": _NAME, "topic_id": _Str(0, 64),
         "partitions": _COUNT, "replication_factor": _COUNT, "config": _ConfigMap(),
         "placement_offset": _OFFSET,
+    }),
+    CreateTopics: ("create_topics", {
+        "request_id": _REQUEST_ID, "topics": _Tuple(_SPEC, MAX_TOPICS_PER_BATCH),
     }),
     DeleteTopic: ("delete_topic", {
         "request_id": _REQUEST_ID, "name": _NAME, "topic_id": _Optional(_Str(0, 64)),
@@ -606,7 +738,8 @@ _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
 
 _BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA.items()}
 _LEVEL: Final[dict[type[Any], int]] = dict.fromkeys(_SCHEMA, FORMAT_VERSION)
-_SUPPORTED: list[int] = [FORMAT_VERSION, FORMAT_VERSION]  # [lowest, highest] decodable
+_LEVEL[CreateTopics] = BATCH_CREATE_VERSION
+_SUPPORTED: list[int] = [FORMAT_VERSION, BATCH_CREATE_VERSION]  # [lowest, highest] decodable
 
 
 def supported_metadata_versions() -> tuple[int, int]:

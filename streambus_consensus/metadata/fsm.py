@@ -73,6 +73,7 @@ from .commands import (
     BeginControlledShutdown,
     Command,
     CreateTopic,
+    CreateTopics,
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
@@ -82,6 +83,7 @@ from .commands import (
     RegisterBroker,
     RequestId,
     SetMetadataVersion,
+    TopicSpec,
     UnfenceBroker,
     UnregisterBroker,
     command_level,
@@ -102,6 +104,7 @@ __all__ = [
     "MetadataImage",
     "MetadataStateMachine",
     "RefusalCode",
+    "TopicOutcome",
     "register_handler",
 ]
 
@@ -274,6 +277,25 @@ class ApplyResult:
             raise CommandRefusedError(self.code, self.message)
 
 
+@dataclass(frozen=True, slots=True)
+class TopicOutcome:
+    """What became of one topic of a batched create (:class:`~.commands.CreateTopics`)."""
+
+    name: str
+    """The topic's name, as given."""
+    code: str
+    """``"ok"`` when created, else a :class:`RefusalCode` value (e.g. ``topic_exists``)."""
+    message: str
+    """Why it was refused; empty when created."""
+    topic: Topic | None
+    """The created topic, or ``None`` when refused."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the topic was created."""
+        return self.code == OK
+
+
 def _refusal(code: RefusalCode, message: str, offset: int) -> ApplyResult:
     return ApplyResult(False, str(code), message, None, (), offset)
 
@@ -289,6 +311,48 @@ class _RefusalError(Exception):
 
 def _refuse(code: RefusalCode, message: str) -> NoReturn:
     raise _RefusalError(code, message)
+
+
+# --------------------------------------------------------------------------
+# Building records fast. A frozen dataclass's __init__ sets each field through
+# object.__setattr__ (about 0.1 us a field); a command that changes a million
+# partitions builds a million Partitions and Changes, so the hot paths set the
+# slots through their descriptors instead: the same records, half the time.
+
+_NEW: Final = object.__new__
+_UNSEEN: Final = object()
+_P_SLOTS: Final = tuple(Partition.__dict__[name].__set__ for name in (
+    "topic", "index", "replicas", "isr", "leader", "leader_epoch", "partition_epoch",
+    "recovering"))
+_C_SLOTS: Final = tuple(Change.__dict__[name].__set__ for name in ("kind", "key", "record"))
+
+
+def _partition(
+    topic: str, index: int, replicas: tuple[int, ...], isr: tuple[int, ...],
+    leader: int | None, leader_epoch: int, partition_epoch: int, recovering: bool,
+) -> Partition:
+    """``Partition(...)`` with every field given, built through its slots."""
+    p: Partition = _NEW(Partition)
+    s_topic, s_index, s_replicas, s_isr, s_leader, s_le, s_pe, s_rec = _P_SLOTS
+    s_topic(p, topic)
+    s_index(p, index)
+    s_replicas(p, replicas)
+    s_isr(p, isr)
+    s_leader(p, leader)
+    s_le(p, leader_epoch)
+    s_pe(p, partition_epoch)
+    s_rec(p, recovering)
+    return p
+
+
+def _change(kind: ChangeKind, key: int | str | tuple[str, int], record: Any) -> Change:
+    """``Change(kind, key, record)``, built through its slots."""
+    c: Change = _NEW(Change)
+    s_kind, s_key, s_record = _C_SLOTS
+    s_kind(c, kind)
+    s_key(c, key)
+    s_record(c, record)
+    return c
 
 
 # --------------------------------------------------------------------------
@@ -752,6 +816,8 @@ class MetadataStateMachine:
     _broker_topics: dict[int, set[str]]
     _lru: OrderedDict[str, None]
     _placement_cache: tuple[object, list[list[int]]]
+    _replica_sets: dict[tuple[int, ...], tuple[int, ...]]
+    """One shared copy of each replica tuple placed (a cache: not state)."""
 
     def __init__(self, *, max_results_per_client: int = 1024, max_clients: int = 10_000) -> None:
         if type(max_results_per_client) is not int or max_results_per_client < 1:
@@ -767,6 +833,7 @@ class MetadataStateMachine:
             UnfenceBroker: self._unfence_broker,
             BeginControlledShutdown: self._begin_controlled_shutdown,
             CreateTopic: self._create_topic,
+            CreateTopics: self._create_topics,
             DeleteTopic: self._delete_topic,
             AlterTopicConfig: self._alter_topic_config,
             AddPartitions: self._add_partitions,
@@ -986,19 +1053,63 @@ class MetadataStateMachine:
     def _update_hosted(
         self, delta: _Delta, broker_id: int, step: Callable[[Partition], Partition]
     ) -> None:
-        """Run ``step`` on every partition that has ``broker_id`` as a replica."""
+        """Run ``step`` on every partition that has ``broker_id`` as a replica.
+
+        ``step`` depends only on a partition's replicas, ISR and leader (and on
+        who is active, fixed for the command), so its outcome is computed once
+        per distinct ``(replicas, isr, leader)``: a million partitions over a
+        few brokers share a few dozen, and the new ISR tuples are shared too.
+        Each changed partition is then built directly, without ``replace``.
+        """
+        memo: dict[tuple[tuple[int, ...], tuple[int, ...], int | None],
+                   tuple[tuple[int, ...], int | None, int] | None] = {}
+        by_id: dict[tuple[int, int, int | None], Any] = {}
+        append = delta.changes.append
+        changed_kind = ChangeKind.PARTITION_CHANGED
+        new = _NEW
+        s_topic, s_index, s_replicas, s_isr, s_leader, s_le, s_pe, s_rec = _P_SLOTS
+        c_kind, c_key, c_record = _C_SLOTS
         for name in sorted(self._broker_topics.get(broker_id, ())):
             parts = delta.partitions_of(name)
             updated: list[Partition] | None = None
             for i, p in enumerate(parts):
-                if broker_id not in p.replicas:
+                # Keyed by identity first (tuples do not cache their hash, and
+                # the replica and ISR tuples are shared: interned on create and
+                # restore), by value when this exact pair was not seen yet.
+                fast = (id(p.replicas), id(p.isr), p.leader)
+                outcome = by_id.get(fast, _UNSEEN)
+                if outcome is _UNSEEN:
+                    key = (p.replicas, p.isr, p.leader)
+                    if key in memo:
+                        outcome = memo[key]
+                    else:
+                        outcome = None
+                        if broker_id in p.replicas:
+                            q = step(p)
+                            if q is not p:
+                                outcome = (q.isr, q.leader, q.leader_epoch - p.leader_epoch)
+                        memo[key] = outcome
+                    by_id[fast] = outcome
+                if outcome is None:
                     continue
-                q = step(p)
-                if q is not p:
-                    if updated is None:
-                        updated = list(parts)
-                    updated[i] = q
-                    delta.changes.append(Change(ChangeKind.PARTITION_CHANGED, (name, i), q))
+                # _partition and _change, inlined: this loop runs a million times.
+                q = new(Partition)
+                s_topic(q, name)
+                s_index(q, i)
+                s_replicas(q, p.replicas)
+                s_isr(q, outcome[0])
+                s_leader(q, outcome[1])
+                s_le(q, p.leader_epoch + outcome[2])
+                s_pe(q, p.partition_epoch + 1)
+                s_rec(q, p.recovering)
+                if updated is None:
+                    updated = list(parts)
+                updated[i] = q
+                c = new(Change)
+                c_kind(c, changed_kind)
+                c_key(c, (name, i))
+                c_record(c, q)
+                append(c)
             if updated is not None:
                 delta.partitions[name] = tuple(updated)
 
@@ -1101,11 +1212,23 @@ class MetadataStateMachine:
         return "", broker
 
     def _create_topic(self, cmd: CreateTopic, index: int, delta: _Delta) -> tuple[str, Any]:
+        return "", self._new_topic(cmd, delta, {}, set())
+
+    def _new_topic(
+        self, cmd: CreateTopic | TopicSpec, delta: _Delta, batch_names: dict[str, str],
+        batch_ids: set[str],
+    ) -> Topic:
+        """Check one new topic and add it (and its partitions) to ``delta``.
+
+        ``batch_names`` (normalized name -> name) and ``batch_ids`` hold the
+        topics created earlier in the same batch, which the committed indexes
+        do not know yet; this topic is added to them.
+        """
         name = cmd.name
         _check_topic_name(name)
-        if name in self._topics:
+        if name in self._topics or batch_names.get(_normalize(name)) == name:
             _refuse(RefusalCode.TOPIC_EXISTS, f"topic {name!r} already exists")
-        other = self._normalized.get(_normalize(name))
+        other = self._normalized.get(_normalize(name)) or batch_names.get(_normalize(name))
         if other is not None:
             _refuse(
                 RefusalCode.TOPIC_NAME_COLLISION,
@@ -1113,10 +1236,11 @@ class MetadataStateMachine:
                 f"are interchangeable)",
             )
         _check_uuid(cmd.topic_id, RefusalCode.INVALID_TOPIC_ID, "topic id")
-        if cmd.topic_id in self._topic_ids:
+        if cmd.topic_id in self._topic_ids or cmd.topic_id in batch_ids:
+            taken = self._topic_ids.get(cmd.topic_id, "another topic of the batch")
             _refuse(
                 RefusalCode.TOPIC_ID_EXISTS,
-                f"topic id {cmd.topic_id} is taken by {self._topic_ids[cmd.topic_id]!r}",
+                f"topic id {cmd.topic_id} is taken by {taken!r}",
             )
         if not 1 <= cmd.partitions <= MAX_PARTITIONS_PER_TOPIC:
             _refuse(
@@ -1132,18 +1256,46 @@ class MetadataStateMachine:
         config = _config(_DEFAULT_CONFIG, cmd.config, (), rf)
         assignment = self._place(cmd.partitions, rf, cmd.placement_offset, 0)
         topic = Topic(name, cmd.topic_id, config, cmd.partitions, rf)
+        intern = self._replica_sets.setdefault
+        assignment = [intern(replicas, replicas) for replicas in assignment]
         parts = tuple(
-            Partition(name, i, replicas, replicas, replicas[0], 0, 0)
+            _partition(name, i, replicas, replicas, replicas[0], 0, 0, False)
             for i, replicas in enumerate(assignment)
         )
         delta.topics[name] = topic
         delta.partitions[name] = parts
         delta.replicas_changed.add(name)
         delta.changes.append(Change(ChangeKind.TOPIC_CREATED, name, topic))
-        delta.changes.extend(
-            Change(ChangeKind.PARTITION_CREATED, (name, p.index), p) for p in parts
-        )
-        return "", topic
+        created = ChangeKind.PARTITION_CREATED
+        delta.changes.extend(_change(created, (name, p.index), p) for p in parts)
+        batch_names[_normalize(name)] = name
+        batch_ids.add(cmd.topic_id)
+        return topic
+
+    def _create_topics(self, cmd: CreateTopics, index: int, delta: _Delta) -> tuple[str, Any]:
+        if not cmd.topics:
+            _refuse(RefusalCode.INVALID_PARTITIONS, "a batched create needs at least one topic")
+        total = sum(min(max(spec.partitions, 0), MAX_PARTITIONS_PER_TOPIC + 1)
+                    for spec in cmd.topics)
+        if total > MAX_PARTITIONS_PER_TOPIC:
+            _refuse(
+                RefusalCode.INVALID_PARTITIONS,
+                f"a batched create may hold at most {MAX_PARTITIONS_PER_TOPIC} partitions in "
+                f"all, got {total}",
+            )
+        batch_names: dict[str, str] = {}
+        batch_ids: set[str] = set()
+        outcomes: list[TopicOutcome] = []
+        created = 0
+        for spec in cmd.topics:
+            try:
+                topic = self._new_topic(spec, delta, batch_names, batch_ids)
+            except _RefusalError as refused:
+                outcomes.append(TopicOutcome(spec.name, str(refused.code), refused.message, None))
+            else:
+                outcomes.append(TopicOutcome(spec.name, OK, "", topic))
+                created += 1
+        return f"{created} of {len(cmd.topics)} topics created", tuple(outcomes)
 
     def _delete_topic(self, cmd: DeleteTopic, index: int, delta: _Delta) -> tuple[str, Any]:
         topic = self._known_topic(cmd.name)
@@ -1399,6 +1551,7 @@ class MetadataStateMachine:
         self._normalized, self._topic_ids = normalized, topic_ids
         self._broker_topics, self._lru = broker_topics, lru
         self._placement_cache = (None, [])
+        self._replica_sets = {}
         self._image = MetadataImage(offset, brokers, topics, partitions, metadata_version)
 
 
@@ -1448,6 +1601,10 @@ def _value_wire(value: Any) -> Any:
         return ("partition", value.topic, value.index, _partitions_blob((value,)))
     if isinstance(value, tuple) and all(isinstance(p, Partition) for p in value):
         return ("partitions", tuple((p.topic, p.index, _partitions_blob((p,))) for p in value))
+    if isinstance(value, tuple) and all(isinstance(o, TopicOutcome) for o in value):
+        return ("topic_outcomes", tuple(
+            (o.name, o.code, o.message, None if o.topic is None else _topic_wire(o.topic))
+            for o in value))
     raise CodecError(f"cannot snapshot a result value of type {type(value).__name__}")
 
 
@@ -1586,7 +1743,7 @@ def _partitions_from(
             replicas = known[0]
             isr = replicas if isr == replicas else isrs.setdefault(isr, isr)
             append(
-                Partition(
+                _partition(
                     topic, first_index + len(parts), replicas, isr,
                     None if leader == -1 else leader, leader_epoch, partition_epoch,
                     recovering == 1,
@@ -1610,6 +1767,16 @@ def _value_from(w: Any, configs: dict[tuple[Any, ...], TopicConfig]) -> Any:
         return _one_partition(w[1:])
     if tag == "partitions" and len(w) == 2:
         return tuple(_one_partition(item) for item in _want(w[1], tuple, "partitions"))
+    if tag == "topic_outcomes" and len(w) == 2:
+        outcomes = []
+        for item in _want(w[1], tuple, "topic outcomes"):
+            _want(item, tuple, "topic outcome", 4)
+            outcomes.append(TopicOutcome(
+                _want(item[0], str, "topic outcome name"),
+                _want(item[1], str, "topic outcome code"),
+                _want(item[2], str, "topic outcome message"),
+                None if item[3] is None else _topic_from(item[3], configs)))
+        return tuple(outcomes)
     raise CodecError(f"invalid snapshot: unknown result value {tag!r}")
 
 

@@ -8,6 +8,9 @@ that a client retrying after a timeout or failover applies once.
 ``GET /v1/topics``                            names (``?linearizable=1``)
 ``POST /v1/topics``                           create: name, partitions,
                                               replication_factor, config
+``POST /v1/topics:batch``                     create many in one entry: ``{"topics":
+                                              [{name, partitions, replication_factor,
+                                              config}, ...]}``; one result per topic
 ``GET /v1/topics/{name}``                     topic and partitions (``?linearizable=1``)
 ``DELETE /v1/topics/{name}``                  delete
 ``PUT /v1/topics/{name}/config``              ``{"set": {...}, "delete": [...]}``
@@ -22,7 +25,10 @@ that a client retrying after a timeout or failover applies once.
 ``POST /v1/brokers/{id}/heartbeat``           ``{"broker_epoch": e}``
 ``POST /v1/brokers/{id}/{fence|unfence|shutdown}``
 ``GET /v1/watch?after=OFFSET&wait=SECONDS``   changes after an offset (long poll); a
-                                              full image when too old or absent
+                                              full image when too old or absent;
+                                              ``&format=compact``: partition changes
+                                              as columns, at most ``limit`` changes
+                                              per answer (see :func:`compact_events`)
 ``GET /v1/features``                          metadata versions: this node's software's
                                               range, the cluster's finalized one
 ``POST /v1/features``                         ``{"metadata_version": n}``: raise it, once
@@ -38,6 +44,7 @@ import dataclasses
 import enum
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -54,11 +61,16 @@ from ..raft.node import RaftNode
 from ..testing import next_level
 from .commands import RequestId
 from .feed import MetadataEvent, WatchedStateMachine
-from .fsm import MetadataImage
+from .fsm import Change, MetadataImage
 from .records import Broker, BrokerState, Partition, Topic
-from .store import MetadataStore
+from .store import MetadataStore, NewTopic
 
-__all__ = ["MetadataApplication", "to_json"]
+__all__ = ["COMPACT_WATCH_LIMIT", "MetadataApplication", "compact_events", "to_json"]
+
+COMPACT_WATCH_LIMIT = 100_000
+"""Default and largest number of changes in one compact ``/v1/watch`` answer.
+An answer is encoded in one call that holds the interpreter lock; bounding it
+keeps the Raft thread of the node running while a mass change is streamed."""
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +98,87 @@ def to_json(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     return value
+
+
+
+
+def compact_events(events: list[MetadataEvent], skip: int, limit: int) -> dict[str, Any]:
+    """``{"events": [...], "sets": [...], "resume": ...}``: events in the
+    compact watch format, the table of replica sets they use, and where the
+    next read resumes.
+
+    Partition changes come in *runs*: consecutive changes of one kind to
+    partitions become one object of columns, ``{"kind", "topics": [[name,
+    count], ...], "index": [...], "leader": [...], "isr": [...], "replicas":
+    [...], "leader_epoch": [...], "partition_epoch": [...], "recovering":
+    [...]}``: the first ``count`` rows are partitions of the first topic named,
+    and so on; ``isr`` and ``replicas`` hold positions in the answer's ``sets``
+    table of lists of broker ids (a million partitions over a few brokers use
+    a few dozen distinct sets). A column other than ``index`` whose values are
+    all equal is sent as that one value instead of a list. Other changes keep
+    the plain format, in order between the runs.
+
+    The first event starts at its change number ``skip``; at most ``limit``
+    changes are returned. Every event carries ``"first"`` (its first change
+    number here) and ``"total"``; for one cut short, ``resume`` is the
+    cursor ``{"after": ..., "skip": ...}`` to pass back; ``None`` when every
+    event was returned whole (resume after the last one's offset).
+    """
+    out: list[dict[str, Any]] = []
+    sets: dict[tuple[int, ...], int] = {}
+    budget = limit
+    for n, event in enumerate(events):
+        if event.is_reset:
+            out.append(to_json(event))
+            continue
+        first = skip if n == 0 else 0
+        end = min(len(event.changes), first + budget)
+        out.append({"offset": event.offset, "reset": False, "first": first,
+                    "total": len(event.changes),
+                    "runs": _runs(event.changes[first:end], sets)})
+        budget -= end - first
+        if end < len(event.changes):
+            return {"events": out, "sets": [list(s) for s in sets],
+                    "resume": {"after": event.offset - 1, "skip": end}}
+        if budget <= 0:
+            break
+    return {"events": out, "sets": [list(s) for s in sets], "resume": None}
+
+
+def _column(values: list[Any]) -> Any:
+    """A column whose values are all equal is sent as that one value."""
+    return values[0] if values and values.count(values[0]) == len(values) else values
+
+
+def _runs(changes: tuple[Change, ...], sets: dict[tuple[int, ...], int]) -> list[dict[str, Any]]:
+    # Split into runs with C-level grouping, then fill each run's columns with
+    # comprehensions: a million partitions take a fraction of a second.
+    runs: list[dict[str, Any]] = []
+    # Only partition changes have a (topic, index) key. (No set lookups here:
+    # hashing an enum member runs Python code.)
+    kinds = [c.kind if type(c.key) is tuple else None for c in changes]
+    start = 0
+    for kind, group in itertools.groupby(kinds):
+        end = start + len(list(group))
+        if kind is None:
+            runs += [{"kind": str(c.kind), "key": to_json(c.key), "record": to_json(c.record)}
+                     for c in changes[start:end]]
+        else:
+            records: list[Partition] = [c.record for c in changes[start:end]]  # type: ignore[misc]
+            runs.append({
+                "kind": str(kind),
+                "topics": [[topic, len(list(same))] for topic, same
+                           in itertools.groupby([p.topic for p in records])],
+                "index": [p.index for p in records],
+                "leader": _column([p.leader for p in records]),
+                "isr": _column([sets.setdefault(p.isr, len(sets)) for p in records]),
+                "replicas": _column([sets.setdefault(p.replicas, len(sets)) for p in records]),
+                "leader_epoch": _column([p.leader_epoch for p in records]),
+                "partition_epoch": _column([p.partition_epoch for p in records]),
+                "recovering": _column([1 if p.recovering else 0 for p in records]),
+            })
+        start = end
+    return runs
 
 
 def _topic_json(topic: Topic, partitions: tuple[Partition, ...]) -> dict[str, Any]:
@@ -133,6 +226,22 @@ def _request_id(body: dict[str, Any]) -> RequestId | None:
         raise ApiError(400, "invalid_argument",
                        "request_id must be {\"client_id\": str, \"seq\": int}")
     return RequestId(raw["client_id"], raw["seq"])
+
+
+def _new_topics(body: dict[str, Any]) -> list[NewTopic]:
+    """The ``topics`` of a batched create, each checked like ``POST /v1/topics``'s body."""
+    topics = []
+    for i, item in enumerate(_field(body, "topics", list)):
+        if not isinstance(item, dict):
+            raise ApiError(400, "invalid_argument", f"topics[{i}] must be an object")
+        try:
+            topics.append(NewTopic(
+                _field(item, "name", str), _field(item, "partitions", int),
+                _field(item, "replication_factor", int),
+                _field(item, "config", dict, default={})))
+        except ApiError as exc:
+            raise ApiError(400, "invalid_argument", f"topics[{i}]: {exc}") from None
+    return topics
 
 
 def _int_arg(text: str, what: str) -> int:
@@ -227,6 +336,18 @@ class MetadataApplication:
                 request_id=_request_id(body))
             described = s().describe_topic(topic.name)
             return _topic_json(topic, described[1] if described else ())
+
+        def create_topics(req: ApiRequest) -> Any:
+            body = _body(req)
+            outcomes = s().create_topics(_new_topics(body), request_id=_request_id(body))
+            return {"created": sum(1 for o in outcomes if o.ok), "results": [
+                {"name": o.name, "ok": o.ok, "code": o.code, "message": o.message,
+                 "topic": None if o.topic is None else {
+                     "name": o.topic.name, "topic_id": o.topic.topic_id,
+                     "config": o.topic.config.to_dict(),
+                     "partition_count": o.topic.partition_count,
+                     "replication_factor": o.topic.replication_factor}}
+                for o in outcomes]}
 
         async def describe_topic(req: ApiRequest) -> Any:
             if req.flag("linearizable"):
@@ -340,12 +461,23 @@ class MetadataApplication:
             after_text = req.param("after")
             after = None if after_text in (None, "") else _int_arg(after_text, "after")
             wait = _seconds_arg(req.param("wait"), "wait", 30.0)
+            fmt = req.param("format") or "plain"
+            if fmt not in ("plain", "compact"):
+                raise ApiError(400, "invalid_argument", "format must be 'plain' or 'compact'")
             events = s().state_machine.feed.read(after, timeout=wait)
-            return {"events": [to_json(e) for e in events]}
+            if fmt == "plain":
+                return {"events": [to_json(e) for e in events]}
+            skip = _int_arg(req.param("skip") or "0", "skip")
+            limit = _int_arg(req.param("limit") or str(COMPACT_WATCH_LIMIT), "limit")
+            if skip < 0 or not 1 <= limit <= COMPACT_WATCH_LIMIT:
+                raise ApiError(400, "invalid_argument", "skip must be >= 0 and limit in "
+                               f"1..{COMPACT_WATCH_LIMIT}")
+            return compact_events(events, skip, limit)
 
         routes = [
             Route("GET", "/v1/topics", list_topics),
             Route("POST", "/v1/topics", create_topic),
+            Route("POST", "/v1/topics:batch", create_topics),
             Route("GET", "/v1/topics/{name}", describe_topic),
             Route("DELETE", "/v1/topics/{name}", delete_topic),
             Route("PUT", "/v1/topics/{name}/config", alter_config),

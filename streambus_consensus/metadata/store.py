@@ -29,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..config import NodeConfig
@@ -49,12 +51,14 @@ from ..logutil import audit
 from ..raft.aio import wait_outcome
 from ..raft.node import RaftNode
 from .commands import (
+    BATCH_CREATE_VERSION,
     AddPartitions,
     AlterIsr,
     AlterTopicConfig,
     BeginControlledShutdown,
     Command,
     CreateTopic,
+    CreateTopics,
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
@@ -63,6 +67,7 @@ from .commands import (
     RegisterBroker,
     RequestId,
     SetMetadataVersion,
+    TopicSpec,
     UnfenceBroker,
     UnregisterBroker,
     command_level,
@@ -72,10 +77,10 @@ from .commands import (
 from .controller import Controller
 from .features import VoterFeatures
 from .feed import MetadataEvent, Watch, WatchedStateMachine
-from .fsm import ApplyResult, MetadataImage
+from .fsm import OK, ApplyResult, MetadataImage, TopicOutcome
 from .records import Broker, Partition, Topic
 
-__all__ = ["AsyncMetadataStore", "MetadataStore"]
+__all__ = ["AsyncMetadataStore", "MetadataStore", "NewTopic"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,20 @@ def _backoff(attempt: int, deadline: float) -> float:
 
 _PLACEMENT_RANGE = 1 << 30
 """Placement offsets are drawn from [0, this)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTopic:
+    """One topic to create with :meth:`MetadataStore.create_topics`."""
+
+    name: str
+    """1-249 characters of ``[a-zA-Z0-9._-]``."""
+    partitions: int
+    """Number of partitions."""
+    replication_factor: int
+    """Replicas per partition."""
+    config: Mapping[str, str | int] = field(default_factory=dict)
+    """Topic settings under Kafka's keys."""
 
 
 class MetadataStore:
@@ -349,6 +368,58 @@ class MetadataStore:
     def _created(self, topic: Topic) -> None:
         audit(self.node.node_id, "created topic %s (%d partitions, replication factor %d)",
               topic.name, topic.partition_count, topic.replication_factor)
+
+    def create_topics(self, topics: Sequence[NewTopic], *, timeout: float | None = None,
+                      request_id: RequestId | None = None) -> list[TopicOutcome]:
+        """Create many topics in one log entry, each on its own (Kafka's CreateTopics).
+
+        Returns one :class:`~.fsm.TopicOutcome` per topic, in order: created,
+        or refused with its own code (``topic_exists``, ``invalid_topic_name``,
+        ...) while the others are created. The batch has one request id: a
+        retry with the same id gets the same outcomes and creates nothing twice.
+
+        The batched command needs metadata version
+        :data:`~.commands.BATCH_CREATE_VERSION`. On a cluster still below it
+        the topics are created one by one (one entry and one request id each)
+        when no ``request_id`` is given; with a ``request_id`` (which names a
+        single entry) it raises CommandRefusedError ``feature_not_enabled``.
+        Raises CodecError for more than
+        :data:`~.commands.MAX_TOPICS_PER_BATCH` topics or an argument of the
+        wrong type, CommandRefusedError for a batch refused as a whole (more
+        than ``MAX_PARTITIONS_PER_TOPIC`` partitions in all; none given).
+        """
+        if self.image().metadata_version < BATCH_CREATE_VERSION and request_id is None:
+            return self._create_one_by_one(topics, timeout)
+        # One draw of randomness for the batch: ids from one read of the OS's
+        # random source, placement offsets from one random start (each topic
+        # one step further, so their leaders still spread).
+        entropy = os.urandom(16 * len(topics))
+        start = self._rng.randrange(_PLACEMENT_RANGE)
+        specs = tuple(TopicSpec(
+            name=t.name, topic_id=str(uuid.UUID(bytes=entropy[16 * i:16 * i + 16], version=4)),
+            partitions=t.partitions, replication_factor=t.replication_factor,
+            config=dict(t.config), placement_offset=(start + i) % _PLACEMENT_RANGE)
+            for i, t in enumerate(topics))
+        outcomes: tuple[TopicOutcome, ...] = self._write(
+            lambda rid: CreateTopics(request_id=rid, topics=specs), timeout, request_id)
+        created = [o.name for o in outcomes if o.ok]
+        audit(self.node.node_id, "created %d of %d topics in one batch%s", len(created),
+              len(outcomes), f" (first {created[0]})" if created else "")
+        return list(outcomes)
+
+    def _create_one_by_one(self, topics: Sequence[NewTopic],
+                           timeout: float | None) -> list[TopicOutcome]:
+        outcomes = []
+        for t in topics:
+            try:
+                topic = self.create_topic(t.name, t.partitions, t.replication_factor,
+                                          config=t.config, timeout=timeout)
+            except CommandRefusedError as exc:
+                message = str(exc).removeprefix(f"{exc.code}: ")
+                outcomes.append(TopicOutcome(t.name, exc.code, message, None))
+            else:
+                outcomes.append(TopicOutcome(t.name, OK, "", topic))
+        return outcomes
 
     def delete_topic(self, name: str, *, timeout: float | None = None,
                      request_id: RequestId | None = None) -> None:

@@ -370,8 +370,13 @@ class Engine:
         app_handler: Callable[[str, Mapping[str, Any]], None] | None = None,
         on_restored: Callable[[], None] | None = None,
         gate: ElectionGate | None = None,
+        send_now: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
+        self._send_now = send_now
+        self._announced_commit = 0
+        self.long_applies = 0
+        """Applies that took long enough to need the E19 measures."""
         self._storage = storage
         self._transport = transport
         self._apply_at = apply
@@ -621,7 +626,54 @@ class Engine:
     # -- state machine plumbing (Raft thread) -----------------------------------
 
     def _apply_entry(self, command: bytes) -> Any:
-        return self._apply_at(self._obj.raftLastApplied + 1, command)
+        """Engine issue E19: PySyncObj applies committed entries on the Raft
+        thread before it sends the heartbeats that carry the new commit index.
+        An entry whose apply takes longer than an election timeout (a broker
+        fenced in a million partitions: seconds) therefore silences the leader
+        for that long while the followers, who have not heard of the commit,
+        sit idle: their timers run out and they elect a new leader. Then each
+        follower applies it in turn, answers nothing meanwhile, and the leader
+        steps down for lack of answers (check-quorum), or a follower campaigns
+        the moment its apply ends. Here, (1) before the leader applies what a
+        tick committed, it announces the new commit index and puts it on the
+        wire, so every replica applies the entry at the same time instead of
+        one after the other; (2) after an apply that took ``d`` seconds
+        (longer than a quarter of the minimum election timeout), the node
+        gives its peers ``d`` seconds of grace, as they are applying the same
+        entry: a leader counts its followers as having answered ``d`` from
+        now (check-quorum), a follower restarts its election timer ``d`` past
+        a fresh timeout and counts the entry as contact from its leader
+        (pre-vote stickiness). PySyncObj has no hook for either; the adapter
+        moves its private deadline and response times, as for E11.
+        """
+        obj = self._obj
+        index = obj.raftLastApplied + 1
+        if (self._send_now is not None and obj._isLeader()
+                and obj.raftCommitIndex > self._announced_commit):
+            self._announced_commit = obj.raftCommitIndex
+            obj._SyncObj__sendAppendEntries()
+            self._send_now()
+        started = time.monotonic()
+        result = self._apply_at(index, command)
+        took = time.monotonic() - started
+        if took > self._config.election_timeout_min / 4:
+            self._after_long_apply(took)
+        return result
+
+    def _after_long_apply(self, took: float) -> None:
+        self.long_applies += 1
+        obj = self._obj
+        now = time.monotonic()
+        if obj._isLeader():
+            answered = obj._SyncObj__lastResponseTime
+            for node in list(answered):
+                answered[node] = max(answered[node], now + took)
+            return
+        self.election_deadline = max(self.election_deadline,
+                                     now + took + obj._SyncObj__generateRaftTimeout())
+        leader = self.leader_id
+        if self.gate is not None and leader is not None:
+            self.gate.note_leader_contact(leader, grace=took)
 
     def _serialize(self, _tmp_path: str, data: Any) -> None:
         last, prev, cluster = data
@@ -737,7 +789,9 @@ _TESTED_PYSYNCOBJ = "0.3.17"
 _SEAM_METHODS = {
     # attribute of SyncObj: what relies on it
     "_SyncObj__changeCluster": "one membership change at a time (_SyncObj override)",
-    "_SyncObj__generateRaftTimeout": "election timer restart after a snapshot load (E11)",
+    "_SyncObj__generateRaftTimeout": "election timer restart after a snapshot load (E11) "
+                                     "and a long apply (E19)",
+    "_SyncObj__sendAppendEntries": "the commit index announced before a long apply (E19)",
     "_SyncObj__onMessageReceived": "message handling the guard and campaign_now feed",
     "_SyncObj__onLeaderChanged": "forget_leader, when the election gate starts a pre-vote (E15)",
     "_checkCommandsToApply": "holding commands during a leadership transfer",
@@ -766,6 +820,7 @@ _SEAM_SOURCE = {
         "the election gate (pre-vote, E15) and the timer restart (E11)",
     ("__init__", "self.__raftLeader ="): "forget_leader, when the election gate starts a "
                                          "pre-vote (E15)",
+    ("__init__", "self.__lastResponseTime ="): "check-quorum grace after a long apply (E19)",
     ("__onMessageReceived", "message['type'] == 'timeout_now'"): "campaign_now",
     ("__onMessageReceived", "message['term']"): "campaign_now and the guard",
     ("__onMessageReceived", "message['type'] == 'append_entries'"): "the message guard",

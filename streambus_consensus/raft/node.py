@@ -198,6 +198,7 @@ class RaftNode:
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
                     on_restored=self._on_restored, gate=self.gate,
+                    send_now=functools.partial(self._flush, storage, transport),
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected, self._on_peer_refused)

@@ -153,9 +153,14 @@ class ElectionGate:
 
     # -- events from the node ---------------------------------------------------
 
-    def note_leader_contact(self, leader_id: str) -> None:
-        """The current leader was just heard from (an ``append_entries`` it accepted)."""
-        self._contact = (leader_id, self._clock())
+    def note_leader_contact(self, leader_id: str, *, grace: float = 0.0) -> None:
+        """The current leader was just heard from (an ``append_entries`` it accepted).
+
+        ``grace``: count the contact as that much later (engine issue E19:
+        after a long apply, the leader is busy with the same entry for about
+        as long, and its silence meanwhile is no sign of its death).
+        """
+        self._contact = (leader_id, self._clock() + grace)
         self._round = None
         self._promise = None
         self.holding = False
