@@ -3,7 +3,9 @@
 ``python -m streambus_consensus.bench [--quick] [--only SECTION ...] [--out DIR]``
 
 Sections, in order: ``latency`` (1), ``overhead`` (2, with 5: durability),
-``scale`` (4), ``profile`` (6), ``tls`` (7), ``failover`` (3). The idle-election watch of
+``scale`` (4), ``profile`` (6), ``tls`` (7), ``etcd`` (8: side by side with etcd,
+installed with apt-get when missing, skipped with one line when it cannot be),
+``flood`` (9: connection flood), ``failover`` (3). The idle-election watch of
 section 3 runs in the background for the whole run (at least ``--idle``
 seconds; the run waits at the end if needed), so a full run fits in 20
 minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 3
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import failover, latency, overhead, profile, scale, tls_cost
+from . import failover, flood, latency, overhead, profile, scale, tls_cost, versus_etcd
 from .common import (
     command_line,
     loadavg,
@@ -39,7 +41,7 @@ from .common import (
 from .idle import IdleWatch
 from .report import render
 
-SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "failover")
+SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "etcd", "flood", "failover")
 
 FULL: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 3.0},
@@ -47,6 +49,9 @@ FULL: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000, 1_000_000), "creates": 200},
     "profile": {"seconds": 8},
     "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
+    "etcd": {"rounds": 3, "seconds": 3.0, "callers": 32, "procs": 2},
+    "flood": {"connections": 1000, "seconds": 60.0, "limited_connections": 400,
+              "limited_seconds": 10.0, "nofile": 256},
     "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
@@ -55,6 +60,9 @@ QUICK: dict[str, Any] = {
     "scale": {"sizes": (0, 10_000, 100_000), "creates": 40},
     "profile": {"seconds": 3},
     "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
+    "etcd": {"rounds": 1, "seconds": 0.8, "callers": 32, "procs": 2},
+    "flood": {"connections": 200, "seconds": 10.0, "limited_connections": 400,
+              "limited_seconds": 5.0, "nofile": 256},
     "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 "scale": lambda: scale.run(base / "scale", log=_log, **plan["scale"]),
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
                 "tls": lambda: tls_cost.run(base / "tls", log=_log, **plan["tls"]),
+                "etcd": lambda: versus_etcd.run(base / "etcd", log=_log, **plan["etcd"]),
+                "flood": lambda: flood.run(base / "flood", log=_log, **plan["flood"]),
                 "failover": lambda: failover.measure(
                     base / "failover", plan["failover"]["kills"], 0.0,
                     rejoins=plan["failover"]["rejoins"], log=_log),

@@ -89,12 +89,14 @@ def _disk_kind(device: str) -> str:
 
 
 def machine_info(data_dir: Path | None = None) -> dict[str, Any]:
-    """nproc, CPU model, memory, the data disk and the kernel."""
+    """nproc, CPU model, memory, the data disk, the kernel and whether a hypervisor runs it."""
     cpu_model = "?"
+    virtual = False
     for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
+        if line.startswith("model name") and cpu_model == "?":
             cpu_model = line.split(":", 1)[1].strip()
-            break
+        if line.startswith("flags"):
+            virtual = virtual or "hypervisor" in line.split(":", 1)[1].split()
     mem_kib = 0
     for line in _read("/proc/meminfo").splitlines():
         if line.startswith("MemTotal:"):
@@ -109,6 +111,7 @@ def machine_info(data_dir: Path | None = None) -> dict[str, Any]:
         "disk": {"path": str(where), "device": device, "mount": mount, "fs": fstype,
                  "kind": _disk_kind(device)},
         "kernel": f"{platform.system()} {platform.release()}",
+        "virtual": virtual,
     }
 
 
