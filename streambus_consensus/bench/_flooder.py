@@ -8,8 +8,9 @@ connections at once (a burst, as a fleet of clients restarting together
 would), sends one ``GET /healthz`` on each as soon as it is connected (a real
 HTTP/1.1 keep-alive client, not a half-open socket), then keeps every
 connection open and idle. A connection the server closes or resets is counted
-as cut and opened again a second later, so the pressure stays at ``count``
-for the whole window. After ``seconds`` it closes everything and writes its
+as cut (with how long it had been open: a cut at the server's idle timeout is
+policy, an early one is not) and opened again a second later, so the pressure
+stays at ``count`` for the whole window. After ``seconds`` it closes everything and writes its
 counts as JSON to ``--out``.
 """
 
@@ -41,6 +42,7 @@ class _Counts:
     responses: int = 0
     cut: int = 0
     peak_open: int = 0
+    cut_ages: list[float] = field(default_factory=list)
     first_all_open_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -86,11 +88,12 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
     def drop(sock: socket.socket, *, was_open: bool, failed: bool = False) -> None:
         nonlocal opened_now
         sel.unregister(sock)
-        del state[sock]
+        _kind, since = state.pop(sock)
         sock.close()
         if was_open:
             opened_now -= 1
             counts.cut += 1
+            counts.cut_ages.append(time.monotonic() - since)
         elif failed:
             counts.connect_failed += 1
         pending.append(time.monotonic() + RECONNECT_AFTER)
@@ -149,8 +152,11 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
         sel.unregister(sock)
         sock.close()
     sel.close()
-    return {"count": count, "seconds": seconds, "open_at_end": held,
-            **{k: v for k, v in counts.__dict__.items()}}
+    ages = sorted(counts.cut_ages)
+    figures = {k: v for k, v in counts.__dict__.items() if k != "cut_ages"}
+    return {"count": count, "seconds": seconds, "open_at_end": held, **figures,
+            "cut_age_min_s": round(ages[0], 3) if ages else None,
+            "cut_age_median_s": round(ages[len(ages) // 2], 3) if ages else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -436,8 +436,11 @@ def _flood(section: dict[str, Any]) -> str:
              f"{fl['count']:,} / {_fmt(fl['first_all_open_s'])} s / {fl['peak_open']:,} / "
              f"{fl['open_at_end']:,}"],
             ["window", f"{phase['seconds']:.0f} s"],
-            ["connections cut by the node / connect failures / timeouts",
-             f"{fl['cut']:,} / {fl['connect_failed']:,} / {fl['connect_timeouts']:,}"],
+            ["connections cut by the node (open for at least / median s before the cut) / "
+             "connect failures / timeouts",
+             f"{fl['cut']:,} ({_fmt(fl.get('cut_age_min_s'))} / "
+             f"{_fmt(fl.get('cut_age_median_s'))}) / {fl['connect_failed']:,} / "
+             f"{fl['connect_timeouts']:,}"],
             ["elections (term rises) in the window", phase["elections"]],
             ["status requests the nodes did not answer (per node)",
              json.dumps(phase.get("status_unanswered", {}))],
@@ -446,10 +449,12 @@ def _flood(section: dict[str, Any]) -> str:
              f"{_fmt(w.get('max_ms'))}, {w['errors']}"],
             ["writer before the flood (baseline): p50 / p99 ms",
              f"{_fmt(wb.get('p50_ms'))} / {_fmt(wb.get('p99_ms'))}"],
-            ["flooded node RSS: before / peak / end MB; last quarter",
+            ["flooded node RSS: before / peak / end MB; last quarter's peak over the peak "
+             "before it; slope over the second half",
              f"{_fmt(phase.get('rss_before_mb'))} / {_fmt(phase.get('rss_peak_mb'))} / "
              f"{_fmt(phase.get('rss_end_mb'))}; "
-             f"{_fmt(100 * (phase.get('rss_last_quarter_growth') or 0.0), 1)} %"],
+             f"{_fmt(100 * (phase.get('rss_last_quarter_growth') or 0.0), 1)} %; "
+             f"{_fmt(phase.get('rss_second_half_mb_per_min'), 1)} MB/min"],
             ["flooded node RSS over the window (MB)",
              " ".join(f"{v:.0f}" for v in phase.get("rss_series_mb", []))],
             ["flooded node open fds: peak / end", f"{phase.get('fds_peak')} / "
