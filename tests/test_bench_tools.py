@@ -12,7 +12,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from streambus_consensus.bench import _flooder
+from streambus_consensus.bench.etcd import ENV, ensure_etcd
 from streambus_consensus.bench.report import _command_in_words, render
 from streambus_consensus.bench.versus_etcd import targets, verdicts
 
@@ -125,3 +128,30 @@ def test_flooder_holds_connections_and_counts_the_ones_the_server_cuts() -> None
     assert counts["cut"] >= 5  # every 4th of the first 20, then their reconnections
     assert counts["connected"] == counts["connects_started"]
     assert accepted[0] >= 20
+
+
+def test_without_etcd_and_without_a_way_to_install_it_the_reason_is_one_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    tried: list[str] = []
+
+    def installer(_log: Any) -> str:
+        tried.append("apt-get")
+        return "no apt-get on this machine"
+
+    binary, why = ensure_etcd(lambda _: None, candidates=[], installer=installer)
+    assert binary is None and tried == ["apt-get"]
+    assert why == "etcd is not installed and installing etcd-server failed: " \
+        "no apt-get on this machine"
+    assert "\n" not in why
+
+
+def test_the_comparison_can_be_turned_off_or_pointed_at_a_binary(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENV, "off")
+    assert ensure_etcd(lambda _: None)[0] is None
+    fake = tmp_path / "etcd"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(ENV, str(fake))
+    assert ensure_etcd(lambda _: None) == (str(fake), f"given by {ENV}")

@@ -29,12 +29,13 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..testing.harness import free_ports
 
-__all__ = ["EtcdCaller", "EtcdCluster", "EtcdError", "ensure_etcd"]
+__all__ = ["ENV", "EtcdCaller", "EtcdCluster", "EtcdError", "ensure_etcd", "etcd_version"]
 
 PACKAGE = "etcd-server"
 """The Debian/Ubuntu package that ships the ``etcd`` server binary (3.4.x on bookworm)."""
@@ -54,8 +55,14 @@ class EtcdError(RuntimeError):
     """etcd answered with an error, or a cluster could not be started."""
 
 
-def _find() -> str | None:
-    for candidate in (shutil.which("etcd"), "/usr/bin/etcd", "/usr/local/bin/etcd"):
+ENV = "STREAMBUS_BENCH_ETCD"
+"""Environment variable: the etcd binary to use, or ``off`` to skip the comparison."""
+
+
+def _find(candidates: Sequence[str | None] | None = None) -> str | None:
+    if candidates is None:
+        candidates = (shutil.which("etcd"), "/usr/bin/etcd", "/usr/local/bin/etcd")
+    for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -114,15 +121,29 @@ def _apt_install(log: Any) -> str | None:
                     subprocess.run(stop, capture_output=True, timeout=30, check=False)
 
 
-def ensure_etcd(log: Any = print, *, install: bool = True) -> tuple[str | None, str]:
-    """``(path to etcd, how it was found)``, or ``(None, why not)`` in one line."""
-    found = _find()
+def ensure_etcd(log: Any = print, *, install: bool = True,
+                candidates: Sequence[str | None] | None = None,
+                installer: Callable[[Any], str | None] = _apt_install) -> tuple[str | None, str]:
+    """``(path to etcd, how it was found)``, or ``(None, why not)`` in one line.
+
+    :data:`ENV` set to a path uses that binary; set to ``off`` skips. Otherwise
+    ``candidates`` (default: ``etcd`` on PATH, ``/usr/bin``, ``/usr/local/bin``)
+    are tried, then, with ``install``, ``installer`` (apt-get) and the candidates again.
+    """
+    chosen = os.environ.get(ENV, "").strip()
+    if chosen.lower() == "off":
+        return None, f"the etcd comparison is turned off ({ENV}=off)"
+    if chosen:
+        if _find([chosen]):
+            return chosen, f"given by {ENV}"
+        return None, f"{ENV} names no executable etcd"
+    found = _find(candidates)
     if found:
         return found, "found on PATH"
     if not install:
         return None, "etcd is not installed (install the distribution package etcd-server)"
-    reason = _apt_install(log)
-    found = _find()
+    reason = installer(log)
+    found = _find(candidates)
     if found:
         return found, f"installed the distribution package {PACKAGE} with apt-get"
     return None, f"etcd is not installed and installing {PACKAGE} failed: {reason}"
