@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from streambus_consensus.bench import _flooder
+from streambus_consensus.bench.common import command_in_words
 from streambus_consensus.bench.etcd import ENV, ensure_etcd
-from streambus_consensus.bench.report import _command_in_words, render
+from streambus_consensus.bench.report import render
 from streambus_consensus.bench.versus_etcd import targets, verdicts
 
 
@@ -77,7 +78,7 @@ def test_report_says_why_etcd_was_skipped_and_names_no_absolute_path(tmp_path: P
 
 
 def test_command_in_words_keeps_relative_words_and_drops_absolute_paths() -> None:
-    assert _command_in_words("/opt/py/bin/python -m mod --out /data/run --quick") == \
+    assert command_in_words("/opt/py/bin/python -m mod --out /data/run --quick") == \
         "python -m mod --out DIR --quick"
 
 

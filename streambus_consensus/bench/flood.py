@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -62,6 +63,8 @@ ACCEPT_LINE = re.compile(r"accept|too many open files|errno 24|emfile", re.IGNOR
 """A node log line about failing to accept a connection."""
 UNHANDLED = "Exception occurred during processing of request"
 """What socketserver prints (a traceback follows) when a connection's handler raised."""
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_.]*(?:Error|Exception)): ")
+"""The last line of a traceback: the exception's type."""
 
 WRITE_EVERY = 0.02
 SAMPLE_EVERY = 0.5
@@ -248,6 +251,8 @@ def _log_figures(lines: list[str]) -> dict[str, Any]:
     return {"log_lines": len(lines), "accept_failure_lines": len(accept),
             "accept_failure_examples": [line[-200:] for line in accept[:3]],
             "unhandled_exceptions": sum(1 for line in lines if UNHANDLED in line),
+            "exception_types": dict(Counter(m.group(1) for line in lines
+                                            if (m := EXCEPTION_LINE.match(line)))),
             "error_lines": sum(1 for line in lines if " ERROR " in line or " CRITICAL " in line),
             "commonest_lines": _commonest(lines)}
 
@@ -359,7 +364,7 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": None if growth is None else growth < 0.05})
     limited = result.get("fd_limit")
     if limited:
-        allowed = 1 + int(limited["seconds"] // 10)
+        allowed = max(1, math.ceil(limited["seconds"] / 10))
         out.append({"target": f"fd limit {limited['nofile']}: <= {allowed} rate-limited "
                     "accept-failure log line(s)", "value": limited["accept_failure_lines"],
                     "met": limited["accept_failure_lines"] <= allowed})

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 from pathlib import Path
 from typing import Any
+
+from .common import command_in_words
 
 __all__ = ["render", "target_rows"]
 
@@ -412,9 +413,12 @@ def _etcd(section: dict[str, Any]) -> str:
                      [[c["target"], _check_value(c), _met(c["met"])]
                       for c in section["targets"]])
             + f"\n\nThe client side: each HTTP worker process used at most "
-            f"{max(cpu, default=0):.0%} of a core during the etcd points (a worker near 100 % "
-            "would cap the figures of the faster system; the machine's cores are shared by "
-            "servers and clients alike). Raft term changes during the section: "
+            f"{max(cpu, default=0):.0%} of a core during the etcd points, so "
+            + ("**the client may have capped etcd's figures** (a worker above 80 %: run with "
+               "more worker processes)" if max(cpu, default=0) > 0.8 else
+               "the Python client did not cap etcd's figures (a worker above 80 % would)")
+            + "; the machine's cores are shared by servers and clients alike. Raft term "
+            "changes during the section: "
             + ", ".join(f"{k} {v}" for k, v in terms.items()) + ".\n\nEvery round:\n\n"
             + _table(["system", "point", "round", "ops/s", "p50 ms", "p99 ms", "errors",
                       "client CPU per worker"], per_round))
@@ -476,8 +480,11 @@ def _flood(section: dict[str, Any]) -> str:
                               "ERROR or CRITICAL)", f"{limited['log_lines']:,} / "
                               f"{limited['accept_failure_lines']:,} / "
                               f"{limited['error_lines']:,}"],
-                             ["unhandled-exception reports in the log (socketserver)",
-                              limited.get("unhandled_exceptions", "-")],
+                             ["unhandled-exception reports in the log (socketserver): "
+                              "count, exception types",
+                              f"{limited.get('unhandled_exceptions', '-')}, " + (", ".join(
+                                  f"{n}x {t}" for t, n in
+                                  limited.get("exception_types", {}).items()) or "-")],
                              ["commonest new log lines", "; ".join(
                                  f"{n}x {shape.replace('|', '/')[:90]}"
                                  for shape, n in limited.get("commonest_lines", []))],
@@ -494,21 +501,6 @@ def _flood(section: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _command_in_words(command: str) -> str:
-    """The command with no absolute path of the machine: repo-relative or a bare name."""
-    root = Path(__file__).resolve().parents[2]
-    words = []
-    for i, word in enumerate(shlex.split(command)):
-        if word.startswith("/"):
-            path = Path(word)
-            try:
-                word = str(path.resolve().relative_to(root)) or "."
-            except ValueError:
-                word = "python" if i == 0 else "DIR"
-        words.append(word)
-    return shlex.join(words)
-
-
 def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
            results_dir: Path) -> str:
     """The whole BENCHMARKS.md."""
@@ -523,7 +515,7 @@ def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
         f"description are in `{rel}/*.json`. Every comparison below is between figures of "
         "this one run.",
         "",
-        f"- **command**: `{_command_in_words(meta['command'])}`",
+        f"- **command**: `{command_in_words(meta['command'])}`",
         f"- **machine**: {'a virtual machine' if machine.get('virtual') else 'a machine'} "
         f"with {machine['nproc']} CPUs ({machine['cpu_model']}), "
         f"{machine['memory_gib']} GiB memory, {machine['kernel']}; the data directories "

@@ -48,11 +48,11 @@ from typing import Any
 
 from ..metadata.store import MetadataStore
 from ..testing.harness import LocalCluster
-from ._load import READ_TOPIC, LoadPool, Target, topic_value
+from ._load import LoadPool, Target, topic_value
 from ._peer import sample_command
 from .common import HttpCaller, closed_loop
 from .etcd import EtcdCaller, EtcdCluster, ensure_etcd, etcd_version
-from .latency import BENCH_SETTINGS, embedded_config, lead_from, register_brokers
+from .latency import BENCH_SETTINGS, READ_TOPIC, embedded_config, lead_from, register_brokers
 
 __all__ = ["SYSTEMS", "TARGETS", "main", "run", "targets"]
 
