@@ -51,7 +51,7 @@ FULL: dict[str, Any] = {
     "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
     "etcd": {"rounds": 3, "seconds": 3.0, "callers": 32, "procs": 2},
     "flood": {"connections": 1000, "seconds": 60.0, "limited_connections": 400,
-              "limited_seconds": 10.0, "nofile": 256},
+              "limited_seconds": 10.0, "nofile": 256, "ping": 5.0},
     "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
@@ -62,7 +62,7 @@ QUICK: dict[str, Any] = {
     "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
     "etcd": {"rounds": 1, "seconds": 0.8, "callers": 32, "procs": 2},
     "flood": {"connections": 200, "seconds": 10.0, "limited_connections": 400,
-              "limited_seconds": 5.0, "nofile": 256},
+              "limited_seconds": 5.0, "nofile": 256, "ping": 5.0},
     "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 

@@ -1,13 +1,16 @@
 """Hold many client connections open against one node's API (run by :mod:`.flood`).
 
 ``python -m streambus_consensus.bench._flooder --address HOST:PORT --count N
---seconds S --out FILE``
+--seconds S [--ping P] --out FILE``
 
 One thread, non-blocking sockets and a selector: it opens ``count`` TCP
 connections at once (a burst, as a fleet of clients restarting together
 would), sends one ``GET /healthz`` on each as soon as it is connected (a real
 HTTP/1.1 keep-alive client, not a half-open socket), then keeps every
-connection open and idle. A connection the server closes or resets is counted
+connection open: with ``ping`` > 0 each sends another ``GET /healthz`` every
+``ping`` seconds (staggered), as a kept-alive client polling would, so that a
+server's idle timeout does not cut it; with ``ping`` 0 they stay silent. A
+connection the server closes or resets is counted
 as cut (with how long it had been open: a cut at the server's idle timeout is
 policy, an early one is not) and opened again a second later, so the pressure
 stays at ``count`` for the whole window. After ``seconds`` it closes everything and writes its
@@ -42,6 +45,7 @@ class _Counts:
     responses: int = 0
     cut: int = 0
     peak_open: int = 0
+    pings: int = 0
     cut_ages: list[float] = field(default_factory=list)
     first_all_open_s: float | None = None
     errors: dict[str, int] = field(default_factory=dict)
@@ -59,14 +63,16 @@ def _raise_nofile(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
-def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
-    """Hold ``count`` connections for ``seconds``; the counts."""
+def flood(host: str, port: int, count: int, seconds: float,
+          ping: float = 0.0) -> dict[str, Any]:
+    """Hold ``count`` connections for ``seconds`` (a request every ``ping`` s); the counts."""
     _raise_nofile(count)
     counts = _Counts()
     sel = selectors.DefaultSelector()
     # socket -> (state, since): "connecting" or "open"
     state: dict[socket.socket, tuple[str, float]] = {}
     pending: list[float] = []  # reconnect times
+    next_ping: dict[socket.socket, float] = {}
     opened_now = 0
     start = time.monotonic()
     end = start + seconds
@@ -89,6 +95,7 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
         nonlocal opened_now
         sel.unregister(sock)
         _kind, since = state.pop(sock)
+        next_ping.pop(sock, None)
         sock.close()
         if was_open:
             opened_now -= 1
@@ -131,6 +138,9 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
                     drop(sock, was_open=True)
                     continue
                 sel.modify(sock, selectors.EVENT_READ)
+                if ping > 0:  # staggered: the burst of first requests is not repeated
+                    next_ping[sock] = time.monotonic() + ping * (
+                        0.5 + (counts.connected % 997) / 997)
             elif kind == "open" and events & selectors.EVENT_READ:
                 try:
                     data = sock.recv(65536)
@@ -143,6 +153,15 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
                 elif b"HTTP/1." in data:
                     counts.responses += data.count(b"HTTP/1.")
         now = time.monotonic()
+        for sock, due_at in list(next_ping.items()):
+            if due_at <= now:
+                next_ping[sock] = now + ping
+                try:
+                    sock.send(REQUEST)
+                    counts.pings += 1
+                except OSError as exc:
+                    counts.error(exc)
+                    drop(sock, was_open=True)
         for sock, (kind, since) in list(state.items()):
             if kind == "connecting" and now - since > CONNECT_TIMEOUT:
                 counts.connect_timeouts += 1
@@ -154,7 +173,7 @@ def flood(host: str, port: int, count: int, seconds: float) -> dict[str, Any]:
     sel.close()
     ages = sorted(counts.cut_ages)
     figures = {k: v for k, v in counts.__dict__.items() if k != "cut_ages"}
-    return {"count": count, "seconds": seconds, "open_at_end": held, **figures,
+    return {"count": count, "seconds": seconds, "ping": ping, "open_at_end": held, **figures,
             "cut_age_min_s": round(ages[0], 3) if ages else None,
             "cut_age_median_s": round(ages[len(ages) // 2], 3) if ages else None}
 
@@ -166,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--ping", type=float, default=0.0,
+                        help="seconds between requests on each connection (0: silent)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     host, _, port = args.address.rpartition(":")
-    result = flood(host, int(port), args.count, args.seconds)
+    result = flood(host, int(port), args.count, args.seconds, args.ping)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result) + "\n", encoding="utf-8")
     tmp.replace(args.out)

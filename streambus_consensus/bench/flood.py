@@ -7,8 +7,9 @@ On a three-node metadata cluster (node processes on loopback, fsync on):
    given every node, the leader first (its connection is kept alive);
 2. **flood**: the same writer while :mod:`._flooder` (its own process) opens
    ``connections`` TCP connections at once to the *leader's* API, sends one
-   ``GET /healthz`` on each and keeps them open and idle for ``seconds``,
-   reopening any the node cuts;
+   ``GET /healthz`` on each and keeps them open for ``seconds`` (another
+   ``GET /healthz`` on each every ``ping`` s, 5 by default, below the API's
+   idle timeout, as polling clients would), reopening any the node cuts;
 3. **fd limit**: the leader's open-file limit is lowered to ``nofile``
    (``prlimit`` on the running process, soft and hard) and the flooder opens
    ``limited_connections`` against it for ``limited_seconds``, more than the
@@ -207,13 +208,15 @@ def _resources(samples: list[dict[str, Any]], baseline: list[dict[str, Any]]) ->
     return out
 
 
-def _flood(base: Path, address: str, count: int, seconds: float, tag: str) -> dict[str, Any]:
+def _flood(base: Path, address: str, count: int, seconds: float, ping: float,
+           tag: str) -> dict[str, Any]:
     """Run the flooder process for ``seconds``; its counts."""
     out = base / f"flooder-{tag}.json"
     log = open(base / f"flooder-{tag}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "streambus_consensus.bench._flooder", "--address", address,
-         "--count", str(count), "--seconds", str(seconds), "--out", str(out)],
+         "--count", str(count), "--seconds", str(seconds), "--ping", str(ping),
+         "--out", str(out)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
     log.close()
@@ -246,10 +249,15 @@ def _log_lines(path: Path, offset: int) -> list[str]:
         return f.read().decode("utf-8", errors="replace").splitlines()
 
 
+def _no_paths(line: str) -> str:
+    """``line`` with the directories of any absolute path dropped (file names stay)."""
+    return re.sub(r"(?<![\w.])/(?:[^/\s\"']+/)+", "", line)
+
+
 def _log_figures(lines: list[str]) -> dict[str, Any]:
     accept = [line for line in lines if ACCEPT_LINE.search(line)]
     return {"log_lines": len(lines), "accept_failure_lines": len(accept),
-            "accept_failure_examples": [line[-200:] for line in accept[:3]],
+            "accept_failure_examples": [_no_paths(line)[-200:] for line in accept[:3]],
             "unhandled_exceptions": sum(1 for line in lines if UNHANDLED in line),
             "exception_types": dict(Counter(m.group(1) for line in lines
                                             if (m := EXCEPTION_LINE.match(line)))),
@@ -259,14 +267,16 @@ def _log_figures(lines: list[str]) -> dict[str, Any]:
 
 def _commonest(lines: list[str], top: int = 3) -> list[list[Any]]:
     """The most frequent line shapes (digits blanked) with their counts."""
-    shapes = Counter(re.sub(r"\d+", "N", line.split(" ", 2)[-1])[:160] for line in lines)
+    shapes = Counter(re.sub(r"\d+", "N", _no_paths(line).split(" ", 2)[-1])[:160]
+                     for line in lines)
     return [[shape, n] for shape, n in shapes.most_common(top)]
 
 
 def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
         limited_connections: int = 400, limited_seconds: float = 10.0, nofile: int = 256,
-        baseline: float | None = None, log: Log = print) -> dict[str, Any]:
-    """The whole section."""
+        ping: float = 5.0, baseline: float | None = None, log: Log = print) -> dict[str, Any]:
+    """The whole section. ``ping``: seconds between two requests on each held connection
+    (below the API's 10 s idle timeout, so connections stay; 0: silent, and cut by it)."""
     baseline = baseline if baseline is not None else min(10.0, max(3.0, seconds / 6))
     base.mkdir(parents=True, exist_ok=True)
     with LocalCluster(3, base / "cluster", app="metadata", settings=BENCH_SETTINGS) as cluster:
@@ -279,16 +289,18 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
         monitor.flooded = leader
         monitor.start()
         writer.start()
-        result: dict[str, Any] = {"flooded_node": "leader", "write_every_s": WRITE_EVERY}
+        result: dict[str, Any] = {"flooded_node": "leader", "write_every_s": WRITE_EVERY,
+                                  "ping_s": ping}
         try:
             t0 = time.monotonic()
             time.sleep(baseline)
             t1 = time.monotonic()
-            log(f"  flood: {connections} connections to the leader ({leader}) for {seconds:.0f}s")
+            log(f"  flood: {connections} connections to the leader ({leader}) for {seconds:.0f}s, "
+                + (f"a request on each every {ping:g}s" if ping > 0 else "silent"))
             main_log = cluster.nodes[leader].log_path
             main_offset = main_log.stat().st_size
             counts = _flood(base, cluster.nodes[leader].api_address, connections, seconds,
-                            "main")
+                            ping, "main")
             t2 = time.monotonic()
             phase = {"connections": connections, "seconds": seconds, "flooder": counts,
                      **_elections(monitor, t1, t2),
@@ -318,7 +330,7 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
             t3 = time.monotonic()
             try:
                 limited_counts = _flood(base, cluster.nodes[target].api_address,
-                                        limited_connections, limited_seconds, "limited")
+                                        limited_connections, limited_seconds, ping, "limited")
             finally:
                 t4 = time.monotonic()
                 with contextlib.suppress(OSError):
@@ -383,12 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limited-connections", type=int, default=400)
     parser.add_argument("--limited-seconds", type=float, default=10.0)
     parser.add_argument("--nofile", type=int, default=256)
+    parser.add_argument("--ping", type=float, default=5.0,
+                        help="seconds between requests on each held connection (0: silent)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="streambus-flood-") as tmp:
         result = run(Path(tmp), connections=args.connections, seconds=args.seconds,
                      limited_connections=args.limited_connections,
-                     limited_seconds=args.limited_seconds, nofile=args.nofile)
+                     limited_seconds=args.limited_seconds, nofile=args.nofile, ping=args.ping)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     for target in result["targets"]:

@@ -430,9 +430,13 @@ def _flood(section: dict[str, Any]) -> str:
              f"`create_topic` (3 partitions, RF 3) every {section['write_every_s'] * 1e3:.0f} "
              "ms through an `ApiClient` given every node, the leader first. Then a separate "
              "process opens the connections at once to the leader's API, sends one "
-             "`GET /healthz` on each and holds them open and idle, reopening any the node "
-             "cuts one second later. Every 0.5 s each node's term is read from `/v1/status` "
-             "and the flooded node's RSS, open fds and CPU time from `/proc`."]
+             "`GET /healthz` on each and holds them open, "
+             + (f"each sending another `GET /healthz` every {section['ping_s']:g} s "
+                "(staggered; below the API's 10 s idle timeout) as a polling client would, "
+                if section.get("ping_s") else "silent, ")
+             + "reopening any the node cuts one second later. Every 0.5 s each node's term "
+             "is read from `/v1/status` and the flooded node's RSS, open fds and CPU time "
+             "from `/proc`."]
     if phase:
         fl, w, wb = phase["flooder"], phase["writer"], phase["writer_baseline"]
         parts.append(_table(["measure", "value"], [
@@ -440,6 +444,7 @@ def _flood(section: dict[str, Any]) -> str:
              f"{fl['count']:,} / {_fmt(fl['first_all_open_s'])} s / {fl['peak_open']:,} / "
              f"{fl['open_at_end']:,}"],
             ["window", f"{phase['seconds']:.0f} s"],
+            ["requests sent on held connections after the first", f"{fl.get('pings', 0):,}"],
             ["connections cut by the node (open for at least / median s before the cut) / "
              "connect failures / timeouts",
              f"{fl['cut']:,} ({_fmt(fl.get('cut_age_min_s'))} / "
