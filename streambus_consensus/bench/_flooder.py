@@ -75,6 +75,7 @@ def flood(host: str, port: int, count: int, seconds: float,
     next_ping: dict[socket.socket, float] = {}
     opened_now = 0
     start = time.monotonic()
+    wall_start = time.time()
     end = start + seconds
 
     def connect() -> None:
@@ -167,6 +168,7 @@ def flood(host: str, port: int, count: int, seconds: float,
                 counts.connect_timeouts += 1
                 drop(sock, was_open=False)
     held = sum(1 for kind, _ in state.values() if kind == "open")
+    wall_end = time.time()  # before closing: [wall_start, wall_end] is the hold
     for sock in list(state):
         sel.unregister(sock)
         sock.close()
@@ -174,6 +176,7 @@ def flood(host: str, port: int, count: int, seconds: float,
     ages = sorted(counts.cut_ages)
     figures = {k: v for k, v in counts.__dict__.items() if k != "cut_ages"}
     return {"count": count, "seconds": seconds, "ping": ping, "open_at_end": held, **figures,
+            "wall_start": wall_start, "wall_end": wall_end,
             "cut_age_min_s": round(ages[0], 3) if ages else None,
             "cut_age_median_s": round(ages[len(ages) // 2], 3) if ages else None}
 

@@ -458,17 +458,18 @@ def _flood(section: dict[str, Any]) -> str:
              f"{_fmt(w.get('max_ms'))}, {w['errors']}"],
             ["writer before the flood (baseline): p50 / p99 ms",
              f"{_fmt(wb.get('p50_ms'))} / {_fmt(wb.get('p99_ms'))}"],
-            ["flooded node RSS: before / peak / end MB; last quarter's peak over the peak "
-             "before it; slope over the second half",
+            ["flooded node RSS: before / peak / at the end of the hold MB; growth over the "
+             "second half of the hold / with the writer alone before",
              f"{_fmt(phase.get('rss_before_mb'))} / {_fmt(phase.get('rss_peak_mb'))} / "
              f"{_fmt(phase.get('rss_end_mb'))}; "
-             f"{_fmt(100 * (phase.get('rss_last_quarter_growth') or 0.0), 1)} %; "
-             f"{_fmt(phase.get('rss_second_half_mb_per_min'), 1)} MB/min"],
-            ["flooded node RSS over the window (MB)",
+             f"{_fmt(phase.get('rss_second_half_mb_per_min'), 1)} / "
+             f"{_fmt(phase.get('rss_before_mb_per_min'), 1)} MB/min"],
+            ["flooded node RSS while the connections were held (MB)",
              " ".join(f"{v:.0f}" for v in phase.get("rss_series_mb", []))],
-            ["flooded node open fds: peak / end", f"{phase.get('fds_peak')} / "
-             f"{phase.get('fds_end')}"],
-            ["flooded node CPU during the window", f"{_fmt(phase.get('cpu_percent'), 1)} %"],
+            ["flooded node open fds: peak / at the end of the hold",
+             f"{phase.get('fds_peak')} / {phase.get('fds_end')}"],
+            ["flooded node CPU while the connections were held",
+             f"{_fmt(phase.get('cpu_percent'), 1)} %"],
         ]))
     if limited:
         fl, w = limited["flooder"], limited["writer"]
