@@ -326,7 +326,17 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
             counts = _flood(base, cluster.nodes[leader].api_address, connections, seconds,
                             ping, "main")
             t2 = time.monotonic()
+            # The flooder's connections all close at once at the end: watch that too.
+            flooded_pid = cluster.pid(leader)
+            if flooded_pid is not None:
+                _wait_fds_settle(flooded_pid, 64, 15.0)
+            time.sleep(3.0)  # several election timeouts
+            t2b = time.monotonic()
+            teardown = _elections(monitor, t2, t2b)
             phase = {"connections": connections, "seconds": seconds, "flooder": counts,
+                     "elections_closing": teardown["elections"],
+                     "closing_seconds": round(t2b - t2, 1),
+                     "writer_closing": writer.window(t2, t2b),
                      **_elections(monitor, t1, t2),
                      "writer": writer.window(t1, t2), "writer_baseline": writer.window(t0, t1),
                      **_log_figures(_log_lines(main_log, main_offset)),
@@ -334,7 +344,8 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
                                   monitor.window(t0, t1))}
             result["flood"] = phase
             w = phase["writer"]
-            log(f"  flood: elections {phase['elections']}, writer p50 {w.get('p50_ms')} ms "
+            log(f"  flood: elections {phase['elections']} (+{phase['elections_closing']} while "
+                f"the connections closed), writer p50 {w.get('p50_ms')} ms "
                 f"p99 {w.get('p99_ms')} ms errors {w['errors']} (baseline p99 "
                 f"{phase['writer_baseline'].get('p99_ms')} ms); RSS "
                 f"{phase.get('rss_before_mb')} -> peak {phase.get('rss_peak_mb')} MB; fds peak "
@@ -344,7 +355,6 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
             pid = cluster.pid(target)
             if pid is None:
                 raise RuntimeError(f"{target} is not running after the flood")
-            _wait_fds_settle(pid, 64, 15.0)
             monitor.flooded = target
             original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -367,7 +377,7 @@ def run(base: Path, *, connections: int = 1000, seconds: float = 60.0,
                        **_log_figures(lines),
                        **_elections(monitor, t3, t4), "writer": writer.window(t3, t4),
                        **_resources(monitor.window(*_held(limited_counts, t3, t4)),
-                                    monitor.window(t2, t3))}
+                                    monitor.window(t2b, t3))}
             result["fd_limit"] = limited
             log(f"  fd limit: {limited['accept_failure_lines']} accept-failure log line(s) of "
                 f"{len(lines)} new lines, {limited['unhandled_exceptions']} unhandled-exception "
@@ -387,9 +397,12 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     phase = result.get("flood")
     if phase:
         n = phase["connections"]
+        closing = phase.get("elections_closing")
+        both = [e for e in (phase["elections"], closing) if e is not None]
         out.append({"target": f"0 elections with {n:,} connections held for "
-                    f"{phase['seconds']:.0f} s", "value": phase["elections"],
-                    "met": phase["elections"] == 0})
+                    f"{phase['seconds']:.0f} s (and while they close)",
+                    "value": f"{phase['elections']} (+{closing} while closing)",
+                    "met": None if not both else sum(both) == 0})
         p99 = phase["writer"].get("p99_ms")
         out.append({"target": "writer p99 <= 100 ms during the flood",
                     "value": f"{p99} ms ({phase['writer']['errors']} errors)",

@@ -450,12 +450,19 @@ def _flood(section: dict[str, Any]) -> str:
              f"{fl['cut']:,} ({_fmt(fl.get('cut_age_min_s'))} / "
              f"{_fmt(fl.get('cut_age_median_s'))}) / {fl['connect_failed']:,} / "
              f"{fl['connect_timeouts']:,}"],
-            ["elections (term rises) in the window", phase["elections"]],
+            ["elections (term rises) in the window / in the "
+             f"{_fmt(phase.get('closing_seconds'), 0)} s after, while the connections closed",
+             f"{phase['elections']} / {_fmt(phase.get('elections_closing'))}"],
             ["status requests the nodes did not answer (per node)",
              json.dumps(phase.get("status_unanswered", {}))],
             ["writer during the flood: writes, p50 / p99 / max ms, errors",
              f"{w['n']:,}, {_fmt(w.get('p50_ms'))} / {_fmt(w.get('p99_ms'))} / "
              f"{_fmt(w.get('max_ms'))}, {w['errors']}"],
+            ["writer while the connections closed: p50 / p99 / max ms, errors",
+             f"{_fmt((phase.get('writer_closing') or {}).get('p50_ms'))} / "
+             f"{_fmt((phase.get('writer_closing') or {}).get('p99_ms'))} / "
+             f"{_fmt((phase.get('writer_closing') or {}).get('max_ms'))}, "
+             f"{(phase.get('writer_closing') or {}).get('errors', '-')}"],
             ["writer before the flood (baseline): p50 / p99 ms",
              f"{_fmt(wb.get('p50_ms'))} / {_fmt(wb.get('p99_ms'))}"],
             ["flooded node RSS: before / peak / at the end of the hold MB; growth over the "
@@ -474,7 +481,10 @@ def _flood(section: dict[str, Any]) -> str:
     if limited:
         fl, w = limited["flooder"], limited["writer"]
         parts.append(f"**Open-file limit {limited['nofile']}**: the leader's `RLIMIT_NOFILE` "
-                     "lowered on the running process (`prlimit`), then "
+                     "lowered on the running process (`prlimit`) "
+                     + ("" if limited.get("node_role", "leader") == "leader" else
+                        "(a new leader: the leadership changed after the flood) ")
+                     + "then "
                      f"{limited['connections']} connections for {limited['seconds']:.0f} s. "
                      "Accept-failure lines are the node's new log lines that mention "
                      "accept, EMFILE or 'too many open files'.\n\n" + _table(
