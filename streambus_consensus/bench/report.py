@@ -450,9 +450,11 @@ def _flood(section: dict[str, Any]) -> str:
              f"{fl['cut']:,} ({_fmt(fl.get('cut_age_min_s'))} / "
              f"{_fmt(fl.get('cut_age_median_s'))}) / {fl['connect_failed']:,} / "
              f"{fl['connect_timeouts']:,}"],
-            ["elections (term rises) in the window / in the "
-             f"{_fmt(phase.get('closing_seconds'), 0)} s after, while the connections closed",
-             f"{phase['elections']} / {_fmt(phase.get('elections_closing'))}"],
+            ["Raft term before / at the end of the hold / "
+             f"{_fmt(phase.get('closing_seconds'), 0)} s later, once the connections closed "
+             "(a rise is an election)",
+             f"{phase.get('term_before')} / {phase.get('term_after')} / "
+             f"{_fmt(phase.get('term_after_closing'))}"],
             ["status requests the nodes did not answer (per node)",
              json.dumps(phase.get("status_unanswered", {}))],
             ["writer during the flood: writes, p50 / p99 / max ms, errors",
