@@ -8,7 +8,7 @@ installed with apt-get when missing, skipped with one line when it cannot be),
 ``flood`` (9: connection flood), ``failover`` (3). The idle-election watch of
 section 3 runs in the background for the whole run (at least ``--idle``
 seconds; the run waits at the end if needed), so a full run fits in 20
-minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 3
+minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 4
 minutes) and writes under ``results/quick/`` instead, so a smoke run never
 overwrites the full figures.
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streambus_consensus.bench",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (< 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 4 minutes)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--out", type=Path, help="where BENCHMARKS.md and results/ go "
                         "(default: the checkout; results/quick/ with --quick)")
