@@ -36,7 +36,8 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-## bench: benchmark suite -> BENCHMARKS.md + results/*.json (< 20 min); QUICK=1: smoke run (< 3 min) -> results/quick/
+## bench: benchmark suite -> BENCHMARKS.md + results/*.json (< 20 min); QUICK=1: smoke run (< 4 min) -> results/quick/
+## (its etcd section apt-get installs etcd-server when missing, and is skipped if it cannot)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet 'py-spy>=0.3' || echo "py-spy unavailable: the profile section will be skipped"
 	$(PY) -m streambus_consensus.bench $(if $(QUICK),--quick,)

@@ -3,10 +3,12 @@
 ``python -m streambus_consensus.bench [--quick] [--only SECTION ...] [--out DIR]``
 
 Sections, in order: ``latency`` (1), ``overhead`` (2, with 5: durability),
-``scale`` (4), ``profile`` (6), ``tls`` (7), ``bulk`` (8), ``failover`` (3).
-The idle-election watch of section 3 runs in the background for the whole run (at least ``--idle``
+``scale`` (4), ``profile`` (6), ``tls`` (7), ``bulk`` (8), ``etcd`` (9: side by side
+with etcd, installed with apt-get when missing, skipped with one line when it cannot
+be), ``flood`` (10: connection flood), ``failover`` (3). The idle-election watch of
+section 3 runs in the background for the whole run (at least ``--idle``
 seconds; the run waits at the end if needed), so a full run fits in 20
-minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 3
+minutes on two cores. ``--quick`` shortens everything (CI smoke run, < 4
 minutes) and writes under ``results/quick/`` instead, so a smoke run never
 overwrites the full figures.
 
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bulk, failover, latency, overhead, profile, scale, tls_cost
+from . import bulk, failover, flood, latency, overhead, profile, scale, tls_cost, versus_etcd
 from .common import (
     command_line,
     loadavg,
@@ -39,7 +41,8 @@ from .common import (
 from .idle import IdleWatch
 from .report import render
 
-SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "bulk", "failover")
+SECTIONS = ("latency", "overhead", "scale", "profile", "tls", "bulk", "etcd", "flood",
+            "failover")
 
 FULL: dict[str, Any] = {
     "latency": {"sizes": (3, 5), "callers": (1, 8, 32), "seconds": 3.0},
@@ -49,6 +52,9 @@ FULL: dict[str, Any] = {
     "tls": {"callers": (1, 8, 32), "seconds": 3.0, "rounds": 3},
     "bulk": {"batches": 1000, "callers": 4, "single_seconds": 3.0,
              "fence_partitions": 1_000_000, "big_partitions": 100_000},
+    "etcd": {"rounds": 3, "seconds": 3.0, "callers": 32, "procs": 2},
+    "flood": {"connections": 1000, "seconds": 60.0, "limited_connections": 400,
+              "limited_seconds": 10.0, "nofile": 256, "ping": 5.0},
     "failover": {"kills": 20, "rejoins": 10, "idle": 600.0},
 }
 QUICK: dict[str, Any] = {
@@ -59,6 +65,9 @@ QUICK: dict[str, Any] = {
     "tls": {"callers": (8,), "seconds": 1.0, "rounds": 1},
     "bulk": {"batches": 50, "callers": 4, "single_seconds": 1.0,
              "fence_partitions": 100_000, "big_partitions": 100_000},
+    "etcd": {"rounds": 1, "seconds": 0.8, "callers": 32, "procs": 2},
+    "flood": {"connections": 200, "seconds": 10.0, "limited_connections": 400,
+              "limited_seconds": 5.0, "nofile": 256, "ping": 5.0},
     "failover": {"kills": 3, "rejoins": 2, "idle": 30.0},
 }
 
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streambus_consensus.bench",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (< 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 4 minutes)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--out", type=Path, help="where BENCHMARKS.md and results/ go "
                         "(default: the checkout; results/quick/ with --quick)")
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 "profile": lambda: profile.run(base / "profile", log=_log, **plan["profile"]),
                 "tls": lambda: tls_cost.run(base / "tls", log=_log, **plan["tls"]),
                 "bulk": lambda: bulk.run(base / "bulk", log=_log, **plan["bulk"]),
+                "etcd": lambda: versus_etcd.run(base / "etcd", log=_log, **plan["etcd"]),
+                "flood": lambda: flood.run(base / "flood", log=_log, **plan["flood"]),
                 "failover": lambda: failover.measure(
                     base / "failover", plan["failover"]["kills"], 0.0,
                     rejoins=plan["failover"]["rejoins"], log=_log),

@@ -34,6 +34,7 @@ __all__ = [
     "HttpCaller",
     "LoadResult",
     "closed_loop",
+    "command_in_words",
     "command_line",
     "fsync_floor",
     "loadavg",
@@ -89,26 +90,29 @@ def _disk_kind(device: str) -> str:
 
 
 def machine_info(data_dir: Path | None = None) -> dict[str, Any]:
-    """nproc, CPU model, memory, the data disk and the kernel."""
+    """nproc, CPU model, memory, the data disk, the kernel and whether a hypervisor runs it."""
     cpu_model = "?"
+    virtual = False
     for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
+        if line.startswith("model name") and cpu_model == "?":
             cpu_model = line.split(":", 1)[1].strip()
-            break
+        if line.startswith("flags"):
+            virtual = virtual or "hypervisor" in line.split(":", 1)[1].split()
     mem_kib = 0
     for line in _read("/proc/meminfo").splitlines():
         if line.startswith("MemTotal:"):
             mem_kib = int(line.split()[1])
     where = data_dir or Path(os.environ.get("TMPDIR", "/tmp"))
-    device, mount, fstype = _mount_of(where)
+    device, _mount, fstype = _mount_of(where)
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "cpu_model": cpu_model,
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
-        "disk": {"path": str(where), "device": device, "mount": mount, "fs": fstype,
-                 "kind": _disk_kind(device)},
+        # In words only: no path of this machine (its temp dir, device node or mount point).
+        "disk": {"device": Path(device).name, "fs": fstype, "kind": _disk_kind(device)},
         "kernel": f"{platform.system()} {platform.release()}",
+        "virtual": virtual,
     }
 
 
@@ -141,10 +145,27 @@ def versions() -> dict[str, str]:
 
 
 def command_line() -> str:
-    """The command that started this run, as a shell would take it."""
+    """The command that started this run, as a shell would take it, in words (see
+    :func:`command_in_words`)."""
     if sys.argv and sys.argv[0].endswith("__main__.py"):
-        return shlex.join([sys.executable, "-m", "streambus_consensus.bench", *sys.argv[1:]])
-    return shlex.join([sys.executable, *sys.argv])
+        return command_in_words(shlex.join([sys.executable, "-m", "streambus_consensus.bench",
+                                            *sys.argv[1:]]))
+    return command_in_words(shlex.join([sys.executable, *sys.argv]))
+
+
+def command_in_words(command: str) -> str:
+    """``command`` with no absolute path of the machine: checkout-relative, else a word
+    (``python`` for the program, ``DIR`` for an argument)."""
+    root = repo_root().resolve()
+    words = []
+    for i, word in enumerate(shlex.split(command)):
+        if word.startswith("/"):
+            try:
+                word = str(Path(word).resolve().relative_to(root)) or "."
+            except ValueError:
+                word = "python" if i == 0 else "DIR"
+        words.append(word)
+    return shlex.join(words)
 
 
 def loadavg() -> list[float]:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .common import command_in_words
+
 __all__ = ["render", "target_rows"]
 
 BEGIN, END = "<!-- reading:begin -->", "<!-- reading:end -->"
@@ -86,6 +88,14 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return None
 
 
+def _check_value(check: dict[str, Any]) -> str:
+    """A target's figure: ratios as ``0.35x``, milliseconds as ``1.20 ms``."""
+    value = check["value"]
+    if isinstance(value, float) and "key" in check:
+        return f"{value:.2f} ms" if check["key"].endswith("_ms") else f"{value:.2f}x"
+    return _fmt(value)
+
+
 def target_rows(results: dict[str, Any]) -> list[list[Any]]:
     """[target, figure, verdict] for every target with a figure in ``results``."""
     out: list[list[Any]] = []
@@ -139,6 +149,14 @@ def target_rows(results: dict[str, Any]) -> list[list[Any]]:
         out.append([f"4. no leader change while a new member catches up ({where})",
                     str(big.get("catch_up_elections")),
                     _met(big.get("catch_up_elections") == 0)])
+    for key, issue in (("etcd", "issue 10"), ("flood", "issue 10")):
+        section = results.get(key) or {}
+        if "skipped" in section:
+            out.append([f"{issue}: side by side with etcd", f"skipped: {section['skipped']}",
+                        "-"])
+        for check in section.get("targets", []):
+            out.append([f"{issue}: {check['target']}", _check_value(check),
+                        _met(check["met"])])
     lat = (results.get("latency") or {}).get("rows", [])
     for path in ("embedded", "http"):
         one = _find(lat, path=path, nodes=3, op="create_topic", callers=1)
@@ -399,6 +417,174 @@ def _tls(section: dict[str, Any]) -> str:
                       "TLS/plain throughput", "TLS/plain p50"], rows))
 
 
+_ETCD_ROWS = (
+    ("create_topic ops/s, {n} callers", "create_many", "ops_per_s", "higher"),
+    ("create_topic p50 ms, {n} callers", "create_many", "p50_ms", "lower"),
+    ("create_topic, 1 caller, p50 ms", "create_one", "p50_ms", "lower"),
+    ("create_topic, 1 caller, p99 ms", "create_one", "p99_ms", "lower"),
+    ("linearizable read ops/s, {n} callers", "read_many", "ops_per_s", "higher"),
+    ("linearizable read, 1 caller, p50 ms", "read_one", "p50_ms", "lower"),
+    ("linearizable read, 1 caller, p99 ms", "read_one", "p99_ms", "lower"),
+)
+
+
+def _versus(value: Any, etcd: Any) -> str:
+    if not isinstance(value, int | float) or not isinstance(etcd, int | float) or not etcd:
+        return _fmt(value)
+    return f"{_fmt(value)} ({value / etcd:.2f}x)"
+
+
+def _etcd(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return f"Skipped: {section['skipped']}."
+    figs, n = section["figures"], section["callers"]
+    rows = []
+    for label, point, key, better in _ETCD_ROWS:
+        e = figs["etcd"][point].get(key)
+        rows.append([label.format(n=n), f"{better} is better", _fmt(e),
+                     _versus(figs["http"][point].get(key), e),
+                     _versus(figs["embedded"][point].get(key), e)])
+    cpu = [c for point in figs["etcd"].values() for r in point["rounds"]
+           for c in r.get("client_cpu", []) if c is not None]
+    per_round = [[system, point, r["round"], _ops(r), r.get("p50_ms"), r.get("p99_ms"),
+                  ", ".join(f"{k} {v}" for k, v in r.get("errors", {}).items()) or "-",
+                  ", ".join(f"{c:.0%}" for c in r.get("client_cpu", [])) or "-"]
+                 for system, points in figs.items() for point, fig in points.items()
+                 for r in fig["rounds"]]
+    terms = section.get("term_changes", {})
+    return (f"{section['etcd_version']} ({section['etcd_found']}), three members on loopback "
+            "with its defaults (fsync on), against our three-node metadata cluster over HTTP "
+            "and our store embedded in the bench process as the leader (two node processes "
+            f"follow); all three up for the whole section, {section['rounds']} round(s) of "
+            f"{section['seconds']} s per point (after a 0.3 s warm-up) in the order etcd, "
+            "ours over HTTP, ours embedded; figures are medians of the rounds, ratios are "
+            "ours / etcd.\n\n"
+            "create: ours = `create_topic` of a new topic (3 partitions, RF 3, six brokers "
+            "in three racks); etcd = a txn that puts `topics/NAME` only if it does not exist "
+            "(compare `create_revision == 0`), as a create must not overwrite, with a value "
+            f"of {section['etcd_value_bytes']} bytes (the JSON record of such a topic; our "
+            f"create command is {section['our_create_command_bytes']} bytes). read: ours = "
+            "`describe_topic(linearizable=True)` (`GET /v1/topics/NAME?linearizable=1`); "
+            "etcd = `/v3/kv/range` of one key, `serializable` false (its default). "
+            "etcd is reached through its v3 JSON gateway; over HTTP both systems get the "
+            f"same callers: {section['client_procs']} worker processes of threads, one "
+            "kept-alive `http.client` connection per caller (`ApiClient` for ours), aimed "
+            "at the leader. Embedded callers are threads of the bench process.\n\n"
+            + _table(["figure", "", "etcd", "ours over HTTP (vs etcd)",
+                      "ours embedded (vs etcd)"], rows)
+            + "\n\nTargets (issue 10): over HTTP create_topic >= 2x etcd at "
+            f"{n} callers, linearizable reads >= 3x, 1-caller create p50 <= etcd's; embedded "
+            f"create_topic >= 3x etcd at {n} callers and 1-caller p50 <= 1.5 ms.\n\n"
+            + _table(["target", "figure", "verdict"],
+                     [[c["target"], _check_value(c), _met(c["met"])]
+                      for c in section["targets"]])
+            + f"\n\nThe client side: each HTTP worker process used at most "
+            f"{max(cpu, default=0):.0%} of a core during the etcd points, so "
+            + ("**the client may have capped etcd's figures** (a worker above 80 %: run with "
+               "more worker processes)" if max(cpu, default=0) > 0.8 else
+               "the Python client did not cap etcd's figures (a worker above 80 % would)")
+            + "; the machine's cores are shared by servers and clients alike. Raft term "
+            "changes during the section: "
+            + ", ".join(f"{k} {v}" for k, v in terms.items()) + ".\n\nEvery round:\n\n"
+            + _table(["system", "point", "round", "ops/s", "p50 ms", "p99 ms", "errors",
+                      "client CPU per worker"], per_round))
+
+
+def _flood(section: dict[str, Any]) -> str:
+    phase, limited = section.get("flood") or {}, section.get("fd_limit") or {}
+    parts = ["A three-node metadata cluster (node processes, fsync on). A writer starts a "
+             f"`create_topic` (3 partitions, RF 3) every {section['write_every_s'] * 1e3:.0f} "
+             "ms through an `ApiClient` given every node, the leader first. Then a separate "
+             "process opens the connections at once to the leader's API, sends one "
+             "`GET /healthz` on each and holds them open, "
+             + (f"each sending another `GET /healthz` every {section['ping_s']:g} s "
+                "(staggered; below the API's 10 s idle timeout) as a polling client would, "
+                if section.get("ping_s") else "silent, ")
+             + "reopening any the node cuts one second later. Every 0.5 s each node's term "
+             "is read from `/v1/status` and the flooded node's RSS, open fds and CPU time "
+             "from `/proc`."]
+    if phase:
+        fl, w, wb = phase["flooder"], phase["writer"], phase["writer_baseline"]
+        parts.append(_table(["measure", "value"], [
+            ["connections held (asked / all open after / peak / open at the end)",
+             f"{fl['count']:,} / {_fmt(fl['first_all_open_s'])} s / {fl['peak_open']:,} / "
+             f"{fl['open_at_end']:,}"],
+            ["window", f"{phase['seconds']:.0f} s"],
+            ["requests sent on held connections after the first", f"{fl.get('pings', 0):,}"],
+            ["connections cut by the node (open for at least / median s before the cut) / "
+             "connect failures / timeouts",
+             f"{fl['cut']:,} ({_fmt(fl.get('cut_age_min_s'))} / "
+             f"{_fmt(fl.get('cut_age_median_s'))}) / {fl['connect_failed']:,} / "
+             f"{fl['connect_timeouts']:,}"],
+            ["Raft term before / at the end of the hold / "
+             f"{_fmt(phase.get('closing_seconds'), 0)} s later, once the connections closed "
+             "(a rise is an election)",
+             f"{phase.get('term_before')} / {phase.get('term_after')} / "
+             f"{_fmt(phase.get('term_after_closing'))}"],
+            ["status requests the nodes did not answer (per node)",
+             json.dumps(phase.get("status_unanswered", {}))],
+            ["writer during the flood: writes, p50 / p99 / max ms, errors",
+             f"{w['n']:,}, {_fmt(w.get('p50_ms'))} / {_fmt(w.get('p99_ms'))} / "
+             f"{_fmt(w.get('max_ms'))}, {w['errors']}"],
+            ["writer while the connections closed: p50 / p99 / max ms, errors",
+             f"{_fmt((phase.get('writer_closing') or {}).get('p50_ms'))} / "
+             f"{_fmt((phase.get('writer_closing') or {}).get('p99_ms'))} / "
+             f"{_fmt((phase.get('writer_closing') or {}).get('max_ms'))}, "
+             f"{(phase.get('writer_closing') or {}).get('errors', '-')}"],
+            ["writer before the flood (baseline): p50 / p99 ms",
+             f"{_fmt(wb.get('p50_ms'))} / {_fmt(wb.get('p99_ms'))}"],
+            ["flooded node RSS: before / peak / at the end of the hold MB; growth over the "
+             "second half of the hold / with the writer alone before",
+             f"{_fmt(phase.get('rss_before_mb'))} / {_fmt(phase.get('rss_peak_mb'))} / "
+             f"{_fmt(phase.get('rss_end_mb'))}; "
+             f"{_fmt(phase.get('rss_second_half_mb_per_min'), 1)} / "
+             f"{_fmt(phase.get('rss_before_mb_per_min'), 1)} MB/min"],
+            ["flooded node RSS while the connections were held (MB)",
+             " ".join(f"{v:.0f}" for v in phase.get("rss_series_mb", []))],
+            ["flooded node open fds: peak / at the end of the hold",
+             f"{phase.get('fds_peak')} / {phase.get('fds_end')}"],
+            ["flooded node CPU while the connections were held",
+             f"{_fmt(phase.get('cpu_percent'), 1)} %"],
+        ]))
+    if limited:
+        fl, w = limited["flooder"], limited["writer"]
+        parts.append(f"**Open-file limit {limited['nofile']}**: the leader's `RLIMIT_NOFILE` "
+                     "lowered on the running process (`prlimit`) "
+                     + ("" if limited.get("node_role", "leader") == "leader" else
+                        "(a new leader: the leadership changed after the flood) ")
+                     + "then "
+                     f"{limited['connections']} connections for {limited['seconds']:.0f} s. "
+                     "Accept-failure lines are the node's new log lines that mention "
+                     "accept, EMFILE or 'too many open files'.\n\n" + _table(
+                         ["measure", "value"], [
+                             ["connections open at the end, as the client sees them (the "
+                              "kernel completes handshakes into the listen backlog) / cut",
+                              f"{fl['open_at_end']} / {fl['cut']}"],
+                             ["node log lines in the window (all / accept failures / "
+                              "ERROR or CRITICAL)", f"{limited['log_lines']:,} / "
+                              f"{limited['accept_failure_lines']:,} / "
+                              f"{limited['error_lines']:,}"],
+                             ["unhandled-exception reports in the log (socketserver): "
+                              "count, exception types",
+                              f"{limited.get('unhandled_exceptions', '-')}, " + (", ".join(
+                                  f"{n}x {t}" for t, n in
+                                  limited.get("exception_types", {}).items()) or "-")],
+                             ["commonest new log lines", "; ".join(
+                                 f"{n}x {shape.replace('|', '/')[:90]}"
+                                 for shape, n in limited.get("commonest_lines", []))],
+                             ["node CPU during the window",
+                              f"{_fmt(limited.get('cpu_percent'), 1)} %"],
+                             ["open fds: peak", limited.get("fds_peak")],
+                             ["elections", limited["elections"]],
+                             ["writer: p50 / p99 ms, errors", f"{_fmt(w.get('p50_ms'))} / "
+                              f"{_fmt(w.get('p99_ms'))}, {w['errors']}"],
+                         ]))
+    parts.append(_table(["target", "figure", "verdict"],
+                        [[c["target"], _check_value(c), _met(c["met"])]
+                         for c in section.get("targets", [])]))
+    return "\n\n".join(parts)
+
+
 def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
            results_dir: Path) -> str:
     """The whole BENCHMARKS.md."""
@@ -413,10 +599,11 @@ def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
         f"description are in `{rel}/*.json`. Every comparison below is between figures of "
         "this one run.",
         "",
-        f"- **command**: `{meta['command']}`",
-        f"- **machine**: {machine['nproc']} CPUs ({machine['cpu_model']}), "
-        f"{machine['memory_gib']} GiB memory, {machine['kernel']}; data disk "
-        f"{disk['device']} ({disk['fs']}, sysfs says {disk['kind']}) at {disk['mount']}",
+        f"- **command**: `{command_in_words(meta['command'])}`",
+        f"- **machine**: {'a virtual machine' if machine.get('virtual') else 'a machine'} "
+        f"with {machine['nproc']} CPUs ({machine['cpu_model']}), "
+        f"{machine['memory_gib']} GiB memory, {machine['kernel']}; the data directories "
+        f"on {disk['fs']} on a disk sysfs calls {disk['kind']}",
         f"- **versions**: Python {ver['python']}, PySyncObj {ver['pysyncobj']}, "
         f"streambus-consensus {ver['streambus_consensus']} (commit {ver['git_commit']})",
         f"- **load average** (1/5/15 min) at start {meta['loadavg_at_start']}, at end "
@@ -445,6 +632,8 @@ def render(meta: dict[str, Any], results: dict[str, Any], existing: Path,
         ("7. TLS cost: mutual TLS against plain TCP", "tls", _tls),
         ("8. Bulk: batched creates, a broker fenced in 1M partitions, a 100k-partition "
          "create", "bulk", _bulk),
+        ("9. Side by side with etcd: create_topic and linearizable reads", "etcd", _etcd),
+        ("10. Connection flood: many clients on one node while writes go on", "flood", _flood),
     ]
     for title, key, fn in sections:
         body += ["", f"## {title}", ""]
