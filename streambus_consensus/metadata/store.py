@@ -14,8 +14,9 @@ caller gets its own node's result of applying them.
 - **Refusals** ("topic exists") raise :class:`CommandRefusedError` with a
   stable ``code``; nothing changed.
 - **Reads** are local (:meth:`MetadataStore.image`, with the offset they
-  reflect; may trail the leader) or linearizable (``linearizable=True``: a
-  read command through the log).
+  reflect; may trail the leader) or linearizable (``linearizable=True``:
+  ReadIndex, the leader confirms it still leads and this node catches up to
+  its commit index; no log entry).
 - **Watches** deliver every change in log order with its offset, on their own
   thread; resume from an offset, or start from a full image.
 - **Heartbeats** go to the leader's controller, in memory, never in the log
@@ -57,7 +58,6 @@ from .commands import (
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
-    Read,
     ReassignReplicas,
     RegisterBroker,
     RequestId,
@@ -346,15 +346,9 @@ class MetadataStore:
 
     def describe_topic(self, name: str, *, linearizable: bool = False,
                        timeout: float | None = None) -> tuple[Topic, tuple[Partition, ...]] | None:
-        """A topic and its partitions, or ``None``. ``linearizable`` reads through the log."""
-        if linearizable:
-            value = self.execute(Read(request_id=self.next_request_id(), name=name),
-                                 timeout).value
-            if value is None:
-                return None
-            topic, partitions = value
-            return topic, tuple(partitions)
-        image = self.image()
+        """A topic and its partitions, or ``None``. ``linearizable`` confirms with
+        the leader first (:meth:`read_image`)."""
+        image = self.read_image(timeout=timeout) if linearizable else self.image()
         topic = image.topics.get(name)
         if topic is None:
             return None
@@ -401,10 +395,30 @@ class MetadataStore:
                 "finalized": image.metadata_version, "offset": image.offset}
 
     def read_image(self, *, timeout: float | None = None) -> MetadataImage:
-        """The whole metadata, linearizably (a read through the log)."""
-        image: MetadataImage = self.execute(
-            Read(request_id=self.next_request_id(), name=None), timeout).value
-        return image
+        """The whole metadata, linearizably: it reflects every write that
+        completed before the call.
+
+        ReadIndex (:meth:`RaftNode.read_index`): the leader confirms its
+        leadership with one round of messages that serves every read waiting
+        at that moment, and this node waits until it has applied the leader's
+        commit index; no log entry is written. Retries while no leader is
+        known or leadership moves; ProposalTimeoutError at the deadline.
+        """
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProposalTimeoutError("no linearizable read before the deadline",
+                                           node_id=self.node.node_id)
+            try:
+                self.node.read_index(timeout=min(remaining, 5.0))
+            except (OutcomeUnknownError, ProposalRejectedError) as exc:
+                attempt += 1
+                logger.debug("retrying a linearizable read after %s", exc)
+                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            return self.image()
 
     def list_topics(self) -> list[str]:
         """Topic names (local read)."""

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from ..interfaces import (
 from ..logutil import audit
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .prevote import ElectionGate
+from .readindex import ReadIndex
 from .safety import MessageGuard
 from .snapshot import unpack_snapshot
 from .storage import DiskStorage, MemoryStorage
@@ -138,6 +139,9 @@ class RaftNode:
             min_timeout=self.config.election_timeout_min, retry=self.config.heartbeat_interval,
             patience=self.config.effective_stepdown_timeout + self.config.election_timeout_max)
         """Pre-vote and leader stickiness in front of the engine's election timer."""
+        self.reads = ReadIndex(node_id=self.config.node_id, barrier=_BARRIER,
+                               settle=self._settle_reads, retry=self.config.election_timeout_min)
+        """Linearizable reads by ReadIndex (see :mod:`.readindex`)."""
         self.fast_elections = 0
         self._fatal: BaseException | None = None
         self._fatal_listeners: list[Callable[[BaseException], None]] = []
@@ -197,7 +201,7 @@ class RaftNode:
                     snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
-                    on_restored=self._on_restored, gate=self.gate,
+                    on_restored=self._on_restored, gate=self.gate, reads=self.reads,
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected, self._on_peer_refused)
@@ -260,6 +264,7 @@ class RaftNode:
                     self._inbox.popleft()()
                 engine.before_tick()
                 engine.tick()
+                self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._watch_leader(engine)
                 # A lone voter commits its own entries at the next tick: do
@@ -267,6 +272,7 @@ class RaftNode:
                 lone_work = (engine.single_voter
                              and engine.commit_index < engine.last_log_index)
                 transport.poll(0.0 if lone_work else tick)
+                self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._sample(engine)
         except StorageError as exc:
@@ -297,6 +303,7 @@ class RaftNode:
                 level = logging.WARNING if self._fatal is not None else logging.ERROR
                 logger.log(level, "%s: while stopping: %s", self.node_id, exc)
         self._stopping.set()
+        self.reads.fail_all(NodeStoppedError("node stopped", node_id=self.node_id))
         self._deliver_completed()
         if self._fatal is not None:
             for listener in list(self._fatal_listeners):
@@ -452,6 +459,76 @@ class RaftNode:
         ``config.proposal_timeout``); the command may still be applied later.
         """
         return self._wait(self.propose_async(command), timeout)
+
+    def read_index_async(self, timeout: float | None = None) -> Future[int]:
+        """Start a linearizable read (ReadIndex, see :mod:`.readindex`).
+
+        The future resolves to a log index once this node's applied index
+        has reached it: a read of the local state machine made after that
+        sees every write that completed before this call. No log entry is
+        written; one leadership confirmation serves every read waiting at
+        that moment. Works on any node (a follower asks the leader).
+
+        The future fails with :class:`NotLeaderError` (retriable: leadership
+        was lost while confirming), :class:`NoLeaderError` (none was known
+        before the deadline) or :class:`ProposalTimeoutError` after
+        ``timeout`` (default ``config.proposal_timeout``); with
+        :class:`NodeStoppedError` when the node stops. Cancelling the future
+        drops the read.
+        """
+        _, transport = self._running()
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        future: Future[int] = Future()
+        with self._pending_lock:
+            self._pending.add(future)
+        self._inbox.append(functools.partial(self.reads.submit, future,
+                                             time.monotonic() + limit))
+        transport.wake()
+        return future
+
+    def read_index(self, timeout: float | None = None) -> int:
+        """Block until a linearizable read may run here; return the read index.
+
+        See :meth:`read_index_async`. Leadership moving while the read is
+        confirmed (:class:`NotLeaderError`, :class:`NoLeaderError`) is retried
+        until ``timeout`` (default ``config.proposal_timeout``), then
+        :class:`ProposalTimeoutError` (retriable) is raised.
+        """
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            future = self.read_index_async(max(remaining, 0.0) + 1.0)
+            try:
+                return future.result(max(remaining, 0.0))
+            except (NotLeaderError, NoLeaderError) as exc:
+                if time.monotonic() + 0.01 >= deadline:
+                    raise ProposalTimeoutError(f"no read index within {limit:.3g}s: {exc}",
+                                               node_id=self.node_id) from None
+                time.sleep(0.01)
+            except FutureTimeout:
+                future.cancel()
+                with self._pending_lock:
+                    self._pending.discard(future)
+                raise ProposalTimeoutError(f"no read index within {limit:.3g}s",
+                                           node_id=self.node_id) from None
+
+    def _settle_reads(self, done: list[tuple[Future[int], int | BaseException]]) -> None:
+        # Raft thread: settle on the worker, so callers' callbacks never run here.
+        self._jobs.put(functools.partial(self._settle_reads_now, done))
+
+    def _settle_reads_now(self, done: list[tuple[Future[int], int | BaseException]]) -> None:
+        with self._pending_lock:
+            for future, _ in done:
+                self._pending.discard(future)
+        for future, outcome in done:
+            try:
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            except InvalidStateError:
+                pass  # the caller cancelled it
 
     def barrier(self, timeout: float | None = None) -> int:
         """Commit a no-op through the log and wait for it.

@@ -1,0 +1,196 @@
+"""ReadIndex reads (Ongaro's thesis, §6.4): RaftNode in-process over real TCP,
+and real node processes for the partitioned-leader case."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streambus_consensus import (
+    ConsensusError,
+    NodeConfig,
+    NodeStoppedError,
+    NoLeaderError,
+    ProposalTimeoutError,
+    RaftNode,
+)
+from streambus_consensus.kv import KeyValueStateMachine, kv_command
+from streambus_consensus.provision import generate_secret
+from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
+
+SECRET = generate_secret()
+LINEARIZABLE = "/v1/kv/k?linearizable=1"
+
+
+def config(node_id: str, cluster: dict[str, str], tmp: Path, **changes: Any) -> NodeConfig:
+    return NodeConfig(node_id=node_id, cluster=cluster, cluster_secret=SECRET,
+                      data_dir=str(tmp / node_id), **changes)
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[tuple[dict[str, RaftNode], dict[str, KeyValueStateMachine]]]:
+    ports = free_ports(3)
+    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    machines = {n: KeyValueStateMachine() for n in cluster}
+    nodes = {n: RaftNode(config(n, cluster, tmp_path), machines[n]) for n in cluster}
+    try:
+        for n in nodes.values():
+            n.start()
+        nodes["n1"].wait_for_leader(10)
+        yield nodes, machines
+    finally:
+        for n in nodes.values():
+            n.stop()
+
+
+def test_a_single_voter_reads_at_its_commit_index(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    node = RaftNode(config("n1", {"n1": f"127.0.0.1:{port}"}, tmp_path), KeyValueStateMachine())
+    with node:
+        node.wait_for_leader(10)
+        node.propose(kv_command("set", "a", 1))
+        index = node.read_index(timeout=5)
+        assert index >= 2 and node.applied_index >= index
+
+
+def test_reads_on_leader_and_followers_see_every_completed_write(trio: Any) -> None:
+    nodes, machines = trio
+    leader_id = nodes["n1"].wait_for_leader(10)
+    leader = nodes[leader_id]
+    for i in range(20):
+        leader.propose(kv_command("set", "k", i), timeout=5)
+        for node_id, node in nodes.items():
+            node.read_index(timeout=5)
+            # "Read your writes" from any node, without a log entry per read.
+            assert machines[node_id].get("k") == i, node_id
+
+
+def test_reads_write_no_log_entries_and_are_batched(trio: Any) -> None:
+    nodes, _ = trio
+    leader = nodes[nodes["n1"].wait_for_leader(10)]
+    leader.propose(kv_command("set", "k", 0), timeout=5)
+    follower = next(n for n in nodes.values() if n is not leader)
+    # The follower learns that the leader answers asks (its first ask also
+    # proposed a barrier, in case the leader ran a release without ReadIndex).
+    follower.read_index(timeout=5)
+    wait_until(lambda: leader.status().last_log_index == leader.commit_index
+               and all(n.applied_index == leader.commit_index for n in nodes.values()), 5,
+               "replicas to catch up")
+    last = leader.commit_index
+    rounds = leader.reads.rounds
+    futures: list[Future[int]] = []
+    for _ in range(200):
+        futures.append(leader.read_index_async(timeout=5))
+        futures.append(follower.read_index_async(timeout=5))
+    for f in futures:
+        assert f.result(5) <= last
+    assert leader.commit_index == last  # no entry was written for any read
+    # One confirmation round serves every read waiting when it starts.
+    assert leader.reads.rounds - rounds < len(futures) / 4
+
+
+def test_a_node_without_a_quorum_fails_reads_rather_than_serving_them(tmp_path: Path) -> None:
+    ports = free_ports(3)
+    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    alone = RaftNode(config("n1", cluster, tmp_path), KeyValueStateMachine())
+    with alone:
+        with pytest.raises(ProposalTimeoutError) as caught:
+            alone.read_index(timeout=0.5)
+        assert caught.value.retriable
+        with pytest.raises(NoLeaderError):
+            alone.read_index_async(timeout=0.3).result(5)
+
+
+def test_reads_waiting_when_the_node_stops_fail_with_node_stopped(tmp_path: Path) -> None:
+    ports = free_ports(3)
+    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    alone = RaftNode(config("n1", cluster, tmp_path), KeyValueStateMachine())
+    alone.start()
+    future = alone.read_index_async(timeout=30)
+    alone.stop()
+    with pytest.raises(NodeStoppedError):
+        future.result(5)
+
+
+def test_a_partitioned_old_leader_never_serves_a_stale_linearizable_read(
+        tmp_path: Path) -> None:
+    """Thesis §6.4: "the leader must check whether it has been deposed before
+    processing a read-only request". The old leader is cut off but keeps
+    believing it leads (a long stepdown timeout) while a new leader commits
+    a write; a linearizable read on the old leader must fail, never answer
+    the old value."""
+    settings = {"election_timeout_min": 1.0, "election_timeout_max": 2.0,
+                "leader_stepdown_timeout": 4.0, "proposal_timeout": 1.5}
+    with LocalCluster(3, tmp_path, proxied=True, settings=settings) as cluster:
+        cluster.start()
+        old = cluster.wait_for_leader()
+        cluster.client(old).request("PUT", "/v1/kv/k", {"value": "old"})
+        assert cluster.client(old).request("GET", LINEARIZABLE)["value"] == "old"
+        assert cluster.network is not None
+        cut_at = time.monotonic()
+        cluster.network.isolate(old)
+        new = wait_until(lambda: _leader_among(cluster, old), 15, "a leader among the others")
+        others = cluster.client(*[n for n in cluster.nodes if n != old])
+        others.request("PUT", "/v1/kv/k", {"value": "new"})
+        still_leads = (cluster.status(old) or {}).get("state") == "leader"
+        with pytest.raises(ConsensusError) as caught:
+            cluster.client(old, timeout=10).request("GET", LINEARIZABLE)
+        assert caught.value.retriable, caught.value
+        # The local (stale-allowed) read shows the old value is still there:
+        # only the confirmation kept it from being served as linearizable.
+        assert cluster.client(old).request("GET", "/v1/kv/k")["value"] == "old"
+        assert still_leads, (f"{old} stepped down {time.monotonic() - cut_at:.1f}s after the "
+                             "cut, before the read: the test proved nothing")
+        cluster.network.heal()
+        wait_until(lambda: _linearizable_value(cluster, old) == "new", 20,
+                   f"{old} to serve the new value once healed (leader {new})")
+
+
+def _leader_among(cluster: LocalCluster, old: str) -> str | None:
+    # cluster.leader() wants one node in the leader state; the old one still is.
+    others = [cluster.status(n) for n in cluster.nodes if n != old]
+    leaders = {s["node_id"] for s in others if s and s["state"] == "leader"}
+    return leaders.pop() if len(leaders) == 1 else None
+
+
+def _linearizable_value(cluster: LocalCluster, node_id: str) -> Any:
+    try:
+        return cluster.client(node_id, timeout=3).request("GET", LINEARIZABLE)["value"]
+    except (ConsensusError, OSError):
+        return None
+
+
+def test_concurrent_readers_and_a_writer_on_real_threads(trio: Any) -> None:
+    nodes, machines = trio
+    leader = nodes[nodes["n1"].wait_for_leader(10)]
+    stop = threading.Event()
+    errors: list[str] = []
+    written: list[int] = [0]
+
+    def reader(node_id: str) -> None:
+        node = nodes[node_id]
+        while not stop.is_set():
+            floor = written[0]
+            node.read_index(timeout=5)
+            seen = machines[node_id].get("n") or 0
+            if seen < floor:
+                errors.append(f"{node_id} read {seen} after {floor} completed")
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in nodes for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(1, 60):
+            leader.propose(kv_command("set", "n", i), timeout=5)
+            written[0] = i
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors[:5]
