@@ -16,6 +16,7 @@ import streambus_consensus.metadata as metadata
 from streambus_consensus import codec
 from streambus_consensus.errors import CodecError, ConfigError, UnsupportedMetadataVersionError
 from streambus_consensus.metadata import (
+    BATCHED_ENTRIES_VERSION,
     ELECTION_KINDS,
     FORMAT_VERSION,
     TOPIC_CONFIG_KEYS,
@@ -181,12 +182,18 @@ GOOD = codec.decode(encode_command(
 ))
 
 
+HIGH = supported_metadata_versions()[1]
+"""The highest metadata version this release reads."""
+NEXT = HIGH + 1
+"""The level of the next release (:mod:`streambus_consensus.testing.next_level`)."""
+
+
 @pytest.mark.parametrize(
     ("value", "fragment"),
     [
         ([1, "no_op", ("c", 1)], "tuple"),
         ((1,), "tuple"),
-        ((2, *GOOD[1:]), "needs metadata version 2; this software supports 1..1"),
+        ((NEXT, *GOOD[1:]), f"needs metadata version {NEXT}; this software supports 1..{HIGH}"),
         ((0, *GOOD[1:]), "invalid command metadata version 0"),
         (("1", *GOOD[1:]), "invalid command metadata version '1'"),
         ((32768, *GOOD[1:]), "invalid command metadata version 32768"),
@@ -215,35 +222,36 @@ def test_decode_refuses(value: Any, fragment: str) -> None:
 
 def test_a_newer_metadata_version_is_named_in_a_typed_error() -> None:
     with pytest.raises(UnsupportedMetadataVersionError) as info:
-        decode_command(codec.encode((3, "from_the_future", ("c", 1))))
-    assert (info.value.required, info.value.supported) == (3, (1, 1))
-    assert "command 'from_the_future' needs metadata version 3" in str(info.value)
+        decode_command(codec.encode((NEXT + 1, "from_the_future", ("c", 1))))
+    assert (info.value.required, info.value.supported) == (NEXT + 1, (1, HIGH))
+    assert f"command 'from_the_future' needs metadata version {NEXT + 1}" in str(info.value)
 
 
 def test_a_command_must_carry_its_own_kinds_version() -> None:
     with next_level.installed() as level:
-        assert level == 2 and supported_metadata_versions() == (1, 2)
+        assert level == NEXT and supported_metadata_versions() == (1, NEXT)
         command = next_level.SetRetention(request_id=RequestId("c", 1), name="t",
                                           retention_ms=5)
         data = encode_command(command)  # type: ignore[arg-type]
-        assert codec.decode(data)[0] == 2  # type: ignore[index]
+        assert codec.decode(data)[0] == NEXT  # type: ignore[index]
         assert decode_command(data) == command
-        with pytest.raises(CodecError, match="test_set_retention is a metadata version 2 "
+        with pytest.raises(CodecError, match=f"test_set_retention is a metadata version {NEXT} "
                                              "command, not version 1"):
             decode_command(codec.encode((1, "test_set_retention", ("c", 1), "t", 5)))
         with pytest.raises(CodecError, match="no_op is a metadata version 1 command"):
-            decode_command(codec.encode((2, "no_op", ("c", 1))))
+            decode_command(codec.encode((NEXT, "no_op", ("c", 1))))
         with pytest.raises(ValueError, match="already registered"):
-            register_command(next_level.SetRetention, "again", {}, level=2)
-        with pytest.raises(ValueError, match="skips 3"):
-            register_command(type("Skip", (), {}), "skip", {}, level=4)
-    assert supported_metadata_versions() == (1, 1)
+            register_command(next_level.SetRetention, "again", {}, level=NEXT)
+        with pytest.raises(ValueError, match=f"skips {NEXT + 1}"):
+            register_command(type("Skip", (), {}), "skip", {}, level=NEXT + 2)
+    assert supported_metadata_versions() == (1, HIGH)
     with pytest.raises(UnsupportedMetadataVersionError):
         decode_command(data)
 
 
 def test_every_kind_of_this_release_is_metadata_version_1() -> None:
-    assert supported_metadata_versions() == (1, FORMAT_VERSION)
+    # Version 2 adds no kind: it lets log entries carry batches of commands.
+    assert supported_metadata_versions() == (FORMAT_VERSION, BATCHED_ENTRIES_VERSION)
     for command in (NoOp(request_id=RequestId("c", 1)),
                     SetMetadataVersion(request_id=RequestId("c", 1), level=2)):
         assert command_level(command) == 1

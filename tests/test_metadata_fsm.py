@@ -48,6 +48,7 @@ from streambus_consensus.metadata import (
     UnfenceBroker,
     UnregisterBroker,
     encode_command,
+    supported_metadata_versions,
 )
 
 
@@ -553,13 +554,15 @@ def _already_applied(h: Harness) -> ApplyResult:
 @scenario(RefusalCode.FEATURE_NOT_ENABLED)
 def _feature_not_enabled(h: Harness) -> ApplyResult:
     # A command of the next metadata version, as a newer release would write it.
-    data = codec.encode((2, "some_future_command", ("c", 1), "field"))
+    data = codec.encode((supported_metadata_versions()[1] + 1, "some_future_command",
+                         ("c", 1), "field"))
     return h.fsm.apply(data)
 
 
 @scenario(RefusalCode.INVALID_METADATA_VERSION)
 def _invalid_metadata_version(h: Harness) -> ApplyResult:
-    h.fsm._image = dataclasses.replace(h.fsm.image(), metadata_version=2)
+    h.fsm._image = dataclasses.replace(h.fsm.image(),
+                                       metadata_version=supported_metadata_versions()[1])
     return h.refused(SetMetadataVersion(request_id=h.rid(), level=1),
                      RefusalCode.INVALID_METADATA_VERSION)
 
@@ -1039,7 +1042,7 @@ def test_restore_rejects_damage_and_leaves_state_unchanged() -> None:
         bytes(flipped),
         good[:-3],
         b"",
-        codec.encode((magic, 2, crc, payload)),
+        codec.encode((magic, supported_metadata_versions()[1] + 1, crc, payload)),
         codec.encode(("something else", version, crc, payload)),
         codec.encode((magic, version, crc ^ 1, payload)),
         codec.encode((magic, version, 0, codec.encode((1, [], [("x",)], [])))),

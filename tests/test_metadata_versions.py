@@ -26,7 +26,7 @@ from streambus_consensus.metadata import (
     UnfenceBroker,
     encode_command,
 )
-from streambus_consensus.metadata.commands import AlterTopicConfig
+from streambus_consensus.metadata.commands import AlterTopicConfig, supported_metadata_versions
 from streambus_consensus.testing import next_level
 
 GOLDEN_V1 = Path(__file__).parent / "data" / "metadata_snapshot_v1.bin"
@@ -60,6 +60,12 @@ def golden_commands() -> list[Command]:
     return out
 
 
+HIGH = supported_metadata_versions()[1]
+"""The highest metadata version this release reads."""
+NEXT = HIGH + 1
+"""The level of the next release (:mod:`streambus_consensus.testing.next_level`)."""
+
+
 def built(commands: list[Command] | None = None) -> MetadataStateMachine:
     fsm = MetadataStateMachine()
     for command in golden_commands() if commands is None else commands:
@@ -74,7 +80,7 @@ def set_retention(seq: int, retention_ms: int = 5) -> bytes:
             request_id=RequestId("new", seq), name="orders", retention_ms=retention_ms))
 
 
-def upgrade(seq: int, level: int = 2) -> bytes:
+def upgrade(seq: int, level: int = NEXT) -> bytes:
     return encode_command(SetMetadataVersion(request_id=RequestId("admin", seq), level=level))
 
 
@@ -109,11 +115,11 @@ def test_finalizing_a_version_this_release_reads_changes_nothing_else() -> None:
         result = fsm.apply(upgrade(1))
         assert result.ok and result.changes == ()
         after = fsm.image()
-        assert after.metadata_version == 2 and after.offset == before.offset + 1
+        assert after.metadata_version == NEXT and after.offset == before.offset + 1
         assert (after.brokers, after.topics, after.partitions) == (
             before.brokers, before.topics, before.partitions)
         again = fsm.apply(upgrade(2))
-        assert again.ok and fsm.image().metadata_version == 2  # same level: a no-op
+        assert again.ok and fsm.image().metadata_version == NEXT  # same level: a no-op
 
 
 def test_a_downgrade_is_refused_on_every_replica() -> None:
@@ -123,14 +129,14 @@ def test_a_downgrade_is_refused_on_every_replica() -> None:
         result = fsm.apply(upgrade(2, level=1))
     assert not result.ok and result.code == RefusalCode.INVALID_METADATA_VERSION
     assert "downgrades are not supported" in result.message
-    assert fsm.image().metadata_version == 2
+    assert fsm.image().metadata_version == NEXT
 
 
 def test_a_replica_that_cannot_read_the_finalized_version_halts() -> None:
     fsm = built()
     before = fsm.image()
     with pytest.raises(ReplicaHaltError, match=r"cannot apply log entry 12: the cluster needs "
-                       r"metadata version 2; this software supports 1\.\.1") as info:
+                       rf"metadata version {NEXT}; this software supports 1\.\.{HIGH}") as info:
         fsm.apply(upgrade(1))
     assert info.value.index == before.offset + 1
     assert fsm.image() is before
@@ -148,7 +154,7 @@ def test_a_newer_command_is_refused_alike_by_old_and_new_replicas() -> None:
     answer_old = old.apply(set_retention(1))
     assert answer_new == answer_old
     assert not answer_old.ok and answer_old.code == RefusalCode.FEATURE_NOT_ENABLED
-    assert "needs metadata version 2; the cluster's is 1" in answer_old.message
+    assert f"needs metadata version {NEXT}; the cluster's is 1" in answer_old.message
     # Identical state, remembered results included: nothing diverged.
     assert old.snapshot() == new.snapshot() == built([*golden_commands(), NoOp(
         request_id=RequestId("x", 1))]).snapshot()
@@ -171,8 +177,8 @@ def test_after_the_upgrade_an_old_replica_halts_on_a_newer_command() -> None:
         snapshot_v2 = new.snapshot()
     old = MetadataStateMachine()
     with pytest.raises(UnsupportedMetadataVersionError,
-                       match="the snapshot needs metadata version 2; this software supports "
-                             r"1\.\.1"):
+                       match=f"the snapshot needs metadata version {NEXT}; this software "
+                             rf"supports 1\.\.{HIGH}"):
         old.restore(snapshot_v2)
     assert old.image().offset == 0  # left as it was
     # Could the old release have got here by log replay, it stops at the entry.
@@ -182,9 +188,9 @@ def test_after_the_upgrade_an_old_replica_halts_on_a_newer_command() -> None:
         assert again.snapshot() == snapshot_v2
         assert again.apply(set_retention(2, 9)).ok
     lagging = built()  # as if the old release had replayed the upgrade
-    lagging._image = dataclasses.replace(lagging.image(), metadata_version=2)
+    lagging._image = dataclasses.replace(lagging.image(), metadata_version=NEXT)
     with pytest.raises(ReplicaHaltError, match="command 'test_set_retention' needs metadata "
-                                               "version 2"):
+                                               f"version {NEXT}"):
         lagging.apply(set_retention(2, 9))
 
 

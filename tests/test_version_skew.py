@@ -19,6 +19,7 @@ import pytest
 
 from streambus_consensus.client import ApiClient
 from streambus_consensus.errors import CommandRefusedError
+from streambus_consensus.metadata.commands import supported_metadata_versions
 from streambus_consensus.testing import next_level
 from streambus_consensus.testing.harness import LocalCluster, wait_until
 from streambus_consensus.testing.linearizability import (
@@ -58,6 +59,12 @@ def digests(cluster: LocalCluster, timeout: float = 20.0) -> tuple[int, str]:
     return int(first["offset"]), str(first["sha256"])
 
 
+HIGH = supported_metadata_versions()[1]
+"""The highest metadata version this release reads."""
+NEXT = HIGH + 1
+"""The level of the next release (:mod:`streambus_consensus.testing.next_level`)."""
+
+
 def features(client: ApiClient) -> list[dict[str, Any]]:
     return [client.request("GET", "/v1/features", address=a) for a in client.addresses]
 
@@ -92,7 +99,7 @@ def test_rolling_upgrade_under_load_stays_linearizable_and_identical(
         figures.append((step, round(action_seconds, 2), sum(sum(c.values()) for c in
                                                             counts.values()), offset, sha[:12]))
 
-    assert [f["supported"] for f in features(client)] == [[1, 1]] * 3
+    assert [f["supported"] for f in features(client)] == [[1, HIGH]] * 3
     under_load("start: 3 old", lambda: None)
     order = sorted(cluster.nodes)
     for i, node_id in enumerate(order):
@@ -105,27 +112,27 @@ def test_rolling_upgrade_under_load_stays_linearizable_and_identical(
         if i < len(order) - 1:
             # Raising the version is refused while any voter runs the old release.
             with pytest.raises(CommandRefusedError) as refused:
-                client.request("POST", "/v1/features", {"metadata_version": 2})
+                client.request("POST", "/v1/features", {"metadata_version": NEXT})
             assert refused.value.code == "unsupported_metadata_version"
             for old in order[i + 1:]:
-                assert f"{old} reads 1..1" in str(refused.value)
+                assert f"{old} reads 1..{HIGH}" in str(refused.value)
             assert {f["finalized"] for f in features(client)} == {1}
-    assert [f["supported"] for f in features(client)] == [[1, 2]] * 3
+    assert [f["supported"] for f in features(client)] == [[1, NEXT]] * 3
 
     # Every node is new: the new command is still not written until the upgrade.
     with pytest.raises(CommandRefusedError) as early:
         client.request("POST", "/v1/test/topics/t0/retention", {"retention_ms": 123})
     assert early.value.code == "feature_not_enabled"
-    answer = client.request("POST", "/v1/features", {"metadata_version": 2})
-    assert answer["finalized"] == 2 and answer["voters"] == {n: [1, 2] for n in order}
+    answer = client.request("POST", "/v1/features", {"metadata_version": NEXT})
+    assert answer["finalized"] == NEXT and answer["voters"] == {n: [1, NEXT] for n in order}
     client.request("POST", "/v1/topics", {"name": "after-upgrade", "partitions": 1,
                                           "replication_factor": 1})
     client.request("POST", "/v1/test/topics/after-upgrade/retention", {"retention_ms": 123})
-    under_load("metadata version 2", lambda: None)
+    under_load(f"metadata version {NEXT}", lambda: None)
     for node_id in order:
         topic = cluster.client(node_id).request("GET", "/v1/topics/after-upgrade")
         assert topic["config"]["retention.ms"] == 123
-    assert {f["finalized"] for f in features(client)} == {2}
+    assert {f["finalized"] for f in features(client)} == {NEXT}
 
     # Rolling one node back to the old release now must fail-stop, not diverge.
     victim = order[0]
@@ -136,8 +143,8 @@ def test_rolling_upgrade_under_load_stays_linearizable_and_identical(
     wait_until(lambda: not node.alive, 20, f"the old release on {victim} to stop")
     assert node.proc is not None and node.proc.returncode not in (0, None)
     log = cluster.tail(victim, 60)
-    assert "CRITICAL" in log and "needs metadata version 2" in log
-    assert "this software supports 1..1" in log
+    assert "CRITICAL" in log and f"needs metadata version {NEXT}" in log
+    assert f"this software supports 1..{HIGH}" in log
     cluster.nodes[victim].env = dict(NEXT_RELEASE)
     cluster.start(victim)
     under_load(f"{victim} back on new", lambda: None)
@@ -162,14 +169,14 @@ def test_an_old_release_stops_on_a_log_it_cannot_apply(make_cluster: ClusterFact
     cluster.wait_for_leader()
     client = cluster.client()
     config = str(node.config_path)
-    fails(4, r"unsupported_metadata_version: metadata version 3 is not readable by every "
-             r"voter \(n1 reads 1\.\.2\)", "features", "upgrade", "--metadata-version", "3",
-          "--config", config)
-    assert ok("features", "upgrade", "--metadata-version", "2", "--config", config) == (
-        "metadata version is 2 (voters: n1 reads 1..2)\n")
+    fails(4, rf"unsupported_metadata_version: metadata version {NEXT + 1} is not readable by "
+             rf"every voter \(n1 reads 1\.\.{NEXT}\)", "features", "upgrade",
+          "--metadata-version", str(NEXT + 1), "--config", config)
+    assert ok("features", "upgrade", "--metadata-version", str(NEXT), "--config", config) == (
+        f"metadata version is {NEXT} (voters: n1 reads 1..{NEXT})\n")
     [row] = rows(ok("features", "describe", "--config", config))
-    assert row[:4] == ["n1", node.api_address, "1..2", "2"]
-    fails(4, "invalid_metadata_version: metadata version 1 is below the finalized 2",
+    assert row[:4] == ["n1", node.api_address, f"1..{NEXT}", str(NEXT)]
+    fails(4, f"invalid_metadata_version: metadata version 1 is below the finalized {NEXT}",
           "features", "upgrade", "--metadata-version", "1", "--config", config)
     cluster.stop("n1")
     node.env = {}
@@ -178,8 +185,9 @@ def test_an_old_release_stops_on_a_log_it_cannot_apply(make_cluster: ClusterFact
     assert node.proc is not None and node.proc.returncode not in (0, None)
     log = cluster.tail("n1", 60)
     assert ("CRITICAL streambus_consensus.raft.node: n1: cannot apply log entry" in log
-            and "the cluster needs metadata version 2; this software supports 1..1" in log), log
+            and f"the cluster needs metadata version {NEXT}; this software supports 1..{HIGH}"
+            in log), log
     node.env = dict(NEXT_RELEASE)
     cluster.start("n1")
     cluster.wait_for_leader()
-    assert client.request("GET", "/v1/features")["finalized"] == 2
+    assert client.request("GET", "/v1/features")["finalized"] == NEXT

@@ -10,6 +10,7 @@ go to listeners. Readers take a consistent :class:`MetadataImage`.
 from __future__ import annotations
 
 from .commands import (
+    BATCHED_ENTRIES_VERSION,
     ELECTION_KINDS,
     FORMAT_VERSION,
     MAX_METADATA_VERSION,
@@ -70,6 +71,7 @@ from .records import (
 )
 
 __all__ = [
+    "BATCHED_ENTRIES_VERSION",
     "CLEANUP_POLICIES",
     "COMPRESSION_TYPES",
     "ELECTION_KINDS",

@@ -40,6 +40,7 @@ from .. import codec
 from ..errors import CodecError, UnsupportedMetadataVersionError
 
 __all__ = [
+    "BATCHED_ENTRIES_VERSION",
     "ELECTION_KINDS",
     "FORMAT_VERSION",
     "MAX_METADATA_VERSION",
@@ -72,6 +73,12 @@ __all__ = [
 FORMAT_VERSION: Final = 1
 """The metadata version of every command kind of this release (the first
 element of their encoding); also the version of a cluster that never set one."""
+
+BATCHED_ENTRIES_VERSION: Final = 2
+"""The metadata version from which a log entry may carry several commands
+(coalesced proposals, :mod:`streambus_consensus.raft.batch`). It adds no
+command kind: a release that reads it unpacks batch entries, one that does
+not would stop on them, so none is written below it."""
 
 MAX_METADATA_VERSION: Final = 32767
 """Largest metadata version a command may name (Kafka's feature levels are int16)."""
@@ -606,7 +613,7 @@ _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
 
 _BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA.items()}
 _LEVEL: Final[dict[type[Any], int]] = dict.fromkeys(_SCHEMA, FORMAT_VERSION)
-_SUPPORTED: list[int] = [FORMAT_VERSION, FORMAT_VERSION]  # [lowest, highest] decodable
+_SUPPORTED: list[int] = [FORMAT_VERSION, BATCHED_ENTRIES_VERSION]  # [lowest, highest] read
 
 
 def supported_metadata_versions() -> tuple[int, int]:

@@ -173,6 +173,9 @@ class MetadataStore:
                 f"{level}; the cluster's is {finalized} (raise it with 'features upgrade')",
                 node_id=self.node.node_id)
         data = encode_command(command)
+        # A broker's epoch is its registration's log index: a registration
+        # never shares an entry with another command.
+        alone = isinstance(command, RegisterBroker)
         deadline = time.monotonic() + (timeout or self.write_timeout)
         attempt = 0
         while True:
@@ -183,7 +186,8 @@ class MetadataStore:
                     f"{command.request_id.seq}: no outcome before the deadline; it may still "
                     "apply, retry with the same request id", node_id=self.node.node_id)
             try:
-                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0))
+                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0),
+                                                        alone=alone)
             except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
                 attempt += 1
                 logger.debug("retrying %s after %s", command.request_id, exc)
