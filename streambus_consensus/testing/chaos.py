@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConsensusError
+from ..metadata.commands import supported_metadata_versions
 from ..raft.snapshot import unpack_snapshot
 from .harness import LocalCluster
 from .linearizability import (
@@ -702,6 +703,11 @@ class _Run:
             self.setup_write("POST", "/v1/brokers", {
                 "broker_id": broker, "endpoint": f"broker{broker}.test:9092",
                 "rack": f"r{broker}", "fenced": False}, f"register broker {broker}")
+        # The highest metadata version this release reads: writes are then
+        # coalesced into batch entries, and the checks cover that path too.
+        self.setup_write("POST", "/v1/features",
+                         {"metadata_version": supported_metadata_versions()[1]},
+                         "finalize the metadata version")
         for lane in ("process", "network"):
             # Through the workload, so that the history and the feed check know it.
             config = {"cleanup.policy": "delete", "retention.ms": 604_800_000}
