@@ -194,3 +194,30 @@ def test_concurrent_readers_and_a_writer_on_real_threads(trio: Any) -> None:
         for t in threads:
             t.join(10)
     assert not errors, errors[:5]
+
+
+def test_reads_keep_working_beside_peers_that_ignore_read_index(tmp_path: Path) -> None:
+    """A rolling upgrade: the two other voters run a release without ReadIndex,
+    which ignores its messages (they arrive as unknown application
+    messages). Rounds and asks then fall back to committing a barrier."""
+    ports = free_ports(3)
+    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    machines = {n: KeyValueStateMachine() for n in cluster}
+    nodes = {n: RaftNode(config(n, cluster, tmp_path), machines[n]) for n in cluster}
+    try:
+        for n in nodes.values():
+            n.start()
+        for old in ("n2", "n3"):
+            engine = nodes[old]._engine
+            assert engine is not None
+            engine._pso_transport.reads = None  # as a release without ReadIndex: ignored
+        new = nodes["n1"]
+        leader = nodes[new.wait_for_leader(10)]
+        for i in range(5):
+            leader.propose(kv_command("set", "k", i), timeout=5)
+            new.read_index(timeout=5)
+            assert machines["n1"].get("k") == i
+        assert new.reads.barrier_rounds >= 5  # every round or ask needed its barrier
+    finally:
+        for n in nodes.values():
+            n.stop()
