@@ -15,13 +15,16 @@ import pytest
 from streambus_consensus import (
     ConsensusError,
     NodeConfig,
+    NodeState,
     NodeStoppedError,
     NoLeaderError,
+    NotLeaderError,
     ProposalTimeoutError,
     RaftNode,
 )
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
 from streambus_consensus.provision import generate_secret
+from streambus_consensus.raft.readindex import ReadIndex
 from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
 
 SECRET = generate_secret()
@@ -221,3 +224,150 @@ def test_reads_keep_working_beside_peers_that_ignore_read_index(tmp_path: Path) 
     finally:
         for n in nodes.values():
             n.stop()
+
+
+# -- the ReadIndex rules on a fake engine (no threads, no network) ----------------------
+
+
+class FakeEngine:
+    """The engine as ReadIndex sees it: fields to set, messages and proposals recorded."""
+
+    def __init__(self, node_id: str = "n1", voters: tuple[str, ...] = ("n2", "n3")) -> None:
+        self.node_id = node_id
+        self.state = NodeState.LEADER
+        self.term = 3
+        self.leader_id: str | None = node_id
+        self.commit_index = 10
+        self.applied_index = 10
+        self.committed_in_term = True
+        self.last_log_index = 10
+        self.last_log_term = 3
+        self.election_deadline = 0.0
+        self._voters = list(voters)
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.proposed: list[Any] = []
+
+    def voters(self) -> list[str]:
+        return list(self._voters)
+
+    def forget_leader(self) -> None:
+        self.leader_id = None
+
+    def send(self, peer_id: str, message: dict[str, Any]) -> bool:
+        self.sent.append((peer_id, message))
+        return True
+
+    def propose(self, command: bytes, callback: Any) -> None:
+        self.proposed.append(callback)
+
+    def pings(self) -> list[tuple[str, dict[str, Any]]]:
+        out = [(p, m) for p, m in self.sent if m["type"] == "app:read_index.ping"]
+        self.sent.clear()
+        return out
+
+
+def _reads(clock: list[float]) -> tuple[ReadIndex, list[tuple[Future[int], Any]]]:
+    settled: list[tuple[Future[int], Any]] = []
+    reads = ReadIndex(node_id="n1", barrier=b"\x01", settle=settled.extend, retry=0.4,
+                      clock=lambda: clock[0])
+    return reads, settled
+
+
+def _pong(reads: ReadIndex, engine: FakeEngine, peer: str, ping: dict[str, Any],
+          ok: bool = True) -> None:
+    reads.on_message(engine, peer, {"type": "app:read_index.pong", "term": ping["term"],
+                                    "round": ping["round"], "ok": ok})
+
+
+def test_a_read_arriving_during_a_round_waits_for_the_next_round() -> None:
+    clock = [100.0]
+    reads, settled = _reads(clock)
+    engine = FakeEngine()
+    reads._capable.update({"n2", "n3"})  # peers known to answer: no barrier
+    first: Future[int] = Future()
+    reads.submit(first, 110.0)
+    reads.pump(engine)
+    round_one = engine.pings()
+    assert [p for p, _ in round_one] == ["n2", "n3"] and not engine.proposed
+    second: Future[int] = Future()
+    reads.submit(second, 110.0)
+    engine.commit_index = engine.applied_index = 12  # a write committed meanwhile
+    reads.pump(engine)
+    assert engine.pings() == []  # one round at a time
+    _pong(reads, engine, "n2", round_one[0][1])
+    # The first read is served at the index recorded when its round began; the
+    # second could have followed a write acknowledged after that round's pings
+    # left, so it needs a round of its own.
+    assert settled == [(first, 10)]
+    round_two = engine.pings()
+    assert [m["round"] for _, m in round_two] == [round_one[0][1]["round"] + 1] * 2
+    _pong(reads, engine, "n2", round_one[1][1])  # a late answer to the old round
+    assert len(settled) == 1
+    _pong(reads, engine, "n3", round_two[1][1])
+    assert settled[1] == (second, 12)
+
+
+def test_a_voter_in_a_later_term_fails_the_round_retriably() -> None:
+    clock = [100.0]
+    reads, settled = _reads(clock)
+    engine = FakeEngine()
+    read: Future[int] = Future()
+    reads.submit(read, 110.0)
+    reads.pump(engine)
+    ping = engine.pings()[0][1]
+    _pong(reads, engine, "n2", ping, ok=False)
+    [(future, error)] = settled
+    assert future is read and isinstance(error, NotLeaderError) and error.retriable
+
+
+def test_losing_leadership_mid_round_fails_its_reads() -> None:
+    clock = [100.0]
+    reads, settled = _reads(clock)
+    engine = FakeEngine()
+    read: Future[int] = Future()
+    reads.submit(read, 110.0)
+    reads.pump(engine)
+    engine.state, engine.leader_id, engine.term = NodeState.FOLLOWER, "n2", 4
+    reads.pump(engine)
+    [(future, error)] = settled
+    assert future is read and isinstance(error, NotLeaderError) and error.leader_hint == "n2"
+
+
+def test_a_new_leader_waits_for_an_entry_of_its_term_before_a_round() -> None:
+    clock = [100.0]
+    reads, _ = _reads(clock)
+    engine = FakeEngine()
+    engine.committed_in_term = False
+    reads.submit(Future(), 110.0)
+    reads.pump(engine)
+    assert engine.pings() == []
+    engine.committed_in_term = True
+    reads.pump(engine)
+    assert len(engine.pings()) == 2
+
+
+def test_a_voter_acknowledges_only_a_leader_of_its_term_or_later() -> None:
+    clock = [100.0]
+    reads, _ = _reads(clock)
+    voter = FakeEngine(node_id="n2")
+    voter.state, voter.leader_id = NodeState.FOLLOWER, "n1"
+    for term, ok in ((2, False), (3, True), (4, True)):
+        reads.on_message(voter, "n1", {"type": "app:read_index.ping", "term": term, "round": 1})
+        assert voter.sent.pop()[1]["ok"] is ok
+
+
+def test_a_read_past_its_deadline_fails_and_a_cancelled_one_is_dropped() -> None:
+    clock = [100.0]
+    reads, settled = _reads(clock)
+    engine = FakeEngine()
+    engine.state, engine.leader_id = NodeState.FOLLOWER, None  # no leader known
+    late: Future[int] = Future()
+    gone: Future[int] = Future()
+    reads.submit(late, 101.0)
+    reads.submit(gone, 101.0)
+    gone.cancel()
+    clock[0] = 102.0
+    reads.pump(engine)
+    [error] = [e for f, e in settled if f is late]
+    assert isinstance(error, NoLeaderError)
+    assert reads.waiting == 0

@@ -101,6 +101,7 @@ class _Round:
     need: int
     reads: list[_Read]
     started: float
+    voters: frozenset[str]
     acks: set[str] = field(default_factory=set)
 
 
@@ -246,7 +247,7 @@ class ReadIndex:
         voters = engine.voters()
         need = (len(voters) + 1) // 2 + 1
         current = _Round(next(self._seq), engine.term, engine.commit_index, need,
-                         self._queue, now, {self._node_id})
+                         self._queue, now, frozenset(voters), {self._node_id})
         self._queue = []
         self._round = current
         self.rounds += 1
@@ -269,7 +270,7 @@ class ReadIndex:
     def _on_pong(self, engine: ReadEngine, peer_id: str, message: Mapping[str, Any]) -> None:
         current = self._round
         if (current is None or message.get("round") != current.seq
-                or message.get("term") != current.term):
+                or message.get("term") != current.term or peer_id not in current.voters):
             return
         if message.get("ok") is not True:
             # A voter is in a later term: another leader may be serving writes.
