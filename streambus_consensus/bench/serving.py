@@ -60,6 +60,21 @@ def _figure(call: Call, callers: int, seconds: float) -> dict[str, Any]:
             if summary.get(k) is not None}
 
 
+def _figures(write_name: str, write: Call, callers: tuple[int, ...], read_name: str,
+             reads: tuple[Call, Call], read_callers: int,
+             seconds: float) -> dict[str, dict[str, Callable[[], dict[str, Any]]]]:
+    """The figures of one cluster: writes at each caller count (the same call in
+    both modes), reads at ``read_callers`` (the old path before, ReadIndex after)."""
+    figures: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {}
+    for c in callers:
+        figures[f"{write_name} {c} callers"] = dict.fromkeys(
+            MODES, functools.partial(_figure, write, c, seconds))
+    figures[f"{read_name} {read_callers} callers"] = {
+        mode: functools.partial(_figure, call, read_callers, seconds)
+        for mode, call in zip(MODES, reads, strict=True)}
+    return figures
+
+
 def _rounds(figures: dict[str, dict[str, Callable[[], dict[str, Any]]]], rounds: int,
             set_mode: Callable[[str], None], log: Log) -> dict[str, dict[str, Any]]:
     """Run every figure in both modes ``rounds`` times; medians and ratios."""
@@ -117,13 +132,8 @@ def _metadata(base: Path, callers: tuple[int, ...], read_callers: int, seconds: 
                 def read_after(_thread: int, _i: int) -> None:
                     store.describe_topic("read-me", linearizable=True)
 
-                figures: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {}
-                for c in callers:
-                    figures[f"create_topic {c} callers"] = dict.fromkeys(
-                        MODES, functools.partial(_figure, create, c, seconds))
-                figures[f"linearizable read {read_callers} callers"] = {
-                    "before": lambda: _figure(read_before, read_callers, seconds),
-                    "after": lambda: _figure(read_after, read_callers, seconds)}
+                figures = _figures("create_topic", create, callers, "linearizable read",
+                                   (read_before, read_after), read_callers, seconds)
 
                 def set_mode(mode: str) -> None:
                     store.node.config.max_batch_commands = 1 if mode == "before" else 256
@@ -158,13 +168,8 @@ def _kv(base: Path, callers: tuple[int, ...], read_callers: int, seconds: float,
                 node.read_index()
                 sm.get("read-me")
 
-            figures: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {}
-            for c in callers:
-                figures[f"kv set {c} callers"] = dict.fromkeys(
-                    MODES, functools.partial(_figure, write, c, seconds))
-            figures[f"kv linearizable get {read_callers} callers"] = {
-                "before": lambda: _figure(read_before, read_callers, seconds),
-                "after": lambda: _figure(read_after, read_callers, seconds)}
+            figures = _figures("kv set", write, callers, "kv linearizable get",
+                               (read_before, read_after), read_callers, seconds)
 
             def set_mode(mode: str) -> None:
                 node.config.max_batch_commands = 1 if mode == "before" else 256
