@@ -814,7 +814,7 @@ class RaftNode:
     def export_snapshot(self, timeout: float | None = None) -> bytes:
         """Take a snapshot now and return its file's bytes (checksummed; see
         :mod:`.snapshot`): everything applied on this node when called, cut at
-        one log index. Call :meth:`barrier` first to include everything the
+        one log index. Call :meth:`read_index` first to include everything the
         cluster committed. Raises :class:`ProposalTimeoutError` if no such
         snapshot is written within ``timeout`` (default ``proposal_timeout``).
         """
