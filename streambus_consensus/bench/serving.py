@@ -7,9 +7,9 @@ the bench process calling the store (or the node) directly. fsync is on.
 Two clusters, one after the other:
 
 - **metadata**: ``create_topic`` (3 partitions, RF 3, on 3 heartbeating
-  brokers) at 1 and 32 callers; linearizable ``describe_topic`` at 32
-  callers. The cluster is at metadata version 2 (batches allowed).
-- **kv**: ``set`` at 1 and 32 callers; linearizable ``get`` at 32 callers.
+  brokers) and linearizable ``describe_topic``, at 1 and 32 callers. The
+  cluster is at metadata version 2 (batches allowed).
+- **kv**: ``set`` and linearizable ``get``, at 1 and 32 callers.
 
 Each figure is measured in both modes, alternated within every round
 (``--rounds``, order rotated) so a noisy machine hits both alike; medians
@@ -61,17 +61,19 @@ def _figure(call: Call, callers: int, seconds: float) -> dict[str, Any]:
 
 
 def _figures(write_name: str, write: Call, callers: tuple[int, ...], read_name: str,
-             reads: tuple[Call, Call], read_callers: int,
+             reads: tuple[Call, Call], read_callers: tuple[int, ...],
              seconds: float) -> dict[str, dict[str, Callable[[], dict[str, Any]]]]:
     """The figures of one cluster: writes at each caller count (the same call in
-    both modes), reads at ``read_callers`` (the old path before, ReadIndex after)."""
+    both modes), reads at each of ``read_callers`` (the old path before,
+    ReadIndex after)."""
     figures: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {}
     for c in callers:
         figures[f"{write_name} {c} callers"] = dict.fromkeys(
             MODES, functools.partial(_figure, write, c, seconds))
-    figures[f"{read_name} {read_callers} callers"] = {
-        mode: functools.partial(_figure, call, read_callers, seconds)
-        for mode, call in zip(MODES, reads, strict=True)}
+    for c in read_callers:
+        figures[f"{read_name} {c} callers"] = {
+            mode: functools.partial(_figure, call, c, seconds)
+            for mode, call in zip(MODES, reads, strict=True)}
     return figures
 
 
@@ -105,8 +107,8 @@ def _rounds(figures: dict[str, dict[str, Callable[[], dict[str, Any]]]], rounds:
     return out
 
 
-def _metadata(base: Path, callers: tuple[int, ...], read_callers: int, seconds: float,
-              rounds: int, log: Log) -> dict[str, Any]:
+def _metadata(base: Path, callers: tuple[int, ...], read_callers: tuple[int, ...],
+              seconds: float, rounds: int, log: Log) -> dict[str, Any]:
     with LocalCluster(3, base, app="metadata",
                       settings={"broker_session_timeout": 86_400.0}) as cluster:
         config = NodeConfig.from_toml(cluster.nodes["n1"].config_path)
@@ -146,7 +148,7 @@ def _metadata(base: Path, callers: tuple[int, ...], read_callers: int, seconds: 
             store.close()
 
 
-def _kv(base: Path, callers: tuple[int, ...], read_callers: int, seconds: float,
+def _kv(base: Path, callers: tuple[int, ...], read_callers: tuple[int, ...], seconds: float,
         rounds: int, log: Log) -> dict[str, Any]:
     with LocalCluster(3, base, app="kv") as cluster:
         config = NodeConfig.from_toml(cluster.nodes["n1"].config_path)
@@ -197,7 +199,7 @@ def _lead(cluster: LocalCluster, node: RaftNode) -> None:
     wait_until(moved, 30, "leadership to move to the bench process", interval=0.5)
 
 
-def run(base: Path, *, callers: tuple[int, ...] = (1, 32), read_callers: int = 32,
+def run(base: Path, *, callers: tuple[int, ...] = (1, 32), read_callers: tuple[int, ...] = (1, 32),
         seconds: float = 2.0, rounds: int = 3, log: Log = print) -> dict[str, Any]:
     """Both clusters; see the module docstring."""
     started = time.monotonic()
