@@ -4,6 +4,7 @@ real TCP, real node processes)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -311,3 +312,34 @@ def test_many_writers_on_a_metadata_cluster_share_entries_once_upgraded(
         assert after - before < len(results), (after - before, len(results))
         listed = client.request("GET", "/v1/topics?linearizable=1")["topics"]
         assert set(results) <= set(listed)
+
+
+def test_no_proposal_is_lost_while_the_raft_thread_swaps_its_batch(tmp_path: Path) -> None:
+    """Regression: a queued job once held the list it would append to, bound
+    when it was made; a job made just before the Raft thread swapped in a new
+    list appended to the old one, already proposed, and its future never
+    resolved (654 of 9000 proposals in the test that found it)."""
+    (port,) = free_ports(1)
+    node = RaftNode(_config("n1", {"n1": f"127.0.0.1:{port}"}, tmp_path),
+                    KeyValueStateMachine(batching=True))
+    futures: list[Future[Any]] = []
+
+    def propose() -> None:
+        for i in range(2000):
+            futures.append(node.propose_async(kv_command("set", f"k{i}", i)))
+
+    interval = sys.getswitchinterval()
+    with node:
+        node.wait_for_leader(10)
+        threads = [threading.Thread(target=propose) for _ in range(3)]
+        sys.setswitchinterval(1e-6)  # switch threads often, so the window is hit
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        finally:
+            sys.setswitchinterval(interval)
+        for future in futures:
+            future.result(30)
+        assert node.batches_proposed > 0

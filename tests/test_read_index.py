@@ -79,12 +79,15 @@ def test_reads_write_no_log_entries_and_are_batched(trio: Any) -> None:
     leader = nodes[nodes["n1"].wait_for_leader(10)]
     leader.propose(kv_command("set", "k", 0), timeout=5)
     follower = next(n for n in nodes.values() if n is not leader)
-    # The follower learns that the leader answers asks (its first ask also
-    # proposed a barrier, in case the leader ran a release without ReadIndex).
+    # Both learn that the other runs ReadIndex; until then each round or ask
+    # also committed a barrier (in case the peers ran a release without it).
+    base = leader.status().last_log_index
+    leader.read_index(timeout=5)
     follower.read_index(timeout=5)
-    wait_until(lambda: leader.status().last_log_index == leader.commit_index
+    barriers = leader.reads.barrier_rounds + follower.reads.barrier_rounds
+    wait_until(lambda: leader.commit_index == base + barriers
                and all(n.applied_index == leader.commit_index for n in nodes.values()), 5,
-               "replicas to catch up")
+               "the barriers to be applied everywhere")
     last = leader.commit_index
     rounds = leader.reads.rounds
     futures: list[Future[int]] = []

@@ -272,7 +272,11 @@ class RaftNode:
         tick = self.config.tick_interval
         try:
             while not self._stopping.is_set():
-                while self._inbox:
+                # Only the jobs queued when the pass began: callers that keep
+                # queueing must not keep the engine from ticking.
+                # Only the jobs queued when the pass began: callers that keep
+                # queueing must not keep the engine from ticking.
+                for _ in range(len(self._inbox)):
                     self._inbox.popleft()()
                 if self._coalescing:
                     self._propose_coalesced(engine)
@@ -597,11 +601,15 @@ class RaftNode:
         # KeyError. The command is handed to the engine on the Raft thread,
         # at the top of its next pass (the wake ends the current wait).
         if coalesce:
-            self._inbox.append(functools.partial(self._coalescing.append, (entry, future)))
+            # Looked up when the job runs: _propose_coalesced swaps the list.
+            self._inbox.append(functools.partial(self._coalesce, entry, future))
         else:
             self._inbox.append(functools.partial(self._propose_now, engine, entry, future))
         transport.wake()
         return future
+
+    def _coalesce(self, entry: bytes, future: Future[Any]) -> None:
+        self._coalescing.append((entry, future))
 
     def _propose_now(self, engine: Engine, entry: bytes, future: Future[Any]) -> None:
         self._propose_entry(engine, entry, [future],

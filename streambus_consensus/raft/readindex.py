@@ -22,8 +22,8 @@ it.
 
 **Mixed versions.** The messages travel on the cluster's authenticated links
 under the application-message prefix (``app:``), which releases without
-ReadIndex ignore silently. A peer counts as *capable* once it has answered
-or asked. While fewer capable voters than a majority are known, a round also
+ReadIndex ignore silently. A peer counts as *capable* once it has sent any
+of them. While fewer capable voters than a majority are known, a round also
 commits a barrier (a no-op entry) and is confirmed by whichever comes first,
 a majority of acknowledgements or the barrier's commit (both prove
 leadership in the current term after the round began). A follower whose
@@ -201,6 +201,7 @@ class ReadIndex:
         """Handle one of :data:`READ_INDEX_MESSAGES` from ``peer_id`` (Raft thread)."""
         kind = message.get("type")
         if kind == _PING:
+            self._capable.add(peer_id)  # it runs ReadIndex: it will answer asks
             term, seq = message.get("term"), message.get("round")
             if type(term) is int and type(seq) is int:
                 # Acknowledge unless this voter is in a later term: it has then
