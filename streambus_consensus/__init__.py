@@ -25,6 +25,7 @@ from .errors import (
     TransportError,
 )
 from .interfaces import (
+    BatchApplier,
     ConsistentSnapshotter,
     LogEntry,
     Node,
@@ -38,6 +39,7 @@ from .interfaces import (
 from .raft import DiskStorage, MemoryStorage, RaftNode, TcpTransport
 
 __all__ = [
+    "BatchApplier",
     "CodecError",
     "CommandRefusedError",
     "CommandTooLargeError",

@@ -137,6 +137,12 @@ class NodeConfig:
     max_pending_proposals: int = 100_000
     """Proposals queued on this node before new ones fail with QueueFullError."""
 
+    max_batch_commands: int = 256
+    """Most commands coalesced into one log entry. Proposals queued at the same
+    moment share an entry (one fsync, one round trip) when the state machine
+    allows it; a batch also stays under ``max_command_bytes``. ``1`` turns
+    coalescing off."""
+
     proposal_timeout: float = 5.0
     """Default timeout of a blocking proposal."""
 
@@ -344,6 +350,7 @@ class NodeConfig:
                 "must be between 2 x heartbeat_interval and 2 x election_timeout_max",
             )
         for name, low in (("max_append_bytes", 1024), ("max_pending_proposals", 1),
+                          ("max_batch_commands", 1),
                           ("snapshot_interval_entries", 2), ("snapshot_chunk_bytes", 1024),
                           ("max_command_bytes", 1024), ("api_max_connections", 1),
                           ("api_max_in_flight", 1), ("api_handler_threads", 1)):

@@ -12,12 +12,13 @@ Optional capabilities are separate small protocols
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "BatchApplier",
     "ConsistentSnapshotter",
     "LogEntry",
     "Node",
@@ -64,6 +65,27 @@ class StateMachine(Protocol):
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with one produced by :meth:`snapshot`."""
+        ...
+
+
+@runtime_checkable
+class BatchApplier(Protocol):
+    """Optional: a state machine whose commands may share one log entry.
+
+    The node coalesces proposals queued at the same moment into one entry
+    (see :mod:`streambus_consensus.raft.batch`) only while
+    ``batching_allowed()`` is true, which must mean that every replica, now
+    and later, reads the envelope (a release without it cannot). Each
+    command is applied in order by ``apply_batch``, with the same guarantees
+    as ``apply``, and gets its own result.
+    """
+
+    def batching_allowed(self) -> bool:
+        """Whether a batch entry may be written now (read on the Raft thread)."""
+        ...
+
+    def apply_batch(self, index: int, commands: Sequence[bytes]) -> list[Any]:
+        """Apply the commands of the entry at ``index`` in order; one result each."""
         ...
 
 

@@ -12,10 +12,17 @@ tests and the benchmarks of raw replication use it. Commands and results are
 
 Malformed commands are refused with an ``("error", reason)`` result, never an
 exception: every replica must stay identical.
+
+Coalescing (several commands in one log entry) is off unless the machine is
+built with ``batching=True``: this example machine has no feature levels, so
+only turn it on when every node of the cluster runs a release that reads
+batch entries (one without them would apply a batch as one malformed
+command, and diverge).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from . import codec
@@ -34,10 +41,19 @@ def kv_command(op: str, *args: _Value) -> bytes:
 class KeyValueStateMachine:
     """A dict of ``str`` keys to plain values, driven through Raft."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, batching: bool = False) -> None:
         self._data: dict[str, Any] = {}
+        self._batching = batching
         self.applied = 0
         """Commands applied (including refused ones)."""
+
+    def batching_allowed(self) -> bool:
+        """Whether commands may share a log entry (the ``batching`` argument)."""
+        return self._batching
+
+    def apply_batch(self, index: int, commands: Sequence[bytes]) -> list[Any]:
+        """Apply a batch entry's commands in order (``index`` is not used)."""
+        return [self.apply(command) for command in commands]
 
     def get(self, key: str) -> Any:
         """Local read (may be stale on a follower)."""

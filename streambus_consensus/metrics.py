@@ -28,6 +28,9 @@ name (after the prefix)                        type      what
 ``proposals_committed_total``                  counter   proposals applied
 ``proposals_failed_total{reason}``             counter   proposals failed, by error class
 ``entries_applied_total``                      counter   log entries applied here
+``proposal_batches_total``                     counter   entries carrying several commands
+``batched_commands_total``                     counter   commands proposed in those entries
+``read_index_rounds_total``                    counter   leadership confirmations for reads
 ``snapshots_total``                            counter   snapshots written
 ``fast_elections_total``                       counter   early elections (leader gone)
 ``pre_vote_rounds_total``                      counter   pre-votes asked (timer ran out)
@@ -145,6 +148,12 @@ class NodeCollector(Collector):
             ("entries_applied", "Log entries applied to the state machine on this node",
              node.applied_entries),
             ("snapshots", "Snapshots written", node.snapshots_taken),
+            ("proposal_batches", "Log entries proposed here carrying several commands",
+             node.batches_proposed),
+            ("batched_commands", "Commands proposed here inside batch entries",
+             node.batched_commands),
+            ("read_index_rounds", "Leadership confirmation rounds for linearizable reads, "
+             "as leader", node.reads.rounds),
             ("fast_elections", "Elections started early because the leader's address "
              "refused connections", node.fast_elections),
             ("pre_vote_rounds", "Pre-vote rounds started because the election timer ran "

@@ -33,6 +33,7 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "batch_appends": False,
     "max_append_bytes": 1 << 20,
     "max_pending_proposals": 100_000,
+    "max_batch_commands": 256,
     "proposal_timeout": 5.0,
     "snapshot_interval_entries": 10_000,
     "snapshot_interval_seconds": 3600.0,
@@ -386,6 +387,7 @@ def test_stepdown_of_wrong_type_is_refused(stepdown: Any) -> None:
 # -- integer limits -------------------------------------------------------------------
 
 INTEGER_MINIMUMS = {"max_append_bytes": 1024, "max_pending_proposals": 1,
+                    "max_batch_commands": 1,
                     "snapshot_interval_entries": 2, "snapshot_chunk_bytes": 1024,
                     "max_command_bytes": 1024, "api_max_connections": 1,
                     "api_max_in_flight": 1, "api_handler_threads": 1}

@@ -183,6 +183,12 @@ GOOD = codec.decode(encode_command(
 ))
 
 
+HIGH = supported_metadata_versions()[1]
+"""The highest metadata version this release reads."""
+NEXT = HIGH + 1
+"""The level of the next release (:mod:`streambus_consensus.testing.next_level`)."""
+
+
 @pytest.mark.parametrize(
     ("value", "fragment"),
     [

@@ -561,7 +561,8 @@ def _feature_not_enabled(h: Harness) -> ApplyResult:
 
 @scenario(RefusalCode.INVALID_METADATA_VERSION)
 def _invalid_metadata_version(h: Harness) -> ApplyResult:
-    h.fsm._image = dataclasses.replace(h.fsm.image(), metadata_version=2)
+    h.fsm._image = dataclasses.replace(h.fsm.image(),
+                                       metadata_version=supported_metadata_versions()[1])
     return h.refused(SetMetadataVersion(request_id=h.rid(), level=1),
                      RefusalCode.INVALID_METADATA_VERSION)
 

@@ -65,6 +65,7 @@ def golden_commands() -> list[Command]:
     return out
 
 
+
 def built(commands: list[Command] | None = None) -> MetadataStateMachine:
     fsm = MetadataStateMachine()
     for command in golden_commands() if commands is None else commands:

@@ -63,6 +63,7 @@ def digests(cluster: LocalCluster, timeout: float = 20.0) -> tuple[int, str]:
     return int(first["offset"]), str(first["sha256"])
 
 
+
 def features(client: ApiClient) -> list[dict[str, Any]]:
     return [client.request("GET", "/v1/features", address=a) for a in client.addresses]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .commands import (
     BATCH_CREATE_VERSION,
+    BATCHED_ENTRIES_VERSION,
     ELECTION_KINDS,
     FORMAT_VERSION,
     MAX_METADATA_VERSION,
@@ -75,6 +76,7 @@ from .records import (
 )
 
 __all__ = [
+    "BATCHED_ENTRIES_VERSION",
     "BATCH_CREATE_VERSION",
     "CLEANUP_POLICIES",
     "COMPRESSION_TYPES",

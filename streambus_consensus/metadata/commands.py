@@ -41,6 +41,7 @@ from .. import codec
 from ..errors import CodecError, UnsupportedMetadataVersionError
 
 __all__ = [
+    "BATCHED_ENTRIES_VERSION",
     "BATCH_CREATE_VERSION",
     "ELECTION_KINDS",
     "FORMAT_VERSION",
@@ -85,6 +86,11 @@ single creates, see :meth:`~.store.MetadataStore.create_topics`)."""
 
 MAX_TOPICS_PER_BATCH: Final = 1000
 """Most topics one :class:`CreateTopics` may carry."""
+BATCHED_ENTRIES_VERSION: Final = 2
+"""The metadata version (the release of :data:`BATCH_CREATE_VERSION`) from which
+a log entry may carry several commands (coalesced proposals,
+:mod:`streambus_consensus.raft.batch`); a release that reads it unpacks batch
+entries, one that does not would stop on them, so none is written below it."""
 
 MAX_METADATA_VERSION: Final = 32767
 """Largest metadata version a command may name (Kafka's feature levels are int16)."""
@@ -739,7 +745,8 @@ _SCHEMA: Final[dict[type[Any], tuple[str, dict[str, _Kind]]]] = {
 _BY_NAME: Final[dict[str, type[Any]]] = {name: cls for cls, (name, _) in _SCHEMA.items()}
 _LEVEL: Final[dict[type[Any], int]] = dict.fromkeys(_SCHEMA, FORMAT_VERSION)
 _LEVEL[CreateTopics] = BATCH_CREATE_VERSION
-_SUPPORTED: list[int] = [FORMAT_VERSION, BATCH_CREATE_VERSION]  # [lowest, highest] decodable
+# [lowest, highest] decodable: level 2 brings both CreateTopics and batch entries.
+_SUPPORTED: list[int] = [FORMAT_VERSION, max(BATCH_CREATE_VERSION, BATCHED_ENTRIES_VERSION)]
 
 
 def supported_metadata_versions() -> tuple[int, int]:

@@ -14,7 +14,7 @@ import collections
 import gc
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .fsm import ApplyResult, Change, MetadataImage, MetadataStateMachine
@@ -141,6 +141,18 @@ class WatchedStateMachine:
         if result.changes:
             self.feed.append(index, result.changes)
         return result
+
+    def batching_allowed(self) -> bool:
+        """See :meth:`MetadataStateMachine.batching_allowed`."""
+        return self.fsm.batching_allowed()
+
+    def apply_batch(self, index: int, commands: Sequence[bytes]) -> list[ApplyResult]:
+        """Apply a batch entry; its changes are one event at ``index``."""
+        results = self.fsm.apply_batch(index, commands)
+        changes = [change for result in results for change in result.changes]
+        if changes:
+            self.feed.append(index, tuple(changes))
+        return results
 
     def apply(self, command: bytes) -> ApplyResult:
         """Apply at the next offset."""

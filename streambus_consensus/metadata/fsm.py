@@ -67,6 +67,7 @@ from ..errors import (
     UnsupportedMetadataVersionError,
 )
 from .commands import (
+    BATCHED_ENTRIES_VERSION,
     AddPartitions,
     AlterIsr,
     AlterTopicConfig,
@@ -887,6 +888,37 @@ class MetadataStateMachine:
                 f"entry {index!r} is at or below the applied offset {current}; ignored",
                 current,
             )
+        return self._apply_entry(index, command)
+
+    def batching_allowed(self) -> bool:
+        """Whether commands may share a log entry: the finalized metadata
+        version is at least :data:`~.commands.BATCHED_ENTRIES_VERSION`, so
+        every voter reads batch entries (``features upgrade`` checked)."""
+        return self._image.metadata_version >= BATCHED_ENTRIES_VERSION
+
+    def apply_batch(self, index: int, commands: Sequence[bytes]) -> list[ApplyResult]:
+        """Apply the commands of the batch entry at ``index``, in order.
+
+        Each gets exactly what :meth:`apply_at` would have answered had it
+        been alone in an entry at ``index`` (its refusal, its request id
+        remembered for retries, its changes); results carry ``index`` as
+        their offset. Commands whose result depends on having a log index
+        of their own (:class:`~.commands.RegisterBroker`: the index is the
+        broker epoch) are proposed alone by the store. Raises
+        :class:`~streambus_consensus.errors.ReplicaHaltError` as
+        :meth:`apply_at` does.
+        """
+        current = self._image.offset
+        if type(index) is not int or index <= current:
+            refused = _refusal(
+                RefusalCode.ALREADY_APPLIED,
+                f"entry {index!r} is at or below the applied offset {current}; ignored",
+                current,
+            )
+            return [refused] * len(commands)
+        return [self._apply_entry(index, command) for command in commands]
+
+    def _apply_entry(self, index: int, command: bytes) -> ApplyResult:
         finalized = self._image.metadata_version
         try:
             cmd = decode_command(command)

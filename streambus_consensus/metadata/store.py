@@ -14,8 +14,9 @@ caller gets its own node's result of applying them.
 - **Refusals** ("topic exists") raise :class:`CommandRefusedError` with a
   stable ``code``; nothing changed.
 - **Reads** are local (:meth:`MetadataStore.image`, with the offset they
-  reflect; may trail the leader) or linearizable (``linearizable=True``: a
-  read command through the log).
+  reflect; may trail the leader) or linearizable (``linearizable=True``:
+  ReadIndex, the leader confirms it still leads and this node catches up to
+  its commit index; no log entry).
 - **Watches** deliver every change in log order with its offset, on their own
   thread; resume from an offset, or start from a full image.
 - **Heartbeats** go to the leader's controller, in memory, never in the log
@@ -62,7 +63,6 @@ from .commands import (
     DeleteTopic,
     ElectLeaders,
     FenceBroker,
-    Read,
     ReassignReplicas,
     RegisterBroker,
     RequestId,
@@ -85,6 +85,12 @@ __all__ = ["AsyncMetadataStore", "MetadataStore", "NewTopic"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _alone(command: Command) -> bool:
+    """Whether ``command`` must have a log entry of its own: a broker's epoch is
+    its registration's log index, so a registration never shares an entry."""
+    return isinstance(command, RegisterBroker)
 
 
 def _backoff(attempt: int, deadline: float) -> float:
@@ -192,6 +198,7 @@ class MetadataStore:
         """
         self._check_level(command)
         data = encode_command(command)
+        alone = _alone(command)
         deadline = time.monotonic() + (timeout or self.write_timeout)
         attempt = 0
         while True:
@@ -199,7 +206,8 @@ class MetadataStore:
             if remaining <= 0:
                 raise self._deadline_error(command)
             try:
-                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0))
+                result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0),
+                                                        alone=alone)
             except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
                 attempt += 1
                 logger.debug("retrying %s after %s", command.request_id, exc)
@@ -218,6 +226,7 @@ class MetadataStore:
         and errors, holding no thread while the command goes through Raft."""
         self._check_level(command)
         data = encode_command(command)
+        alone = _alone(command)
         deadline = time.monotonic() + (timeout or self.write_timeout)
         attempt = 0
         while True:
@@ -226,7 +235,7 @@ class MetadataStore:
                 raise self._deadline_error(command)
             try:
                 result: ApplyResult = await wait_outcome(
-                    self.node, self.node.propose_async(data), min(remaining, 5.0))
+                    self.node, self.node.propose_async(data, alone=alone), min(remaining, 5.0))
             except (OutcomeUnknownError, ProposalRejectedError) as exc:
                 attempt += 1
                 logger.debug("retrying %s after %s", command.request_id, exc)
@@ -490,15 +499,9 @@ class MetadataStore:
 
     def describe_topic(self, name: str, *, linearizable: bool = False,
                        timeout: float | None = None) -> tuple[Topic, tuple[Partition, ...]] | None:
-        """A topic and its partitions, or ``None``. ``linearizable`` reads through the log."""
-        if linearizable:
-            value = self.execute(Read(request_id=self.next_request_id(), name=name),
-                                 timeout).value
-            if value is None:
-                return None
-            topic, partitions = value
-            return topic, tuple(partitions)
-        image = self.image()
+        """A topic and its partitions, or ``None``. ``linearizable`` confirms with
+        the leader first (:meth:`read_image`)."""
+        image = self.read_image(timeout=timeout) if linearizable else self.image()
         topic = image.topics.get(name)
         if topic is None:
             return None
@@ -545,10 +548,30 @@ class MetadataStore:
                 "finalized": image.metadata_version, "offset": image.offset}
 
     def read_image(self, *, timeout: float | None = None) -> MetadataImage:
-        """The whole metadata, linearizably (a read through the log)."""
-        image: MetadataImage = self.execute(
-            Read(request_id=self.next_request_id(), name=None), timeout).value
-        return image
+        """The whole metadata, linearizably: it reflects every write that
+        completed before the call.
+
+        ReadIndex (:meth:`RaftNode.read_index`): the leader confirms its
+        leadership with one round of messages that serves every read waiting
+        at that moment, and this node waits until it has applied the leader's
+        commit index; no log entry is written. Retries while no leader is
+        known or leadership moves; ProposalTimeoutError at the deadline.
+        """
+        deadline = time.monotonic() + (timeout or self.write_timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProposalTimeoutError("no linearizable read before the deadline",
+                                           node_id=self.node.node_id)
+            try:
+                self.node.read_index(timeout=min(remaining, 5.0))
+            except (OutcomeUnknownError, ProposalRejectedError) as exc:
+                attempt += 1
+                logger.debug("retrying a linearizable read after %s", exc)
+                time.sleep(min(0.05 * attempt, 0.5, max(0.0, deadline - time.monotonic())))
+                continue
+            return self.image()
 
     def list_topics(self) -> list[str]:
         """Topic names (local read)."""

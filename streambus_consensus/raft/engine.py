@@ -55,6 +55,7 @@ from ..errors import (
 )
 from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
 from .prevote import PRE_VOTE, PRE_VOTE_RESPONSE, ElectionGate
+from .readindex import READ_INDEX_MESSAGES, ReadIndex
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
@@ -195,6 +196,7 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         self._guard = guard
         self._app_handler = app_handler
         self.gate: ElectionGate | None = None
+        self.reads: ReadIndex | None = None
         self.engine: Engine | None = None
 
     def deliver(self, peer_id: str, message: Mapping[str, Any]) -> None:
@@ -202,6 +204,10 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         if node is None:
             return
         kind = str(message.get("type", ""))
+        if kind in READ_INDEX_MESSAGES:
+            if self.reads is not None and self.engine is not None:
+                self.reads.on_message(self.engine, peer_id, message)
+            return
         if kind.startswith(APP_MESSAGE_PREFIX):
             if self._app_handler is not None:
                 self._app_handler(peer_id, message)
@@ -371,6 +377,7 @@ class Engine:
         on_restored: Callable[[], None] | None = None,
         gate: ElectionGate | None = None,
         send_now: Callable[[], None] | None = None,
+        reads: ReadIndex | None = None,
     ) -> None:
         self._config = config
         self._send_now = send_now
@@ -446,6 +453,7 @@ class Engine:
                 _syncobj_module.createJournal = original
         guard.attach(self)
         self._pso_transport.gate, self._pso_transport.engine = gate, self
+        self._pso_transport.reads = reads
 
     # -- driving ----------------------------------------------------------------
 
@@ -574,6 +582,18 @@ class Engine:
     @property
     def log_entries(self) -> int:
         return len(self._journal)
+
+    @property
+    def committed_in_term(self) -> bool:
+        """Whether the entry at the commit index is of the current term (Raft
+        thread). A new leader knows its commit index only from then on (thesis
+        §6.4); PySyncObj appends a no-op on election, so this comes within a
+        round trip."""
+        journal = self._journal
+        if not len(journal):
+            return False
+        position = self.commit_index - int(journal[0][1])
+        return 0 <= position < len(journal) and int(journal[position][2]) == self.term
 
     @property
     def election_deadline(self) -> float:

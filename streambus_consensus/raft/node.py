@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -51,8 +51,10 @@ from ..interfaces import (
     Storage,
 )
 from ..logutil import audit
+from .batch import BATCH_OVERHEAD, COMMAND_OVERHEAD, pack_batch, unpack_batch
 from .engine import APP_MESSAGE_PREFIX, Engine, error_for
 from .prevote import ElectionGate
+from .readindex import ReadIndex
 from .safety import MessageGuard
 from .snapshot import unpack_snapshot
 from .storage import DiskStorage, MemoryStorage
@@ -68,6 +70,7 @@ T = TypeVar("T")
 # its own no-op entries (barriers) beside the state machine's commands.
 _USER = b"\x00"
 _BARRIER = b"\x01"
+_BATCH = b"\x02"  # several commands, see .batch
 
 LeaderListener = Callable[[str | None, int], None]
 AppHandler = Callable[[str, Mapping[str, Any]], None]
@@ -76,6 +79,10 @@ AppHandler = Callable[[str, Mapping[str, Any]], None]
 def _fail(future: Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+class _BatchResults(list[Any]):
+    """The results of a batch entry's commands, in order."""
 
 
 class _ApplyFailed:
@@ -123,6 +130,8 @@ class RaftNode:
         self._worker: threading.Thread | None = None
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._coalescing: list[tuple[bytes, Future[Any]]] = []
+        """Commands queued on the Raft thread in this pass (Raft thread only)."""
         self._completed: collections.deque[tuple[Future[Any], Any, int]] = collections.deque()
         self._submitted_at: dict[Future[Any], float] = {}
         self._pending: set[Future[Any]] = set()
@@ -138,12 +147,19 @@ class RaftNode:
             min_timeout=self.config.election_timeout_min, retry=self.config.heartbeat_interval,
             patience=self.config.effective_stepdown_timeout + self.config.election_timeout_max)
         """Pre-vote and leader stickiness in front of the engine's election timer."""
+        self.reads = ReadIndex(node_id=self.config.node_id, barrier=_BARRIER,
+                               settle=self._settle_reads, retry=self.config.election_timeout_min)
+        """Linearizable reads by ReadIndex (see :mod:`.readindex`)."""
         self.fast_elections = 0
         self._fatal: BaseException | None = None
         self._fatal_listeners: list[Callable[[BaseException], None]] = []
         # Counters read by the metrics collector (single-writer: the Raft thread).
         self.leader_changes = 0
         self.proposals_committed = 0
+        self.batches_proposed = 0
+        """Batch entries this node proposed (each carries several commands)."""
+        self.batched_commands = 0
+        """Commands this node proposed inside batch entries."""
         self.proposals_failed: collections.Counter[str] = collections.Counter()
         self.apply_seconds_total = 0.0
         self.applied_entries = 0
@@ -197,7 +213,7 @@ class RaftNode:
                     snapshot_capture=self._capture_snapshot, restore=self._sm.restore,
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
-                    on_restored=self._on_restored, gate=self.gate,
+                    on_restored=self._on_restored, gate=self.gate, reads=self.reads,
                     send_now=functools.partial(self._flush, storage, transport),
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
@@ -257,10 +273,17 @@ class RaftNode:
         tick = self.config.tick_interval
         try:
             while not self._stopping.is_set():
-                while self._inbox:
+                # Only the jobs queued when the pass began: callers that keep
+                # queueing must not keep the engine from ticking.
+                # Only the jobs queued when the pass began: callers that keep
+                # queueing must not keep the engine from ticking.
+                for _ in range(len(self._inbox)):
                     self._inbox.popleft()()
+                if self._coalescing:
+                    self._propose_coalesced(engine)
                 engine.before_tick()
                 engine.tick()
+                self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._watch_leader(engine)
                 # A lone voter commits its own entries at the next tick: do
@@ -268,6 +291,7 @@ class RaftNode:
                 lone_work = (engine.single_voter
                              and engine.commit_index < engine.last_log_index)
                 transport.poll(0.0 if lone_work else tick)
+                self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._sample(engine)
         except StorageError as exc:
@@ -298,6 +322,7 @@ class RaftNode:
                 level = logging.WARNING if self._fatal is not None else logging.ERROR
                 logger.log(level, "%s: while stopping: %s", self.node_id, exc)
         self._stopping.set()
+        self.reads.fail_all(NodeStoppedError("node stopped", node_id=self.node_id))
         self._deliver_completed()
         if self._fatal is not None:
             for listener in list(self._fatal_listeners):
@@ -360,9 +385,14 @@ class RaftNode:
         if kind == _BARRIER:
             return None
         started = time.perf_counter()
+        result: Any
         try:
-            apply_at = getattr(self._sm, "apply_at", None)
-            result = apply_at(index, command) if apply_at is not None else self._sm.apply(command)
+            if kind == _BATCH:
+                result = self._apply_batch(index, command)
+            else:
+                apply_at = getattr(self._sm, "apply_at", None)
+                result = (apply_at(index, command) if apply_at is not None
+                          else self._sm.apply(command))
         except ReplicaHaltError as exc:  # fail-stop: stopping beats diverging
             logger.critical("%s: %s", self.node_id, exc)
             raise
@@ -376,6 +406,25 @@ class RaftNode:
         if self.apply_observer is not None:
             self.apply_observer(elapsed)
         return result
+
+    def _apply_batch(self, index: int, data: bytes) -> _BatchResults:
+        # A malformed envelope (CodecError) fails alike on every replica:
+        # each command of it is answered apply_failed.
+        commands = unpack_batch(data)
+        apply_batch = getattr(self._sm, "apply_batch", None)
+        if apply_batch is not None:
+            return _BatchResults(apply_batch(index, commands))
+        results = _BatchResults()
+        for command in commands:
+            try:
+                results.append(self._sm.apply(command))
+            except ReplicaHaltError:
+                raise
+            except Exception as exc:
+                logger.error("%s: state machine raised applying a command at index %d; "
+                             "returning the error", self.node_id, index, exc_info=True)
+                results.append(_ApplyFailed(exc))
+        return results
 
     def _capture_snapshot(self) -> Callable[[], bytes]:
         if isinstance(self._sm, ConsistentSnapshotter):
@@ -431,8 +480,14 @@ class RaftNode:
 
     # -- proposing -----------------------------------------------------------------
 
-    def propose_async(self, command: bytes) -> Future[Any]:
+    def propose_async(self, command: bytes, *, alone: bool = False) -> Future[Any]:
         """Replicate ``command``; the future resolves to the state machine's result.
+
+        Commands proposed at the same moment share one log entry when the
+        state machine allows it (:class:`~streambus_consensus.interfaces.BatchApplier`);
+        each still gets its own result. ``alone`` keeps this one in an entry
+        of its own (for a command whose result depends on its log index
+        being its own, such as a broker registration's epoch).
 
         The future fails with a :class:`ConsensusError`: a
         :class:`ProposalRejectedError` subclass when the command was not
@@ -444,15 +499,87 @@ class RaftNode:
             raise CommandTooLargeError(
                 f"command of {len(command)} bytes is over max_command_bytes "
                 f"({self.config.max_command_bytes})", node_id=self.node_id)
-        return self._submit(_USER + bytes(command))
+        return self._submit(_USER + bytes(command), coalesce=not alone)
 
-    def propose(self, command: bytes, timeout: float | None = None) -> Any:
+    def propose(self, command: bytes, timeout: float | None = None, *,
+                alone: bool = False) -> Any:
         """Replicate ``command`` and return the state machine's result.
 
         Raises :class:`ProposalTimeoutError` after ``timeout`` (default
         ``config.proposal_timeout``); the command may still be applied later.
+        See :meth:`propose_async` for ``alone``.
         """
-        return self._wait(self.propose_async(command), timeout)
+        return self._wait(self.propose_async(command, alone=alone), timeout)
+
+    def read_index_async(self, timeout: float | None = None) -> Future[int]:
+        """Start a linearizable read (ReadIndex, see :mod:`.readindex`).
+
+        The future resolves to a log index once this node's applied index
+        has reached it: a read of the local state machine made after that
+        sees every write that completed before this call. No log entry is
+        written; one leadership confirmation serves every read waiting at
+        that moment. Works on any node (a follower asks the leader).
+
+        The future fails with :class:`NotLeaderError` (retriable: leadership
+        was lost while confirming), :class:`NoLeaderError` (none was known
+        before the deadline) or :class:`ProposalTimeoutError` after
+        ``timeout`` (default ``config.proposal_timeout``); with
+        :class:`NodeStoppedError` when the node stops. Cancelling the future
+        drops the read.
+        """
+        _, transport = self._running()
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        future: Future[int] = Future()
+        with self._pending_lock:
+            self._pending.add(future)
+        self._inbox.append(functools.partial(self.reads.submit, future,
+                                             time.monotonic() + limit))
+        transport.wake()
+        return future
+
+    def read_index(self, timeout: float | None = None) -> int:
+        """Block until a linearizable read may run here; return the read index.
+
+        See :meth:`read_index_async`. Leadership moving while the read is
+        confirmed (:class:`NotLeaderError`, :class:`NoLeaderError`) is retried
+        until ``timeout`` (default ``config.proposal_timeout``), then
+        :class:`ProposalTimeoutError` (retriable) is raised.
+        """
+        limit = self.config.proposal_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            future = self.read_index_async(max(remaining, 0.0) + 1.0)
+            try:
+                return future.result(max(remaining, 0.0))
+            except (NotLeaderError, NoLeaderError) as exc:
+                if time.monotonic() + 0.01 >= deadline:
+                    raise ProposalTimeoutError(f"no read index within {limit:.3g}s: {exc}",
+                                               node_id=self.node_id) from None
+                time.sleep(0.01)
+            except FutureTimeout:
+                future.cancel()
+                with self._pending_lock:
+                    self._pending.discard(future)
+                raise ProposalTimeoutError(f"no read index within {limit:.3g}s",
+                                           node_id=self.node_id) from None
+
+    def _settle_reads(self, done: list[tuple[Future[int], int | BaseException]]) -> None:
+        # Raft thread: settle on the worker, so callers' callbacks never run here.
+        self._jobs.put(functools.partial(self._settle_reads_now, done))
+
+    def _settle_reads_now(self, done: list[tuple[Future[int], int | BaseException]]) -> None:
+        with self._pending_lock:
+            for future, _ in done:
+                self._pending.discard(future)
+        for future, outcome in done:
+            try:
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            except InvalidStateError:
+                pass  # the caller cancelled it
 
     def barrier(self, timeout: float | None = None) -> int:
         """Commit a no-op through the log and wait for it.
@@ -463,27 +590,7 @@ class RaftNode:
         self._wait(self._submit(_BARRIER), timeout)
         return self.applied_index
 
-    def read_index_async(self) -> Future[int]:
-        """A future resolving to an applied index at which this node may serve a
-        linearizable read: every entry committed before the call is applied.
-
-        Stand-in until ReadIndex: a barrier through the log. The ReadIndex
-        implementation replaces this method (same signature and errors).
-        """
-        barrier = self._submit(_BARRIER)
-        index: Future[int] = Future()
-
-        def done(finished: Future[Any]) -> None:
-            error = finished.exception()
-            if error is not None:
-                _fail(index, error)
-            elif not index.done():
-                index.set_result(self.applied_index)
-
-        barrier.add_done_callback(done)
-        return index
-
-    def _submit(self, entry: bytes) -> Future[Any]:
+    def _submit(self, entry: bytes, *, coalesce: bool = False) -> Future[Any]:
         future: Future[Any] = Future()
         engine, transport = self._running()
         with self._pending_lock:
@@ -494,18 +601,71 @@ class RaftNode:
         # refilled); a proposal from another thread in between failed with
         # KeyError. The command is handed to the engine on the Raft thread,
         # at the top of its next pass (the wake ends the current wait).
-        self._inbox.append(functools.partial(self._propose_now, engine, entry, future))
+        if coalesce:
+            # Looked up when the job runs: _propose_coalesced swaps the list.
+            self._inbox.append(functools.partial(self._coalesce, entry, future))
+        else:
+            self._inbox.append(functools.partial(self._propose_now, engine, entry, future))
         transport.wake()
         return future
 
+    def _coalesce(self, entry: bytes, future: Future[Any]) -> None:
+        self._coalescing.append((entry, future))
+
     def _propose_now(self, engine: Engine, entry: bytes, future: Future[Any]) -> None:
+        self._propose_entry(engine, entry, [future],
+                            functools.partial(self._on_engine_result, future))
+
+    def _propose_entry(self, engine: Engine, entry: bytes, futures: list[Future[Any]],
+                       callback: Callable[[Any, int], None]) -> None:
         try:
-            engine.propose(entry, functools.partial(self._on_engine_result, future))
+            engine.propose(entry, callback)
         except Exception as exc:  # never let one proposal stop the Raft thread
             with self._pending_lock:
-                self._pending.discard(future)
-                self._submitted_at.pop(future, None)
-            self._jobs.put(functools.partial(_fail, future, exc))
+                for future in futures:
+                    self._pending.discard(future)
+                    self._submitted_at.pop(future, None)
+            for future in futures:
+                self._jobs.put(functools.partial(_fail, future, exc))
+
+    def _propose_coalesced(self, engine: Engine) -> None:
+        """Propose the commands queued in this pass: one entry per batch, each
+        batch capped at ``max_batch_commands`` commands and ``max_command_bytes``
+        bytes (so it fits wherever one command fits; see ``max_frame_bytes``)."""
+        queued, self._coalescing = self._coalescing, []
+        allowed = getattr(self._sm, "batching_allowed", None)
+        if len(queued) == 1 or allowed is None or not allowed():
+            for entry, future in queued:
+                self._propose_now(engine, entry, future)
+            return
+        max_count, max_bytes = self.config.max_batch_commands, self.config.max_command_bytes
+        group: list[tuple[bytes, Future[Any]]] = []
+        size = 1 + BATCH_OVERHEAD
+        for entry, future in queued:
+            cost = COMMAND_OVERHEAD + len(entry) - 1
+            if group and (len(group) >= max_count or size + cost > max_bytes):
+                self._propose_group(engine, group)
+                group, size = [], 1 + BATCH_OVERHEAD
+            group.append((entry, future))
+            size += cost
+        self._propose_group(engine, group)
+
+    def _propose_group(self, engine: Engine, group: list[tuple[bytes, Future[Any]]]) -> None:
+        if len(group) == 1:
+            self._propose_now(engine, *group[0])
+            return
+        futures = [future for _, future in group]
+        entry = _BATCH + pack_batch([entry[1:] for entry, _ in group])
+        self.batches_proposed += 1
+        self.batched_commands += len(group)
+        self._propose_entry(engine, entry, futures,
+                            functools.partial(self._on_batch_result, futures))
+
+    def _on_batch_result(self, futures: list[Future[Any]], result: Any, code: int) -> None:
+        if code == 0 and isinstance(result, _BatchResults) and len(result) == len(futures):
+            self._completed.extend((f, r, 0) for f, r in zip(futures, result, strict=True))
+        else:  # one failure for all: not committed, or the whole entry failed to apply
+            self._completed.extend((f, result, code) for f in futures)
 
     def _on_engine_result(self, future: Future[Any], result: Any, code: int) -> None:
         self._completed.append((future, result, code))
@@ -663,7 +823,7 @@ class RaftNode:
     def export_snapshot(self, timeout: float | None = None) -> bytes:
         """Take a snapshot now and return its file's bytes (checksummed; see
         :mod:`.snapshot`): everything applied on this node when called, cut at
-        one log index. Call :meth:`barrier` first to include everything the
+        one log index. Call :meth:`read_index` first to include everything the
         cluster committed. Raises :class:`ProposalTimeoutError` if no such
         snapshot is written within ``timeout`` (default ``proposal_timeout``).
         """

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConsensusError
+from ..metadata.commands import supported_metadata_versions
 from ..raft.snapshot import unpack_snapshot
 from .harness import LocalCluster
 from .linearizability import (
@@ -287,6 +288,9 @@ class ChaosReport:
     for these, so a run with any fails; PySyncObj's "truncating
     already-applied log entries" (engine issue E2) is one."""
     engine_fixes: dict[str, float] = field(default_factory=dict)
+    serving: dict[str, float] = field(default_factory=dict)
+    """Batch entries, batched commands and ReadIndex rounds, summed over the
+    nodes since each one's last start (the new write and read paths at work)."""
     """``streambus_consensus_engine_*`` counters summed over the nodes at the end
     of the fault phase (since each node's last start): how often each engine
     fix had to act."""
@@ -406,6 +410,9 @@ class ChaosReport:
             fired = ", ".join(f"{name} {value:g}"
                               for name, value in sorted(self.engine_fixes.items()))
             lines.append(f"engine fixes fired      {fired}")
+        if self.serving:
+            used = ", ".join(f"{name} {value:g}" for name, value in sorted(self.serving.items()))
+            lines.append(f"batches and reads       {used}")
         lines.append(f"replicas converged      images {_yes(self.images_identical)}, "
                      f"snapshots {_yes(self.snapshots_identical)} "
                      f"(offset {self.converged_offset})")
@@ -440,6 +447,11 @@ def _yes(value: bool | None) -> str:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+_SERVING_COUNTERS = frozenset({"proposal_batches_total", "batched_commands_total",
+                               "read_index_rounds_total"})
+"""Counters of the new write and read paths shown in the report."""
 
 
 class _Run:
@@ -702,6 +714,11 @@ class _Run:
             self.setup_write("POST", "/v1/brokers", {
                 "broker_id": broker, "endpoint": f"broker{broker}.test:9092",
                 "rack": f"r{broker}", "fenced": False}, f"register broker {broker}")
+        # The highest metadata version this release reads: writes are then
+        # coalesced into batch entries, and the checks cover that path too.
+        self.setup_write("POST", "/v1/features",
+                         {"metadata_version": supported_metadata_versions()[1]},
+                         "finalize the metadata version")
         for lane in ("process", "network"):
             # Through the workload, so that the history and the feed check know it.
             config = {"cleanup.policy": "delete", "retention.ms": 604_800_000}
@@ -775,7 +792,9 @@ class _Run:
             self.error(f"replica images differ at offsets {offsets}")
             for node, image in images.items():
                 (self.run_dir / f"image-{node}.json").write_text(image)
-        self.report.engine_fixes = self.engine_counters()
+        counters = self.node_counters()
+        self.report.engine_fixes = {k: v for k, v in counters.items() if k.startswith("engine_")}
+        self.report.serving = {k: v for k, v in counters.items() if k in _SERVING_COUNTERS}
         index = next(iter(applied.values()))
         for node in nodes:
             self.call(node, "POST", "/v1/snapshot")
@@ -802,8 +821,8 @@ class _Run:
             self.error(f"snapshot state bytes differ at index {index}: "
                        + ", ".join(f"{n}: {len(s)} bytes" for n, s in states.items()))
 
-    def engine_counters(self) -> dict[str, float]:
-        """The nodes' ``streambus_consensus_engine_*_total`` counters, summed."""
+    def node_counters(self) -> dict[str, float]:
+        """The nodes' ``streambus_consensus_*_total`` counters, summed."""
         totals: dict[str, float] = {}
         for node in self.cluster.running():
             host, _, port = self.cluster.nodes[node].api_address.rpartition(":")
@@ -816,7 +835,7 @@ class _Run:
             finally:
                 conn.close()
             for line in text.splitlines():
-                if line.startswith("streambus_consensus_engine_") and "_total" in line:
+                if line.startswith("streambus_consensus_") and "_total" in line:
                     name, _, value = line.rpartition(" ")
                     metric = name.split("{", 1)[0].removeprefix("streambus_consensus_")
                     with contextlib.suppress(ValueError):
