@@ -46,6 +46,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from ..metadata.commands import supported_metadata_versions
 from ..metadata.store import MetadataStore
 from ..testing.harness import LocalCluster
 from ._load import LoadPool, Target, topic_value
@@ -77,6 +78,10 @@ def _points(callers: int) -> list[tuple[str, int]]:
     return [("create", callers), ("create", 1), ("read", callers), ("read", 1)]
 
 
+HIGHEST = supported_metadata_versions()[1]
+"""The metadata version both of our clusters are finalized at."""
+
+
 class _Systems:
     """The three systems, started once for the whole section."""
 
@@ -94,6 +99,9 @@ class _Systems:
         self.http_leader = self.http.wait_for_leader(30)
         self.http_address = self.http.nodes[self.http_leader].api_address
         setup = HttpCaller(self.http_address, self.http.secret)
+        # A new cluster starts at metadata version 1; finalize this release's
+        # highest so writes are coalesced (docs/operations.md, metadata versions).
+        setup.request("POST", "/v1/features", {"metadata_version": HIGHEST})
         register_brokers(setup)
         setup.request("POST", "/v1/topics", {"name": READ_TOPIC, "partitions": 3,
                                              "replication_factor": 3})
@@ -112,6 +120,7 @@ class _Systems:
             except TimeoutError:
                 if attempt == 4:
                     raise
+        self.store.upgrade_metadata_version(HIGHEST)
         for i in range(6):
             self.store.register_broker(i, f"127.0.0.1:{19092 + i}", rack=f"rack-{i % 3}",
                                        fenced=False)
