@@ -99,13 +99,25 @@ def _health(local: LocalCluster) -> tuple[set[str], set[tuple[str, int]]]:
     return alive, seen
 
 
+def _settled_health(local: LocalCluster) -> tuple[set[str], set[tuple[str, int]]]:
+    """:func:`_health` once every node runs and names the same leader and term (a
+    node that has not heard from a new leader yet reports none)."""
+
+    def settled() -> tuple[set[str], set[tuple[str, int]]] | None:
+        alive, seen = _health(local)
+        agreed = len(alive) == len(local.nodes) and len(seen) == 1
+        return (alive, seen) if agreed and next(iter(seen))[0] is not None else None
+
+    return wait_until(settled, 20, "every node to report the same leader and term")
+
+
 @pytest.mark.cluster
 def test_bad_members_add_is_refused_at_cli_and_api_and_no_node_stops(
         make_cluster: ClusterFactory) -> None:
     local = make_cluster(3)
     local.start()
     leader = local.wait_for_leader()
-    before = _health(local)
+    before = _settled_health(local)
     env = {"STREAMBUS_CONSENSUS_SECRET": local.secret or ""}
     api = ",".join(p.api_address for p in local.nodes.values())
     for node_id, address in BAD_MEMBERS[:3]:
@@ -166,7 +178,7 @@ def test_fuzz_every_admin_route_no_node_dies_no_election(tmp_path: Path) -> None
         local.start()
         leader = local.wait_for_leader()
         clients = {n: local.client(n, timeout=10.0) for n in local.nodes}
-        before = _health(local)
+        before = _settled_health(local)
         members = set(local.nodes)
         answers: dict[str, int] = {}
         closed_port = free_ports(1)[0]
