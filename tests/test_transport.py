@@ -58,6 +58,7 @@ class Peer:
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     connected: list[str] = field(default_factory=list)
     disconnected: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     closed: bool = False
 
     def received_from(self, sender: str) -> list[dict[str, Any]]:
@@ -149,6 +150,7 @@ class Net:
                 lambda sender, message: peer.messages.append((sender, dict(message))),
                 peer.connected.append,
                 peer.disconnected.append,
+                peer.refused.append,
             )
         except BaseException:
             peer.close()
@@ -744,3 +746,22 @@ def test_a_frame_late_because_this_node_was_paused_is_not_dropped(net: Net) -> N
     net.pump(lambda: len(a.received_from("c")) == 1 or client.eof, what="the frame")
     assert not client.eof
     assert a.received_from("c")[0]["type"] == "big"
+
+
+def test_a_refused_dial_is_not_reported_while_the_peer_talks_to_us(net: Net) -> None:
+    """``fast_failover`` campaigns when the leader's address refuses a dial. A
+    refusal is stale while the peer's own connection to us is open (a dial
+    made before it listened, answered late): a node then started a needless
+    election right after the first one. A killed process's sockets all close
+    at once, so only then is the refusal news."""
+    cluster = addresses("a", "b")  # nothing listens at b's address
+    a = net.start("a", cluster)
+    client = net.raw_client(a.address)
+    authenticate(net, client, "b")
+    a.refused.clear()  # (dials before b's connection was up were refused, rightly)
+    held_until = time.monotonic() + 0.4  # a redials b every 50 ms meanwhile
+    while time.monotonic() < held_until:
+        net._poll_once()
+    assert a.refused == []
+    client.sock.close()
+    net.pump(lambda: "b" in a.refused, what="a refusal reported once b's connection closed")

@@ -204,7 +204,8 @@ class TcpTransport:
         """Bind the listener and begin connecting to peers.
 
         ``on_refused(peer)`` is told when a dial is refused outright (nothing
-        listens at the peer's address: its process is gone).
+        listens at the peer's address: its process is gone), but not while the
+        peer's own authenticated connection to us is open (a stale refusal).
         """
         self._on_message, self._on_connected = on_message, on_connected
         self._on_disconnected = on_disconnected
@@ -401,6 +402,17 @@ class TcpTransport:
 
     # -- connection set-up ------------------------------------------------------
 
+    def _refused(self, peer: str) -> None:
+        """Report a refused dial, unless ``peer`` still talks to us on its own
+        connection: a killed process's sockets all close at once, so an open,
+        authenticated incoming connection means the process lives and the
+        refusal is stale (a dial made before it listened, answered late)."""
+        if any(c.peer == peer and c.ready for c in self._in):
+            logger.debug("%s: a dial to %s was refused while its own connection is open; "
+                         "not reporting it down", self.node_id, peer)
+            return
+        self._on_refused(peer)
+
     def _dial(self, peer: str) -> None:
         host, port = self._peers[peer]
         self._next_attempt[peer] = time.monotonic() + self._retry_interval
@@ -417,7 +429,7 @@ class TcpTransport:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             if err == errno.ECONNREFUSED:
-                self._on_refused(peer)
+                self._refused(peer)
             return
         conn = _Conn(sock, outgoing=True, peer=peer)
         conn.address = f"{host}:{port}"
@@ -589,7 +601,7 @@ class TcpTransport:
             if err:
                 self._close(conn, reason=os.strerror(err), quiet=True)
                 if err == errno.ECONNREFUSED and conn.peer is not None:
-                    self._on_refused(conn.peer)
+                    self._refused(conn.peer)
                 return
             conn.connecting = False
             conn.last_recv = time.monotonic()
