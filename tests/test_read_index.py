@@ -36,12 +36,18 @@ def config(node_id: str, cluster: dict[str, str], tmp: Path, **changes: Any) -> 
                       data_dir=str(tmp / node_id), **changes)
 
 
-@pytest.fixture
-def trio(tmp_path: Path) -> Iterator[tuple[dict[str, RaftNode], dict[str, KeyValueStateMachine]]]:
+def _in_process_trio(tmp_path: Path) -> tuple[dict[str, RaftNode],
+                                               dict[str, KeyValueStateMachine]]:
+    """Three unstarted nodes on free loopback ports, each with its own kv machine."""
     ports = free_ports(3)
     cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
     machines = {n: KeyValueStateMachine() for n in cluster}
-    nodes = {n: RaftNode(config(n, cluster, tmp_path), machines[n]) for n in cluster}
+    return {n: RaftNode(config(n, cluster, tmp_path), machines[n]) for n in cluster}, machines
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[tuple[dict[str, RaftNode], dict[str, KeyValueStateMachine]]]:
+    nodes, machines = _in_process_trio(tmp_path)
     try:
         for n in nodes.values():
             n.start()
@@ -206,10 +212,7 @@ def test_reads_keep_working_beside_peers_that_ignore_read_index(tmp_path: Path) 
     """A rolling upgrade: the two other voters run a release without ReadIndex,
     which ignores its messages (they arrive as unknown application
     messages). Rounds and asks then fall back to committing a barrier."""
-    ports = free_ports(3)
-    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
-    machines = {n: KeyValueStateMachine() for n in cluster}
-    nodes = {n: RaftNode(config(n, cluster, tmp_path), machines[n]) for n in cluster}
+    nodes, machines = _in_process_trio(tmp_path)
     try:
         for n in nodes.values():
             n.start()

@@ -43,7 +43,6 @@ from ..config import NodeConfig
 from ..errors import (
     CommandRefusedError,
     NoLeaderError,
-    NotLeaderError,
     OutcomeUnknownError,
     ProposalRejectedError,
     ProposalTimeoutError,
@@ -208,13 +207,9 @@ class MetadataStore:
             try:
                 result: ApplyResult = self.node.propose(data, timeout=min(remaining, 5.0),
                                                         alone=alone)
-            except (OutcomeUnknownError, NoLeaderError, NotLeaderError) as exc:
+            except (OutcomeUnknownError, ProposalRejectedError) as exc:  # incl. (no) leader
                 attempt += 1
                 logger.debug("retrying %s after %s", command.request_id, exc)
-                time.sleep(_backoff(attempt, deadline))
-                continue
-            except ProposalRejectedError:
-                attempt += 1
                 time.sleep(_backoff(attempt, deadline))
                 continue
             result.raise_for_refusal()
