@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import ssl
@@ -55,13 +56,42 @@ def _kill_leftovers() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
+_PICK_FLOOR = 10_000
+"""Lowest port :func:`free_ports` hands out."""
+
+
+def _ephemeral_floor() -> int:
+    """The first port the kernel picks for outgoing connections (Linux's
+    ``ip_local_port_range``; 32768 where it cannot be read)."""
     try:
-        for _ in range(count):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports on 127.0.0.1 that were free a moment ago.
+
+    Picked below the kernel's ephemeral range when there is room: a port
+    from ``bind(0)`` comes from that range, and between picking it and a node
+    binding it, any outgoing connection (a node dialling a peer) may take it
+    as its source port ("Address already in use" at start-up). All are held
+    until all are picked, so they are distinct.
+    """
+    socks: list[socket.socket] = []
+    top = _ephemeral_floor()
+    try:
+        candidates = (random.sample(range(_PICK_FLOOR, top), min(top - _PICK_FLOOR, 64 + count))
+                      if top - _PICK_FLOOR >= count else [])
+        for port in [*candidates, *[0] * count]:
+            if len(socks) == count:
+                break
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
