@@ -189,12 +189,17 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
     """PySyncObj's transport interface over ours, with the message guard in front."""
 
     def __init__(self, transport: Transport, members: dict[str, Member], guard: MessageGuard,
-                 app_handler: Callable[[str, Mapping[str, Any]], None] | None):
+                 app_handler: Callable[[str, Mapping[str, Any]], None] | None,
+                 forward_wait: float):
         super().__init__(None, None, [])
         self._transport = transport
         self._members = members
         self._guard = guard
         self._app_handler = app_handler
+        self._forward_wait = forward_wait
+        self._unsent: list[tuple[str, dict[str, Any], float]] = []
+        """Forwarded commands whose link to the leader was down (E20):
+        (leader id, message, give-up time)."""
         self.gate: ElectionGate | None = None
         self.reads: ReadIndex | None = None
         self.engine: Engine | None = None
@@ -268,7 +273,38 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         self._transport.remove_peer(node.id)
 
     def send(self, node: Member, message: Any) -> bool:
-        return self._transport.send(node.id, message)
+        if self._transport.send(node.id, message):
+            return True
+        if message.get("type") == "apply_command":
+            # Engine issue E20: the engine ignores a failed send of a command
+            # it forwards to the leader; held here until the link is up.
+            self._unsent.append((str(node.id), message,
+                                 time.monotonic() + self._forward_wait))
+        return False
+
+    def resend_forwards(self, leader_id: str | None) -> None:
+        """Send the held forwards (E20) once the link to their leader is up.
+
+        A forward whose leader is no longer the leader, or whose link stayed
+        down for ``forward_wait``, was never delivered, so never applied: its
+        caller is told so (``NOT_LEADER``, retriable) through a response
+        forged as if from that leader. The engine has already failed it with
+        ``LEADER_CHANGED`` when it saw the leader change; then the forged
+        response finds no caller and does nothing.
+        """
+        if not self._unsent:
+            return
+        now = time.monotonic()
+        held, self._unsent = self._unsent, []
+        for peer_id, message, give_up in held:
+            if peer_id == leader_id and now < give_up:
+                if self._unsent or not self._transport.send(peer_id, message):
+                    self._unsent.append((peer_id, message, give_up))  # keep their order
+            elif "request_id" in message:
+                node = self._members.get(peer_id) or Member(peer_id, "")
+                self._onMessageReceived(node, {
+                    "type": "apply_command_response", "request_id": message["request_id"],
+                    "error": FAIL_REASON.NOT_LEADER})
 
     def destroy(self) -> None:
         pass  # the node closes the transport itself
@@ -415,7 +451,8 @@ class Engine:
         self._self = members.pop(config.node_id)
         self._members = members
         self.guard = guard
-        self._pso_transport = _EngineTransport(transport, members, guard, app_handler)
+        self._pso_transport = _EngineTransport(transport, members, guard, app_handler,
+                                               forward_wait=config.election_timeout_max)
         self.gate = gate
         self._consumer = _Consumer(self._apply_entry)
         conf = SyncObjConf(
@@ -462,6 +499,7 @@ class Engine:
 
         Raises what a snapshot load raised (see :meth:`_deserialize`).
         """
+        self._pso_transport.resend_forwards(self.leader_id)
         self._obj.doTick(0.0)
         if self._load_failure is not None:
             raise self._load_failure
