@@ -765,3 +765,18 @@ def test_a_refused_dial_is_not_reported_while_the_peer_talks_to_us(net: Net) -> 
     assert a.refused == []
     client.sock.close()
     net.pump(lambda: "b" in a.refused, what="a refusal reported once b's connection closed")
+
+
+def test_a_peer_that_dials_in_is_dialled_back_at_once(net: Net) -> None:
+    """A node whose dial was refused (the peer was not listening yet) dials
+    again as soon as the peer's own connection arrives, not after its retry
+    interval: until then it cannot send to the peer (a forward to a new
+    leader waited on that link, E20)."""
+    cluster = addresses("a", "b")
+    a = net.start("a", cluster, retry_interval=30.0)
+    net.pump(lambda: "b" in a.refused, what="a's first dial to be refused")
+    b = net.start("b", cluster)
+    started = time.monotonic()
+    net.pump(lambda: "b" in a.connected and "a" in b.connected, timeout=5.0,
+             what="links both ways")
+    assert time.monotonic() - started < 2.0

@@ -515,6 +515,11 @@ class TcpTransport:
         if conn.outgoing and conn.peer is not None:
             logger.info("%s: connected to %s", self.node_id, conn.peer)
             self._on_connected(conn.peer)
+        elif conn.peer is not None and conn.peer in self._peers and conn.peer not in self._out:
+            # The peer is up (it just dialled us): dial it back now rather than
+            # after the retry interval, so that what we send it (a forward to
+            # a new leader, E20) does not wait for our link.
+            self._next_attempt[conn.peer] = 0.0
 
     def _mac(self, *parts: bytes) -> bytes:
         return hmac.new(self._key, b"|".join(parts), hashlib.sha256).digest()
