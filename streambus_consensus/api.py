@@ -66,7 +66,7 @@ from .errors import (
 from .logutil import RateLimitedLog
 from .tls import describe_failure
 
-__all__ = ["ApiError", "ApiRequest", "ApiServer", "Route", "sign_request"]
+__all__ = ["ApiError", "ApiRequest", "ApiServer", "InPool", "Route", "sign_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,18 @@ class ApiRequest:
 Handler = Callable[[ApiRequest], Any]
 """A route's handler: a plain function (run on a handler thread) or an ``async``
 one (run on the event loop: it must not block; await Raft instead)."""
+
+
+@dataclass(frozen=True)
+class InPool:
+    """What an ``async`` route returns to build its answer on a handler thread.
+
+    The route waits on the event loop without holding a thread (a long poll),
+    then hands over the work that would stall the loop: ``build()`` runs on a
+    handler thread, and its JSON-able result is encoded there.
+    """
+
+    build: Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -418,7 +430,8 @@ class ApiServer:
         if is_async:
             asyncio.get_running_loop().create_task(self._run_async(conn, route, request))
         else:
-            self._offload(conn, functools.partial(_run_sync, route, request))
+            self._offload(conn, functools.partial(_run_sync, functools.partial(
+                route.handler, request), request))
 
 
     def _offload(self, conn: _Connection, work: Callable[[], _Response]) -> None:
@@ -446,14 +459,17 @@ class ApiServer:
     async def _run_async(self, conn: _Connection, route: Route, request: ApiRequest) -> None:
         try:
             result = await route.handler(request)
+            if isinstance(result, InPool):  # in flight until the handler thread is done
+                self._offload(conn, functools.partial(_run_sync, result.build, request))
+                return
             response: _Response = (200, json.dumps({"result": result}).encode(), JSON, ())
         except asyncio.CancelledError:
+            self.in_flight -= 1
             conn.abort()
             raise
         except Exception as exc:
             response = _error_response(exc, request.method, request.path)
-        finally:
-            self.in_flight -= 1
+        self.in_flight -= 1
         conn.respond(*response)
 
 
@@ -478,10 +494,11 @@ def _metrics_response(metrics: Callable[[], tuple[bytes, str]]) -> _Response:
     return 200, payload, content_type, ()
 
 
-def _run_sync(route: Route, request: ApiRequest) -> _Response:
-    """A plain route on a handler thread, its answer encoded there too."""
+def _run_sync(build: Callable[[], Any], request: ApiRequest) -> _Response:
+    """A plain route (or an :class:`InPool` answer) on a handler thread, its
+    answer encoded there too."""
     try:
-        return 200, json.dumps({"result": route.handler(request)}).encode(), JSON, ()
+        return 200, json.dumps({"result": build()}).encode(), JSON, ()
     except Exception as exc:
         return _error_response(exc, request.method, request.path)
 

@@ -225,9 +225,9 @@ class NodeConfig:
 
     api_handler_threads: int = 8
     """Threads that run the API routes that block (membership changes,
-    snapshots, ``/v1/watch`` long polls, which hold one for up to their wait).
-    The hot routes never occupy one: they run on the API's event loop and
-    await Raft."""
+    snapshots, status) and build large ``/v1/watch`` answers. The hot routes
+    and the long polls of ``/v1/watch`` never occupy one while they wait:
+    they run on the API's event loop and await Raft or the change feed."""
 
     api_request_timeout: float = 10.0
     """Longest a client may take to send one whole request (line, headers and

@@ -387,3 +387,46 @@ def test_invalid_arguments_get_one_clear_400_each(
         client.request("POST", "/v1/topics", {"name": "t", "partitions": 1,
                                               "replication_factor": 1})
     assert refused.value.code == "topic_exists"
+
+
+def test_long_polls_hold_no_handler_thread_and_all_wake_on_a_change(
+        make_cluster: ClusterFactory) -> None:
+    """Brokers long-poll ``/v1/watch``. Each poll used to hold one of the
+    node's ``api_handler_threads`` (8) for its whole wait, so a ninth watcher,
+    and every route that needs a thread (membership, features, snapshots),
+    waited for a poll to end. Now polls wait on the event loop."""
+    cluster, leader = start(make_cluster)
+    node = next(n for n in cluster.nodes if n != leader)
+    offset = cluster.client(node).request("GET", "/v1/topics")["offset"]
+    watchers = 24  # three times api_handler_threads
+    answers: list[tuple[float, list[Any]]] = []
+    lock = threading.Lock()
+
+    def poll() -> None:
+        client = cluster.client(node, timeout=30)
+        try:
+            got = client.request("GET", f"/v1/watch?after={offset}&wait=20")["events"]
+            with lock:
+                answers.append((time.monotonic(), got))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=poll, name=f"test-poll-{i}") for i in range(watchers)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)  # every poll is waiting now
+        started = time.monotonic()
+        features = cluster.client(node, timeout=10).request("GET", "/v1/features")
+        assert time.monotonic() - started < 2.0, "a route that needs a thread waited for polls"
+        assert features is not None
+        assert not answers, "a poll answered before any change"
+        created = time.monotonic()
+        cluster.client(leader).request("POST", "/v1/brokers", {
+            "broker_id": 7, "endpoint": "broker7.test:9092", "rack": "rack-7"})
+    finally:
+        for thread in threads:
+            thread.join(30)
+    assert len(answers) == watchers
+    assert all(e[0] - created < 5.0 for e in answers)
+    assert all(got and got[0]["offset"] > offset for _, got in answers)

@@ -122,3 +122,48 @@ def test_the_compact_watch_format_carries_every_change_in_bounded_answers() -> N
     assert len(fenced) >= 10  # the fence is one event, cut across answers
     assert any("topics" in run and not isinstance(run["recovering"], list)
                for run in compact_events(events, 0, 100)["events"][-1]["runs"])
+
+
+def test_readers_on_an_event_loop_wake_on_a_change_and_time_out_without_leaking() -> None:
+    import asyncio
+    import time
+
+    machine = WatchedStateMachine()
+    register(machine, 1)
+    feed = machine.feed
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # Nothing new after 1: the wait runs out, and leaves no waiter behind.
+        started = loop.time()
+        await feed.wait_async(1, 0.2)
+        assert loop.time() - started >= 0.19
+        assert feed.read(1, timeout=0) == []
+        assert not feed._waiters
+        # Already news (offset 0 < 1): no wait at all.
+        started = loop.time()
+        await feed.wait_async(0, 5)
+        assert loop.time() - started < 0.1
+        # Many readers, one change from another thread (the Raft thread's role).
+        readers = [asyncio.ensure_future(feed.wait_async(1, 5)) for _ in range(100)]
+        await asyncio.sleep(0.05)
+        assert not any(r.done() for r in readers)
+        changed = threading.Timer(0.1, register, (machine, 2))
+        changed.start()
+        started = loop.time()
+        await asyncio.gather(*readers)
+        assert loop.time() - started < 2.0
+        assert [e.offset for e in feed.read(1, timeout=0)] == [2]
+        assert not feed._waiters
+        # A restored snapshot wakes readers too (they then need an image).
+        waiting = asyncio.ensure_future(feed.wait_async(2, 5))
+        await asyncio.sleep(0.05)
+        threading.Timer(0.05, feed.reset, (10,)).start()
+        await waiting
+        assert feed.read(2, timeout=0)[0].is_reset
+
+    threads = threading.active_count()
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 5
+    assert threading.active_count() <= threads + 1  # no thread per reader

@@ -10,13 +10,16 @@ image (a ``reset`` event) and then the changes after it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..raft.aio import wait_done
 from .fsm import ApplyResult, Change, MetadataImage, MetadataStateMachine
 
 __all__ = ["ChangeFeed", "MetadataEvent", "Watch", "WatchedStateMachine"]
@@ -53,6 +56,8 @@ class ChangeFeed:
         self._floor = 0
         """Every change with an offset above this is in ``_events``."""
         self._cond = threading.Condition()
+        self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        """Readers waiting on event loops (:meth:`wait_async`), by loop."""
         self.resets = 0
         """Watchers that had to be sent a full image because they fell behind."""
 
@@ -62,25 +67,57 @@ class ChangeFeed:
             if len(self._events) == self._events.maxlen:
                 self._floor = self._events[0].offset
             self._events.append(MetadataEvent(offset, changes))
-            self._cond.notify_all()
+            self._notify()
 
     def reset(self, offset: int) -> None:
         """Forget everything up to ``offset`` (after a snapshot is restored)."""
         with self._cond:
             self._events.clear()
             self._floor = offset
-            self._cond.notify_all()
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake every reader (lock held): threads, and one call per event loop."""
+        self._cond.notify_all()
+        waiters, self._waiters = self._waiters, {}
+        for loop, futures in waiters.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_wake, futures)
+
+    def _has_news(self, after: int | None) -> bool:
+        """Whether :meth:`read` would answer ``after`` at once (lock held)."""
+        return after is None or after < self._floor or (
+            bool(self._events) and self._events[-1].offset > after)
+
+    async def wait_async(self, after: int | None, timeout: float) -> None:
+        """Wait as :meth:`read` does, on the running event loop, without holding
+        a thread: until :meth:`read` has something for ``after``, at most
+        ``timeout`` seconds. Then call :meth:`read` with no timeout."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._has_news(after):
+                return
+            self._waiters.setdefault(loop, []).append(waiter)
+        try:
+            await wait_done(waiter, timeout)
+        finally:
+            with self._cond:
+                waiting = self._waiters.get(loop)
+                if waiting is not None and waiter in waiting:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._waiters[loop]
 
     def read(self, after: int | None, timeout: float) -> list[MetadataEvent]:
         """Events after offset ``after``; a reset first if ``after`` is ``None``
         or older than the window. Waits up to ``timeout`` for something new."""
         with self._cond:
-            if after is not None and after >= self._floor:
+            if timeout > 0:
                 # A snapshot restored meanwhile (a restart, or an install from
                 # the leader) raises the floor past changes this feed never
                 # held: the reader then needs an image, not what follows.
-                self._cond.wait_for(lambda: after < self._floor or (
-                    bool(self._events) and self._events[-1].offset > after), timeout)
+                self._cond.wait_for(lambda: self._has_news(after), timeout)
             if after is None or after < self._floor:
                 if after is not None:
                     self.resets += 1
@@ -91,7 +128,13 @@ class ChangeFeed:
     def wake_all(self) -> None:
         """Wake every waiting reader (on shutdown)."""
         with self._cond:
-            self._cond.notify_all()
+            self._notify()
+
+
+def _wake(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 class WatchedStateMachine:

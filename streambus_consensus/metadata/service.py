@@ -54,7 +54,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import codec
-from ..api import ApiError, ApiRequest, Handler, Route
+from ..api import ApiError, ApiRequest, Handler, InPool, Route
 from ..errors import CodecError
 from ..metrics import PREFIX
 from ..raft.node import RaftNode
@@ -457,22 +457,33 @@ class MetadataApplication:
             offset = codec.decode(codec.decode(blob)[3])[0]  # the state's own offset
             return {"offset": offset, "sha256": hashlib.sha256(blob).hexdigest()}
 
-        def watch(req: ApiRequest) -> Any:
+        async def watch(req: ApiRequest) -> Any:
+            # The long poll waits on the event loop, holding no thread; the
+            # answer (a fence changes up to a million partitions) is built
+            # on a handler thread.
             after_text = req.param("after")
             after = None if after_text in (None, "") else _int_arg(after_text, "after")
             wait = _seconds_arg(req.param("wait"), "wait", 30.0)
             fmt = req.param("format") or "plain"
             if fmt not in ("plain", "compact"):
                 raise ApiError(400, "invalid_argument", "format must be 'plain' or 'compact'")
-            events = s().state_machine.feed.read(after, timeout=wait)
-            if fmt == "plain":
-                return {"events": [to_json(e) for e in events]}
-            skip = _int_arg(req.param("skip") or "0", "skip")
-            limit = _int_arg(req.param("limit") or str(COMPACT_WATCH_LIMIT), "limit")
-            if skip < 0 or not 1 <= limit <= COMPACT_WATCH_LIMIT:
-                raise ApiError(400, "invalid_argument", "skip must be >= 0 and limit in "
-                               f"1..{COMPACT_WATCH_LIMIT}")
-            return compact_events(events, skip, limit)
+            skip, limit = 0, COMPACT_WATCH_LIMIT
+            if fmt == "compact":
+                skip = _int_arg(req.param("skip") or "0", "skip")
+                limit = _int_arg(req.param("limit") or str(COMPACT_WATCH_LIMIT), "limit")
+                if skip < 0 or not 1 <= limit <= COMPACT_WATCH_LIMIT:
+                    raise ApiError(400, "invalid_argument", "skip must be >= 0 and limit in "
+                                   f"1..{COMPACT_WATCH_LIMIT}")
+            feed = s().state_machine.feed
+            await feed.wait_async(after, wait)
+
+            def answer() -> Any:
+                events = feed.read(after, timeout=0)
+                if fmt == "plain":
+                    return {"events": [to_json(e) for e in events]}
+                return compact_events(events, skip, limit)
+
+            return InPool(answer)
 
         routes = [
             Route("GET", "/v1/topics", list_topics),

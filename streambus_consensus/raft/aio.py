@@ -29,7 +29,7 @@ from ..errors import ProposalTimeoutError
 if TYPE_CHECKING:
     from .node import RaftNode
 
-__all__ = ["wait_outcome"]
+__all__ = ["wait_done", "wait_outcome"]
 
 T = TypeVar("T")
 
@@ -56,6 +56,28 @@ async def wait_outcome(node: RaftNode, future: Future[T], timeout: float | None 
             node_id=node.node_id) from None
     finally:
         slot[0] = None  # the deadline entry no longer holds the waiter
+
+
+async def wait_done(waiter: asyncio.Future[Any], timeout: float) -> bool:
+    """Await ``waiter`` (a future of the running loop) for at most ``timeout``
+    seconds; ``True`` if it finished, ``False`` if the time ran out. The
+    deadline shares the loop's one timer with :func:`wait_outcome`'s."""
+    loop = asyncio.get_running_loop()
+    watch: asyncio.Future[None] = loop.create_future()
+    waiter.add_done_callback(functools.partial(_finish, watch))
+    slot = _landing(loop).expire_at(loop.time() + timeout, watch)
+    try:
+        await watch
+        return True
+    except _ExpiredError:
+        return False
+    finally:
+        slot[0] = None
+
+
+def _finish(watch: asyncio.Future[None], _: asyncio.Future[Any]) -> None:
+    if not watch.done():
+        watch.set_result(None)
 
 
 class _ExpiredError(Exception):
