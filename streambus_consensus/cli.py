@@ -1044,6 +1044,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(EXIT_FAILED, leaderless)
         return _fail(EXIT_UNREACHABLE, f"cluster unreachable: {exc}")
     except ConsensusError as exc:
+        # A retriable failure (the node's own deadline passed, no leader known)
+        # may be a lost quorum: say so, as when no node answered in time.
+        leaderless = _no_leader(args) if exc.retriable else None
+        if leaderless is not None:
+            return _fail(EXIT_FAILED, f"{leaderless} ({_explain(exc)})")
         return _fail(EXIT_FAILED, _explain(exc))
     except KeyboardInterrupt:
         return 130
