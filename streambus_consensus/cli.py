@@ -583,14 +583,36 @@ def _broker_text(broker: dict[str, Any]) -> str:
 def _heartbeat(args: argparse.Namespace, client: ApiClient) -> _Output | None:
     """One heartbeat per broker, or (``--every``) one round per interval until stopped."""
 
+    def beat(broker_id: int) -> dict[str, Any]:
+        epoch = args.epoch if args.epoch is not None else client.request(
+            "GET", f"/v1/brokers/{broker_id}")["broker_epoch"]
+        result: dict[str, Any] = client.request(
+            "POST", f"/v1/brokers/{broker_id}/heartbeat", {"broker_epoch": epoch})
+        return result
+
     def one_round() -> list[dict[str, Any]]:
-        states = []
+        return [beat(broker_id) for broker_id in args.broker_ids]
+
+    def looped_round() -> list[str]:
+        # An error that is not retriable concerns one broker (unknown, a stale
+        # epoch): report it and beat the others, or they would be fenced. A
+        # retriable one (no leader, no node answers) fails the whole round.
+        shown = []
         for broker_id in args.broker_ids:
-            epoch = args.epoch if args.epoch is not None else client.request(
-                "GET", f"/v1/brokers/{broker_id}")["broker_epoch"]
-            states.append(client.request("POST", f"/v1/brokers/{broker_id}/heartbeat",
-                                         {"broker_epoch": epoch}))
-        return states
+            try:
+                state = beat(broker_id)
+            except ConsensusError as exc:
+                if exc.retriable:
+                    raise
+                code = getattr(exc, "code", None) or str(exc).split(": ", 1)[0]
+                print(f"streambus-consensus: heartbeat of broker {broker_id} refused, "
+                      f"retrying: {_explain(exc)}", file=sys.stderr, flush=True)
+                shown.append(json.dumps({"broker_id": broker_id, "refused": code})
+                             if args.json else f"{broker_id}:{code}")
+            else:
+                shown.append(json.dumps(state, sort_keys=True) if args.json
+                             else f"{state['broker_id']}:{state['state']}")
+        return shown
 
     if args.every is None:
         # The leader unfences a fenced broker that heartbeats at its next check
@@ -606,13 +628,12 @@ def _heartbeat(args: argparse.Namespace, client: ApiClient) -> _Output | None:
             [[b["broker_id"], b["state"], b["broker_epoch"]] for b in states]))
     while True:  # until Ctrl-C; a failed round (an election, say) is reported and retried
         try:
-            states = one_round()
+            shown = looped_round()
         except ConsensusError as exc:
             print(f"streambus-consensus: heartbeat failed, retrying: {_explain(exc)}",
                   file=sys.stderr, flush=True)
         else:
-            _print_line(json.dumps(states, sort_keys=True) if args.json else " ".join(
-                f"{b['broker_id']}:{b['state']}" for b in states))
+            _print_line(f"[{', '.join(shown)}]" if args.json else " ".join(shown))
         time.sleep(args.every)
 
 
@@ -1023,6 +1044,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(EXIT_FAILED, leaderless)
         return _fail(EXIT_UNREACHABLE, f"cluster unreachable: {exc}")
     except ConsensusError as exc:
+        # A retriable failure (the node's own deadline passed, no leader known)
+        # may be a lost quorum: say so, as when no node answered in time.
+        leaderless = _no_leader(args) if exc.retriable else None
+        if leaderless is not None:
+            return _fail(EXIT_FAILED, f"{leaderless} ({_explain(exc)})")
         return _fail(EXIT_FAILED, _explain(exc))
     except KeyboardInterrupt:
         return 130

@@ -76,7 +76,7 @@ def validate_member(node_id: object, address: object,
         except ConfigError:
             same = False  # a member's own address is checked where it was added
         if same:
-            raise ConfigError("address", address, f"is member {member!r}'s address")
+            raise ConfigError("address", address, f"is the address of member {member!r}")
     return node_id, address
 
 

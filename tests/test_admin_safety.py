@@ -64,7 +64,7 @@ def test_validate_member_refuses_bad_ids_and_addresses(node_id: str, address: st
 
 def test_validate_member_refuses_a_taken_address_and_accepts_a_good_one() -> None:
     members = {"n1": "127.0.0.1:7001"}
-    with pytest.raises(ConfigError, match="is member 'n1''s address"):
+    with pytest.raises(ConfigError, match="is the address of member 'n1'"):
         validate_member("n2", "127.0.0.1:7001", members)
     assert validate_member("n2", "127.0.0.1:7002", members) == ("n2", "127.0.0.1:7002")
     with pytest.raises(ConfigError):

@@ -104,8 +104,10 @@ def test_recover_from_a_lost_quorum_loses_nothing_committed_on_the_survivor(
         if node_id != survivor:
             local.kill(node_id, signal.SIGKILL)  # two of three lost for good
     env = env_of(local, survivor)
-    fails(4, "no leader", "snapshot", "save", str(tmp_path / "x.snap"), "--timeout", "3",
-          env=env)
+    # As the guide runs it, with the default timeout: the node gives up on its
+    # read index first, and the CLI still says why.
+    fails(4, "no leader: .*know no leader with a quorum", "snapshot", "save",
+          str(tmp_path / "x.snap"), env=env)
     backup = tmp_path / "survivor.snap"
     ok("snapshot", "save", str(backup), "--local", env=env)
     local.stop(survivor)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -89,6 +91,36 @@ def test_heartbeat_every_loops_until_interrupted(env: dict[str, str]) -> None:
     assert lines[-3:] == ["7:active"] * 3, lines
     assert set(lines) <= {"7:fenced", "7:active"}, lines
     ok("brokers", "unregister", "7", env=env)
+
+
+@pytest.mark.cluster
+def test_heartbeat_every_keeps_beating_the_others_when_one_is_refused(
+        env: dict[str, str]) -> None:
+    """Found in the operations.md walkthrough: after ``brokers unregister 2``
+    a running ``heartbeat 1,2,3 --every 2s`` stopped at broker 2 every round,
+    so broker 3 was fenced. A refusal for one broker must not starve the rest."""
+    for broker in (8, 9):
+        ok("brokers", "register", str(broker), f"127.0.0.1:{9100 + broker}", env=env)
+    proc = subprocess.Popen([SCRIPT, "brokers", "heartbeat", "8,404,9", "--every", "200ms"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, **env})
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        ready = selectors.DefaultSelector()
+        ready.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 15
+        want = "8:active 404:unknown_broker 9:active"
+        while lines[-2:] != [want] * 2 and time.monotonic() < deadline:
+            if ready.select(timeout=max(0.0, deadline - time.monotonic())):
+                lines.append(proc.stdout.readline().strip())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert lines[-2:] == [want] * 2, (lines, err[-2000:])
+    assert "broker 404" in err and "unknown_broker" in err, err
+    for broker in (8, 9):
+        ok("brokers", "unregister", str(broker), env=env)
 
 
 @pytest.mark.cluster

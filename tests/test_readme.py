@@ -1,9 +1,11 @@
-"""The README's metadata snippet and admin CLI examples run as written."""
+"""The README's metadata snippet and admin CLI examples, and the admin CLI
+examples of docs/operations.md, run as written."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,11 +17,12 @@ from streambus_consensus.testing.harness import LocalCluster, free_ports
 from tests.test_cli import ENV, SCRIPT, ok
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+OPERATIONS = README.parent / "docs" / "operations.md"
 
 
-def _block(after_heading: str, language: str) -> str:
+def _block(after_heading: str, language: str, doc: Path = README) -> str:
     """The first fenced ``language`` block after the heading ``after_heading``."""
-    text = README.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     section = text[text.index(f"## {after_heading}\n"):]
     match = re.search(rf"```{language}\n(.*?)```", section, re.S)
     assert match, f"no {language} block under {after_heading!r}"
@@ -93,4 +96,49 @@ def test_the_admin_cli_examples_run_as_written(tmp_path: Path) -> None:
             ran += 1
         assert ran >= 10
     finally:
+        local.close()
+
+
+@pytest.mark.cluster
+def test_the_operations_admin_cli_examples_run_in_order(tmp_path: Path) -> None:
+    """docs/operations.md's admin CLI block, top to bottom, on a three-node
+    cluster: the plain form of each ``[--option]``, the ``--every`` loop in the
+    background, as the guide says. (It used to create topics before any broker
+    was active, and delete ``orders`` before growing, electing and
+    reassigning it.)"""
+    commands = _commands(_block("The admin CLI", "sh", OPERATIONS))
+    local = LocalCluster(3, tmp_path / "cluster", app="metadata")
+    loop: subprocess.Popen[str] | None = None
+    try:
+        local.start()
+        local.wait_for_leader()
+        env = {**ENV, "STREAMBUS_CONSENSUS_API": ",".join(
+                   n.api_address for n in local.nodes.values()),
+               "STREAMBUS_CONSENSUS_SECRET_FILE": str(local.secret_file)}
+        (tmp_path / "names.txt").write_text("d\n# comment\ne\nf\n", encoding="utf-8")
+        ran = []
+        for command in commands:
+            if command.startswith("export "):
+                continue
+            assert command.startswith("streambus-consensus "), command
+            if command.startswith("streambus-consensus members add n4 10.0.0.4"):
+                continue  # a placeholder host (tests/test_membership.py adds real nodes)
+            plain = re.sub(r"\s*\[[^]]*\]", "", command)
+            argv = [SCRIPT, *shlex.split(plain)[1:]]
+            if "--every" in argv:
+                loop = subprocess.Popen(argv, cwd=tmp_path, env=env, text=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                continue
+            result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
+                                    timeout=60, env=env, check=False)
+            assert (result.returncode, result.stderr) == (0, ""), (plain, result.stderr)
+            ran.append(plain)
+            if plain.endswith("members remove n2"):
+                local.stop("n2")  # as the guide says: stop the removed node
+        assert loop is not None and loop.poll() is None, "the --every loop stopped"
+        assert len(ran) >= 20, ran
+    finally:
+        if loop is not None:
+            loop.send_signal(signal.SIGINT)
+            loop.communicate(timeout=10)
         local.close()
