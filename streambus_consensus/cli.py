@@ -27,7 +27,7 @@ import prometheus_client
 
 from .client import ApiClient, ClusterUnreachableError
 from .config import NodeConfig, parse_address, validate_member
-from .errors import ConfigError, ConsensusError, ProposalRejectedError
+from .errors import ConfigError, ConsensusError, ProposalRejectedError, TransportError
 from .tls import client_context
 
 __all__ = ["format_fields", "format_table", "main"]
@@ -67,7 +67,8 @@ exit codes:
   0  success
   1  'node run': the node stopped on an error (storage failure, Raft thread
      crash); let a supervisor restart it
-  2  bad arguments or configuration
+  2  bad arguments or configuration (for 'node run': also an address it
+     cannot bind)
   3  no node answered
   4  the cluster refused or failed the request
 
@@ -272,7 +273,10 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
     # which a handler interrupting this thread at any point must never do.
     signal.signal(signal.SIGTERM, lambda number, _: signalled.append(number))
     signal.signal(signal.SIGINT, lambda number, _: signalled.append(number))
-    server.start()
+    try:
+        server.start()
+    except TransportError as exc:  # e.g. bind_address not on this host, or its port taken
+        raise ConfigError("bind_address", config.effective_bind_address, str(exc)) from None
     while not signalled and not server.wait(_POLL_INTERVAL * 5):
         pass
     server.stop()

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -409,3 +410,20 @@ def test_the_example_cluster_starts_with_run_sh(tmp_path: Path, tls: bool) -> No
     assert "three nodes running" in output and "stopped" in output
     time.sleep(0.2)
     fails(3, "cluster unreachable", "status", *configs)
+
+
+def test_node_run_on_an_address_it_cannot_bind_is_a_config_error_exit_2(tmp_path: Path) -> None:
+    raft_port, api_port = free_ports(2)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", raft_port))
+    taken.listen(1)
+    try:
+        ok("cluster", "init", "--dir", str(tmp_path), "--nodes", f"n1=127.0.0.1:{raft_port}",
+           "--api", f"n1=127.0.0.1:{api_port}")
+        result = run("node", "run", "--config", str(tmp_path / "n1.toml"))
+    finally:
+        taken.close()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("streambus-consensus: error: invalid config bind_address="), last
+    assert "Address already in use" in last
