@@ -353,7 +353,7 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         SyncObj._SyncObj__onBecomeLeader(self)
         entry = self._bootstrap_entry
         log = self._SyncObj__raftLog
-        if entry is None or log[0][1] != 1:  # compacted: there is a snapshot
+        if entry is None or not len(log) or log[0][1] != 1:  # compacted: there is a snapshot
             return
         no_op = bytes([_syncobj_module._COMMAND_TYPE.NO_OP])
         if any(log[i][0][:1] != no_op for i in range(len(log))):
