@@ -26,6 +26,7 @@ from .errors import (
 )
 from .interfaces import (
     BatchApplier,
+    Bootstrapper,
     ConsistentSnapshotter,
     LogEntry,
     Node,
@@ -40,6 +41,7 @@ from .raft import DiskStorage, MemoryStorage, RaftNode, TcpTransport
 
 __all__ = [
     "BatchApplier",
+    "Bootstrapper",
     "CodecError",
     "CommandRefusedError",
     "CommandTooLargeError",

@@ -246,7 +246,6 @@ def _wait_for_leader(client: ApiClient, addresses: Sequence[str], accept: Callab
 def _run_node(args: argparse.Namespace) -> _Output | None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = NodeConfig.from_toml(args.config).validate()
     # This process is ours: drop prometheus-client's "<name>_created" series, which
     # the text format shows as extra gauge families (a library must not do this).
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -259,6 +258,9 @@ def _run_node(args: argparse.Namespace) -> _Output | None:
         from .metadata.service import MetadataApplication
 
         application = MetadataApplication()
+    # After the application: it decides which metadata versions this node reads,
+    # which bootstrap_metadata_version must be one of.
+    config = NodeConfig.from_toml(args.config).validate()
     guard = None
     if os.environ.get(UNSAFE_NO_ENGINE_FIXES) == "1":
         # Test-only: lets the regression tests show the engine defects the
@@ -306,11 +308,14 @@ def _cluster(args: argparse.Namespace) -> _Output:
 
     nodes = _pairs(",".join(args.nodes), "--nodes")
     api = _pairs(",".join(args.api_addresses or []), "--api")
-    files = init_cluster(args.dir, nodes, api=api, tls=args.tls, force=args.force)
+    files = init_cluster(args.dir, nodes, api=api, tls=args.tls, force=args.force,
+                         metadata_version=args.metadata_version)
     lines = [f"wrote {files.secret_file} (the cluster secret, mode 0600)"]
     lines += [f"wrote {path}" for path in files.configs.values()]
+    lines.append(f"the cluster starts at metadata version {files.metadata_version}")
     data: dict[str, Any] = {"secret_file": str(files.secret_file),
-                            "configs": {k: str(v) for k, v in files.configs.items()}}
+                            "configs": {k: str(v) for k, v in files.configs.items()},
+                            "metadata_version": files.metadata_version}
     if files.admin_tls is not None:
         tls_dir = files.admin_tls.ca_file.parent
         lines.append(f"wrote {tls_dir}/: ca.pem, a certificate per node, admin.pem/.key "
@@ -846,6 +851,10 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="where to write the files (default: the current directory)")
     init.add_argument("--tls", action="store_true",
                       help="also make a CA and certificates; turns on peer_tls and api_tls")
+    init.add_argument("--metadata-version", type=int, metavar="N",
+                      help="the metadata version (feature level) the new cluster starts at "
+                           "(default: the newest this software reads); lower it while some "
+                           "nodes will run an older release, then 'features upgrade'")
     init.add_argument("--force", action="store_true", help="replace files that exist")
     init.add_argument("--json", action="store_true", help="print JSON instead of text")
 

@@ -183,6 +183,17 @@ class NodeConfig:
     """Metadata: a broker that has not heartbeated for this long is fenced by
     the leader (KRaft's default). Brokers should heartbeat every ~2 s."""
 
+    bootstrap_metadata_version: int | None = None
+    """Metadata: the metadata version (feature level) a new cluster starts
+    at. The first leader of a pristine cluster (empty log, no snapshot)
+    writes it as the log's first command, so every node finalizes the same
+    version from the replicated log. An existing cluster never reads it
+    again: its version changes only with ``features upgrade``. ``None``
+    (default) means the newest version this software reads; ``cluster
+    init`` writes the number (``--metadata-version`` sets a lower one, for a
+    cluster some of whose nodes will run an older release). Must be a
+    version this software reads."""
+
     api_address: str | None = None
     """Where this node serves its HTTP API (JSON, every request signed with
     the cluster secret) and Prometheus ``/metrics``, e.g.
@@ -359,8 +370,21 @@ class NodeConfig:
                 raise ConfigError(name, value, f"must be an integer >= {low}")
         if self.api_address is not None:
             parse_address(self.api_address, field_name="api_address")
+        self._check_bootstrap_metadata_version()
         self._check_tls()
         return self
+
+    def _check_bootstrap_metadata_version(self) -> None:
+        level = self.bootstrap_metadata_version
+        if level is None:
+            return
+        # Imported here: the metadata package builds on this module.
+        from .metadata.commands import supported_metadata_versions
+
+        low, high = supported_metadata_versions()
+        if isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high:
+            raise ConfigError("bootstrap_metadata_version", level,
+                              f"must be a metadata version this software reads ({low}..{high})")
 
     def _check_tls(self) -> None:
         for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"):

@@ -6,7 +6,7 @@
 - :class:`Node`: what an application holds to propose and observe.
 
 Optional capabilities are separate small protocols
-(:class:`ConsistentSnapshotter`).
+(:class:`BatchApplier`, :class:`Bootstrapper`, :class:`ConsistentSnapshotter`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .config import NodeConfig
 
 __all__ = [
     "BatchApplier",
+    "Bootstrapper",
     "ConsistentSnapshotter",
     "LogEntry",
     "Node",
@@ -86,6 +90,25 @@ class BatchApplier(Protocol):
 
     def apply_batch(self, index: int, commands: Sequence[bytes]) -> list[Any]:
         """Apply the commands of the entry at ``index`` in order; one result each."""
+        ...
+
+
+@runtime_checkable
+class Bootstrapper(Protocol):
+    """Optional: a state machine whose new cluster starts with a command of its own.
+
+    When a node becomes leader of a pristine cluster (its log holds no
+    command and it has no snapshot: since a leader's log holds every
+    committed entry, nothing was ever committed), it appends this command
+    right after its election no-op, before any other proposal can reach the
+    log. So the first command every replica applies is this one (as
+    Kafka's first controller writes its bootstrap records). A node that
+    restarts on existing data never appends it: what it set is in the log.
+    """
+
+    def bootstrap_command(self, config: NodeConfig) -> bytes | None:
+        """The command for a new cluster of nodes configured as ``config``
+        (``None``: none). Called once, when the node starts."""
         ...
 
 

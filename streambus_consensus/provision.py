@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import NodeConfig, parse_address
 from .errors import ConfigError
+from .metadata.commands import supported_metadata_versions
 
 __all__ = [
     "ADMIN_NAME",
@@ -65,6 +66,9 @@ class ClusterFiles:
     """Node id to its TOML file."""
     admin_tls: TlsFiles | None
     """The admin client's TLS files (``tls=True`` only)."""
+    metadata_version: int
+    """The metadata version the new cluster starts at (every config's
+    ``bootstrap_metadata_version``)."""
 
 
 def generate_secret() -> str:
@@ -142,6 +146,7 @@ def render_node_config(node_id: str, cluster: Mapping[str, str], *, data_dir: st
 def init_cluster(directory: str | Path, nodes: Mapping[str, str], *,
                  api: Mapping[str, str] | None = None, tls: bool = False,
                  settings: Mapping[str, Any] | None = None,
+                 metadata_version: int | None = None,
                  force: bool = False) -> ClusterFiles:
     """Write a new cluster's secret and configs into ``directory``.
 
@@ -151,6 +156,11 @@ def init_cluster(directory: str | Path, nodes: Mapping[str, str], *,
         tls: also make a CA and certificates, and turn on ``peer_tls`` and
             ``api_tls`` in every config.
         settings: extra config fields for every node.
+        metadata_version: the metadata version the cluster starts at,
+            written as every node's ``bootstrap_metadata_version``; default:
+            the newest this software reads. Give a lower one when some
+            nodes will run an older release (as ``kafka-storage format
+            --release-version``).
         force: replace files that exist (a new secret makes the old cluster's
             data unreachable by the new configs: use on fresh clusters only).
 
@@ -165,12 +175,16 @@ def init_cluster(directory: str | Path, nodes: Mapping[str, str], *,
     unknown = sorted(set(api) - set(nodes))
     if unknown:
         raise ConfigError("--api", unknown[0], "is not one of the nodes")
+    settings = dict(settings or {})
+    if metadata_version is not None:
+        settings["bootstrap_metadata_version"] = metadata_version
+    settings.setdefault("bootstrap_metadata_version", supported_metadata_versions()[1])
     secret_file = directory / "cluster.secret"
     configs = {node_id: directory / f"{node_id}.toml" for node_id in nodes}
     for node_id in nodes:
         # Validate everything before writing anything.
         NodeConfig(node_id=node_id, cluster=dict(nodes), api_address=api.get(node_id),
-                   cluster_secret="x" * 32, **dict(settings or {})).validate()
+                   cluster_secret="x" * 32, **settings).validate()
     if not force:
         existing = [p for p in [secret_file, *configs.values()] if p.exists()]
         if existing:
@@ -196,7 +210,8 @@ def init_cluster(directory: str | Path, nodes: Mapping[str, str], *,
             node_id, nodes, data_dir=f"data/{node_id}", secret_file=secret_file.name,
             api_address=api.get(node_id), tls=relative, settings=settings), encoding="utf-8")
         NodeConfig.from_toml(path).validate()
-    return ClusterFiles(directory, secret_file, configs, node_tls.get(ADMIN_NAME))
+    return ClusterFiles(directory, secret_file, configs, node_tls.get(ADMIN_NAME),
+                        settings["bootstrap_metadata_version"])
 
 
 def toml_value(value: Any) -> str:

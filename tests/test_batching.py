@@ -276,7 +276,8 @@ def test_a_batch_stays_under_max_command_bytes(tmp_path: Path) -> None:
 def test_many_writers_on_a_metadata_cluster_share_entries_once_upgraded(
         tmp_path: Path) -> None:
     with LocalCluster(3, tmp_path, app="metadata",
-                      settings={"broker_session_timeout": 86_400.0}) as cluster:
+                      settings={"broker_session_timeout": 86_400.0,
+                                "bootstrap_metadata_version": 1}) as cluster:
         cluster.start()
         leader = cluster.wait_for_leader()
         client = cluster.client(leader)

@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 
 from streambus_consensus.bench import _flooder
+from streambus_consensus.bench._canned import CannedServer, capture
 from streambus_consensus.bench.common import command_in_words
-from streambus_consensus.bench.etcd import ENV, ensure_etcd
+from streambus_consensus.bench.etcd import ENV, EtcdCaller, ensure_etcd, range_body
 from streambus_consensus.bench.report import render
-from streambus_consensus.bench.versus_etcd import targets, verdicts
+from streambus_consensus.bench.versus_etcd import ceilings, targets, verdicts
+from streambus_consensus.client import ApiClient
 
 
 def _figures(etcd_ops: float, http_ops: float, embedded_ops: float, etcd_p50: float,
@@ -175,3 +177,67 @@ def test_the_committed_benchmarks_name_no_path_of_the_machine_they_ran_on() -> N
     text = (root / "BENCHMARKS.md").read_text(encoding="utf-8")
     found = re.findall(r"(?<![\w.`])/(?:root|home|tmp|work|usr|var|dev|opt|proc|mnt)/\S*", text)
     assert found == []
+
+
+# -- the load generator's ceiling ---------------------------------------------------------
+
+
+def test_ceilings_are_the_callers_ceiling_over_each_systems_figure() -> None:
+    figures = _figures(500, 1000, 1400, 2.0, 2.0, 1.0)
+    figures["etcd_ceiling"] = _figures(2000, 0, 0, 0.5, 1.0, 1.0)["etcd"]
+    figures["http_ceiling"] = _figures(1500, 0, 0, 0.5, 1.0, 1.0)["etcd"]
+    rows = ceilings(figures)
+    assert rows["create_many"] == {"etcd_ops_per_s": 500, "etcd_ceiling_ops_per_s": 2000,
+                                   "ceiling_vs_etcd": 4.0, "http_ops_per_s": 1000,
+                                   "http_ceiling_ops_per_s": 1500, "ceiling_vs_http": 1.5}
+    assert rows["read_many"]["ceiling_vs_etcd"] == 4.0
+    del figures["http_ceiling"]  # a section without a figure gives no ratio, not a wrong one
+    assert ceilings(figures)["read_one"]["ceiling_vs_http"] is None
+
+
+def test_the_canned_server_answers_each_caller_with_the_captured_bytes() -> None:
+    read = _answer(b'{"result": {"name": "t", "n": 12345}}')
+    etcd = _answer(b'{"kvs": [{"value": "aGVsbG8="}]}')
+    with CannedServer({b"GET /v1/topics/": read, b"POST /v3/kv/range ": etcd}) as server:
+        assert server.answer_bytes == {"GET /v1/topics/": len(read),
+                                       "POST /v3/kv/range ": len(etcd)}
+        client = ApiClient([server.address], secret="s" * 32, pool_size=1)
+        for _ in range(3):  # one kept-alive connection
+            assert client.request("GET", "/v1/topics/t") == {"name": "t", "n": 12345}
+        client.close()
+        caller = EtcdCaller(server.address)
+        assert caller.get("k") == b"hello"
+        caller.close()
+        # capture() gives back the bytes a server sent, so capturing the canned
+        # server returns its canned answer.
+        assert capture(server.address, "GET", "/v1/topics/x", secret="s" * 32) == read
+        assert capture(server.address, "POST", "/v3/kv/range", range_body("k")) == etcd
+        cpu = server.cpu_seconds()
+        assert cpu is None or cpu >= 0
+
+
+def _answer(body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def test_report_shows_the_ceiling_beside_etcd_and_ours(tmp_path: Path) -> None:
+    figures = _figures(500, 1000, 1400, 2.0, 2.0, 1.0)
+    figures["etcd_ceiling"] = _figures(2000, 0, 0, 0.5, 1.0, 1.0)["etcd"]
+    figures["http_ceiling"] = _figures(1500, 0, 0, 0.5, 1.0, 1.0)["etcd"]
+    for system in figures.values():
+        for point in system.values():
+            point["rounds"] = []
+    figures["etcd_ceiling"]["create_many"]["rounds"] = [
+        {"round": 1, "ops_per_s": 2000, "server_cpu": 0.31}]
+    ratios = targets(figures)
+    section = {"etcd_version": "etcd 3.4", "etcd_found": "found on PATH", "rounds": 1,
+               "seconds": 1.0, "callers": 32, "client_procs": 2, "etcd_value_bytes": 329,
+               "our_create_command_bytes": 169, "figures": figures, "ratios": ratios,
+               "targets": verdicts(ratios), "ceiling": ceilings(figures),
+               "ceiling_answer_bytes": {"GET /v1/topics/": 600}, "term_changes": {}}
+    text = render(_meta(), {"etcd": section}, tmp_path / "BENCHMARKS.md",
+                  tmp_path / "results")
+    assert "**Load generator ceiling.**" in text
+    assert "| create, 32 callers | 500 | 2,000 (4.00x) | 1,000 | 1,500 (1.50x) |" in text
+    assert "31%" in text and "`GET /v1/topics/` 600 B" in text

@@ -241,9 +241,14 @@ def test_topics_and_brokers(cluster: LocalCluster, secret_file: str) -> None:
 
 
 @pytest.mark.cluster
-def test_batched_topic_create(cluster: LocalCluster, secret_file: str, tmp_path: Path) -> None:
+def test_batched_topic_create(make_cluster: ClusterFactory, tmp_path: Path) -> None:
+    # A cluster started below metadata version 2 (a new one starts at the newest).
+    cluster = make_cluster(3, app="metadata", settings={"broker_session_timeout": 600.0,
+                                                        "bootstrap_metadata_version": 1})
+    cluster.start()
+    cluster.wait_for_leader()
     env = {"STREAMBUS_CONSENSUS_API": apis(cluster),
-           "STREAMBUS_CONSENSUS_SECRET_FILE": secret_file}
+           "STREAMBUS_CONSENSUS_SECRET_FILE": str(cluster.secret_file)}
     client = cluster.client()
     for broker in (1, 2, 3):
         client.request("POST", "/v1/brokers", {"broker_id": broker, "fenced": False,

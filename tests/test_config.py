@@ -44,6 +44,7 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "fast_failover": True,
     "fsync": True,
     "broker_session_timeout": 9.0,
+    "bootstrap_metadata_version": None,
     "api_address": None,
     "tls_cert_file": None,
     "tls_key_file": None,

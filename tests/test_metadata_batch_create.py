@@ -214,7 +214,7 @@ def test_the_store_creates_a_batch_in_one_entry_and_falls_back_below_version_2(
     (port,) = free_ports(1)
     config = NodeConfig(node_id="n1", cluster={"n1": f"127.0.0.1:{port}"},
                         cluster_secret=generate_secret(), data_dir=str(tmp_path / "n1"),
-                        broker_session_timeout=86_400.0)
+                        broker_session_timeout=86_400.0, bootstrap_metadata_version=1)
     with MetadataStore.open(config) as store:
         store.node.wait_for_leader(10)
         for broker_id in range(3):

@@ -42,6 +42,9 @@ NEW = OLD + 1
 SETTINGS = {
     "broker_session_timeout": 86_400.0,  # the test's broker never heartbeats
     "snapshot_interval_entries": 40,  # snapshots (and installs) cross versions too
+    # A new cluster starts at the newest version its release reads: these
+    # clusters start at 1, as one made by 'cluster init --metadata-version 1'.
+    "bootstrap_metadata_version": 1,
 }
 LOAD = WorkloadConfig(clients=3, topics=6, write_deadline=10.0, think_time=0.01)
 
@@ -161,7 +164,8 @@ def test_rolling_upgrade_under_load_stays_linearizable_and_identical(
 
 def test_an_old_release_stops_on_a_log_it_cannot_apply(make_cluster: ClusterFactory) -> None:
     # No snapshot here: the old release meets the upgrade in the log it replays.
-    cluster = make_cluster(1, app="metadata", settings={"broker_session_timeout": 86_400.0})
+    cluster = make_cluster(1, app="metadata", settings={"broker_session_timeout": 86_400.0,
+                                                        "bootstrap_metadata_version": 1})
     node = cluster.nodes["n1"]
     node.env = dict(NEXT_RELEASE)
     cluster.start()

@@ -35,7 +35,8 @@ from typing import Any
 
 from ..testing.harness import free_ports
 
-__all__ = ["ENV", "EtcdCaller", "EtcdCluster", "EtcdError", "ensure_etcd", "etcd_version"]
+__all__ = ["ENV", "EtcdCaller", "EtcdCluster", "EtcdError", "create_body", "ensure_etcd",
+           "etcd_version", "range_body"]
 
 PACKAGE = "etcd-server"
 """The Debian/Ubuntu package that ships the ``etcd`` server binary (3.4.x on bookworm)."""
@@ -149,6 +150,20 @@ def ensure_etcd(log: Any = print, *, install: bool = True,
     return None, f"etcd is not installed and installing {PACKAGE} failed: {reason}"
 
 
+def create_body(key: str, value: bytes) -> dict[str, Any]:
+    """The ``/v3/kv/txn`` body that puts ``key`` only if it does not exist."""
+    return {
+        "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
+                     "create_revision": "0"}],
+        "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
+    }
+
+
+def range_body(key: str) -> dict[str, Any]:
+    """The ``/v3/kv/range`` body of a linearizable read of ``key``."""
+    return {"key": _b64(key), "serializable": False}
+
+
 def _b64(text: str | bytes) -> str:
     raw = text.encode() if isinstance(text, str) else text
     return base64.b64encode(raw).decode("ascii")
@@ -203,16 +218,12 @@ class EtcdCaller:
         The etcd counterpart of create_topic, which must not overwrite a topic;
         ``False`` when the key existed.
         """
-        answer = self.call("/v3/kv/txn", {
-            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "CREATE",
-                         "create_revision": "0"}],
-            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
-        })
+        answer = self.call("/v3/kv/txn", create_body(key, value))
         return bool(answer.get("succeeded"))
 
     def get(self, key: str) -> bytes | None:
         """``/v3/kv/range`` of one key, linearizable (etcd's default); its value or None."""
-        answer = self.call("/v3/kv/range", {"key": _b64(key), "serializable": False})
+        answer = self.call("/v3/kv/range", range_body(key))
         kvs = answer.get("kvs") or []
         return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 

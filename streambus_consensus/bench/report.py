@@ -457,8 +457,9 @@ def _etcd(section: dict[str, Any]) -> str:
             "and our store embedded in the bench process as the leader (two node processes "
             f"follow); all three up for the whole section, {section['rounds']} round(s) of "
             f"{section['seconds']} s per point (after a 0.3 s warm-up) in the order etcd, "
-            "ours over HTTP, ours embedded; figures are medians of the rounds, ratios are "
-            "ours / etcd.\n\n"
+            "ours over HTTP, ours embedded"
+            + (", then the load generator ceilings (below)" if section.get("ceiling") else "")
+            + "; figures are medians of the rounds, ratios are ours / etcd.\n\n"
             "create: ours = `create_topic` of a new topic (3 partitions, RF 3, six brokers "
             "in three racks); etcd = a txn that puts `topics/NAME` only if it does not exist "
             "(compare `create_revision == 0`), as a create must not overwrite, with a value "
@@ -485,9 +486,51 @@ def _etcd(section: dict[str, Any]) -> str:
                "the Python client did not cap etcd's figures (a worker above 80 % would)")
             + "; the machine's cores are shared by servers and clients alike. Raft term "
             "changes during the section: "
-            + ", ".join(f"{k} {v}" for k, v in terms.items()) + ".\n\nEvery round:\n\n"
+            + ", ".join(f"{k} {v}" for k, v in terms.items()) + "."
+            + _etcd_ceiling(section) + "\n\nEvery round:\n\n"
             + _table(["system", "point", "round", "ops/s", "p50 ms", "p99 ms", "errors",
                       "client CPU per worker"], per_round))
+
+
+_CEILING_POINTS = (("create_many", "create, {n} callers"), ("create_one", "create, 1 caller"),
+                   ("read_many", "linearizable read, {n} callers"),
+                   ("read_one", "linearizable read, 1 caller"))
+
+
+def _etcd_ceiling(section: dict[str, Any]) -> str:
+    """The load generator's ceiling beside etcd's and our HTTP figures."""
+    ceiling, figs = section.get("ceiling"), section["figures"]
+    if not ceiling:
+        return ""
+
+    def server_cpu(system: str, point: str) -> float | None:
+        values = [r["server_cpu"] for r in figs.get(system, {}).get(point, {}).get("rounds", [])
+                  if isinstance(r.get("server_cpu"), int | float)]
+        return max(values) if values else None
+
+    rows = []
+    for point, label in _CEILING_POINTS:
+        row = ceiling.get(point, {})
+        cpus = [c for c in (server_cpu("etcd_ceiling", point), server_cpu("http_ceiling", point))
+                if c is not None]
+        top = figs.get("http_ceiling", {}).get(point, {}).get("p50_ms")
+        rows.append([label.format(n=section["callers"]), _fmt(row.get("etcd_ops_per_s")),
+                     _versus(row.get("etcd_ceiling_ops_per_s"), row.get("etcd_ops_per_s")),
+                     _fmt(row.get("http_ops_per_s")),
+                     _versus(row.get("http_ceiling_ops_per_s"), row.get("http_ops_per_s")),
+                     _fmt(top), ", ".join(f"{c:.0%}" for c in cpus) or "-"])
+    sizes = section.get("ceiling_answer_bytes", {})
+    return ("\n\n**Load generator ceiling.** The same callers (the same worker processes "
+            "and threads, at the same caller counts) pointed at a server in a process of its "
+            "own that answers every request at once with the bytes etcd or our node sent for "
+            "that kind of request, captured once at set-up ("
+            + ", ".join(f"`{k.strip()}` {v} B" for k, v in sizes.items())
+            + "): the most ops/s these callers can drive on this machine when the server "
+            "does no work, its own CPU shown. The ratio is ceiling / measured: near 1x, that "
+            "figure is the callers' limit, not the server's.\n\n"
+            + _table(["point", "etcd ops/s", "ceiling, etcd's callers (ceiling / etcd)",
+                      "ours over HTTP ops/s", "ceiling, our callers (ceiling / ours)",
+                      "our callers' p50 ms at the ceiling", "canned server CPU"], rows))
 
 
 def _flood(section: dict[str, Any]) -> str:

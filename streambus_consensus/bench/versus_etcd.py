@@ -26,8 +26,19 @@ The HTTP callers of etcd and of our API are the same machinery
 (:class:`~._load.LoadPool`): worker processes with threads, one kept-alive
 connection per caller, aimed at the leader. Embedded callers are threads of
 this process (that is what embedding means). Rounds interleave the systems
-(etcd, ours over HTTP, ours embedded, repeat) so that drifts of a shared
-machine fall on all of them; each figure is the median over rounds.
+(etcd, ours over HTTP, ours embedded, then the two ceilings, repeat) so that
+drifts of a shared machine fall on all of them; each figure is the median
+over rounds.
+
+**Load generator ceiling.** The callers share the machine's two cores with
+the servers, so part of each HTTP figure may be the callers' own limit. The
+same callers, at the same caller counts, are also pointed at a server in a
+process of its own that answers every request at once with the bytes etcd or
+our node sent for that kind of request (:class:`~._canned.CannedServer`):
+``etcd_ceiling`` with etcd's callers and etcd's answers, ``http_ceiling``
+with ours. The ceiling is what the callers could drive here with a server
+that does no work (its own CPU is reported); ``ceiling_vs_etcd`` is the
+etcd-caller ceiling's ops/s over etcd's, ``ceiling_vs_http`` ours.
 
 Run alone: ``python -m streambus_consensus.bench.versus_etcd [--rounds 3] [--seconds 3]``
 """
@@ -49,16 +60,27 @@ from typing import Any
 from ..metadata.commands import supported_metadata_versions
 from ..metadata.store import MetadataStore
 from ..testing.harness import LocalCluster
+from ._canned import CannedServer, capture
 from ._load import LoadPool, Target, topic_value
 from ._peer import sample_command
 from .common import HttpCaller, closed_loop
-from .etcd import EtcdCaller, EtcdCluster, ensure_etcd, etcd_version
+from .etcd import (
+    EtcdCaller,
+    EtcdCluster,
+    create_body,
+    ensure_etcd,
+    etcd_version,
+    range_body,
+)
 from .latency import BENCH_SETTINGS, READ_TOPIC, embedded_config, lead_from, register_brokers
 
-__all__ = ["SYSTEMS", "TARGETS", "main", "run", "targets"]
+__all__ = ["CEILINGS", "SYSTEMS", "TARGETS", "ceilings", "main", "run", "targets"]
 
-SYSTEMS = ("etcd", "http", "embedded")
-"""In the order each round runs them."""
+SYSTEMS = ("etcd", "http", "embedded", "etcd_ceiling", "http_ceiling")
+"""In the order each round runs them (the ceilings: the same callers against
+:class:`~._canned.CannedServer`)."""
+CEILINGS = {"etcd_ceiling": "etcd", "http_ceiling": "http"}
+"""Each ceiling and the system whose callers and answers it uses."""
 
 Log = Callable[[str], None]
 
@@ -79,7 +101,9 @@ def _points(callers: int) -> list[tuple[str, int]]:
 
 
 HIGHEST = supported_metadata_versions()[1]
-"""The metadata version both of our clusters are finalized at."""
+"""The metadata version both of our clusters run at (a new cluster starts there)."""
+_CEILING_PROBE = "ceiling-probe"
+"""The topic (and etcd key) created once to capture a create's answer."""
 
 
 class _Systems:
@@ -99,8 +123,8 @@ class _Systems:
         self.http_leader = self.http.wait_for_leader(30)
         self.http_address = self.http.nodes[self.http_leader].api_address
         setup = HttpCaller(self.http_address, self.http.secret)
-        # A new cluster starts at metadata version 1; finalize this release's
-        # highest so writes are coalesced (docs/operations.md, metadata versions).
+        # A new cluster starts at this release's highest metadata version (writes
+        # are coalesced); this waits until the leader has applied it, and checks.
         setup.request("POST", "/v1/features", {"metadata_version": HIGHEST})
         register_brokers(setup)
         setup.request("POST", "/v1/topics", {"name": READ_TOPIC, "partitions": 3,
@@ -127,6 +151,23 @@ class _Systems:
         self.store.create_topic(READ_TOPIC, 3, 3)
         log("  ours embedded: this process leads, 2 node processes follow")
 
+        secret = self.http.secret
+        answers = {
+            b"POST /v3/kv/txn ": capture(self.etcd_address, "POST", "/v3/kv/txn", create_body(
+                f"topics/{_CEILING_PROBE}", topic_value(_CEILING_PROBE))),
+            b"POST /v3/kv/range ": capture(self.etcd_address, "POST", "/v3/kv/range",
+                                           range_body(f"topics/{READ_TOPIC}")),
+            b"POST /v1/topics ": capture(self.http_address, "POST", "/v1/topics", {
+                "name": _CEILING_PROBE, "partitions": 3, "replication_factor": 3},
+                secret=secret),
+            b"GET /v1/topics/": capture(self.http_address, "GET",
+                                        f"/v1/topics/{READ_TOPIC}?linearizable=1",
+                                        secret=secret),
+        }
+        self.canned = stack.enter_context(CannedServer(answers))
+        log(f"  load generator ceiling: canned answers of {self.canned.answer_bytes} bytes "
+            f"from a process of its own on {self.canned.address}")
+
     def terms(self) -> dict[str, int | None]:
         """Each system's current Raft term (a rise during the run = an election)."""
         status = self.http.status(self.http_leader) or {}
@@ -134,7 +175,10 @@ class _Systems:
                 "embedded": self.store.node.term}
 
     def target(self, system: str, op: str, tag: str) -> Target:
-        """A load target of the etcd or HTTP system."""
+        """A load target of the etcd or HTTP system, or of their ceilings."""
+        if system in CEILINGS:
+            return Target(CEILINGS[system], self.canned.address, op, tag,
+                          secret=self.http.secret)
         if system == "etcd":
             return Target("etcd", self.etcd_address, op, tag)
         return Target("http", self.http_address, op, tag, secret=self.http.secret)
@@ -181,6 +225,22 @@ def targets(figures: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float | 
     return out
 
 
+def ceilings(figures: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per point: each system's ops/s beside its callers' ceiling, and their ratio
+    (ceiling ops/s / the system's ops/s; near 1 = that figure is the callers' limit)."""
+    out: dict[str, dict[str, Any]] = {}
+    for point in figures.get("etcd", {}):
+        row: dict[str, Any] = {}
+        for ceiling, system in CEILINGS.items():
+            measured = figures.get(system, {}).get(point, {}).get("ops_per_s")
+            top = figures.get(ceiling, {}).get(point, {}).get("ops_per_s")
+            row[f"{system}_ops_per_s"] = measured
+            row[f"{ceiling}_ops_per_s"] = top
+            row[f"ceiling_vs_{system}"] = _ratio(top, measured)
+        out[point] = row
+    return out
+
+
 def verdicts(ratios: dict[str, float | None]) -> list[dict[str, Any]]:
     """Each target of :data:`TARGETS` with its figure and whether it is met."""
     out = []
@@ -213,20 +273,29 @@ def run(base: Path, *, rounds: int = 3, seconds: float = 3.0, callers: int = 32,
                     point = f"{op}_{'one' if n == 1 else 'many'}"
                     tag = f"{system[0]}{r}{op[0]}{n}-{time.monotonic_ns() % 10**9}"
                     cpu: list[float | None] = []
+                    server_cpu = None
                     if system == "embedded":
                         result = closed_loop(systems.embedded_call(op, tag), n, seconds)
                     else:
+                        cpu0, wall0 = systems.canned.cpu_seconds(), time.monotonic()
                         result, cpu = pool.run(systems.target(system, op, tag), n, seconds)
+                        cpu1, wall = systems.canned.cpu_seconds(), time.monotonic() - wall0
+                        if system in CEILINGS and cpu0 is not None and cpu1 is not None:
+                            server_cpu = round((cpu1 - cpu0) / wall, 3)
                     row = {"round": r + 1, **result.summary()}
                     if cpu:
                         row["client_cpu"] = cpu
+                    if server_cpu is not None:
+                        row["server_cpu"] = server_cpu
                     per_round[system][point].append(row)
                     log(f"  round {r + 1} {system:8} {op:6} {n:2} caller(s): "
                         f"{row.get('ops_per_s', 0):8.1f} ops/s  p50 {row.get('p50_ms', 0):7.2f} ms"
                         f"  p99 {row.get('p99_ms', 0):7.2f} ms"
                         + (f"  client CPU {cpu}" if cpu and n > 1 else "")
+                        + (f"  server CPU {server_cpu}" if server_cpu is not None else "")
                         + (f"  errors {row['errors']}" if "errors" in row else ""))
         terms_after = systems.terms()
+        answer_bytes = systems.canned.answer_bytes
     figures: dict[str, dict[str, dict[str, Any]]] = {}
     for system, by_point in per_round.items():
         figures[system] = {}
@@ -242,7 +311,7 @@ def run(base: Path, *, rounds: int = 3, seconds: float = 3.0, callers: int = 32,
         verdict = "-" if check["met"] is None else ("met" if check["met"] else "NOT met")
         log(f"  target: {check['target']}: {check['value']} -> {verdict}")
     elections: dict[str, int | None] = {}
-    for system in SYSTEMS:
+    for system in terms_before:
         before, after = terms_before[system], terms_after[system]
         elections[system] = after - before if after is not None and before is not None else None
     return {
@@ -251,6 +320,7 @@ def run(base: Path, *, rounds: int = 3, seconds: float = 3.0, callers: int = 32,
         "etcd_value_bytes": len(topic_value(READ_TOPIC)),
         "our_create_command_bytes": len(sample_command()),
         "figures": figures, "ratios": ratios, "targets": checks,
+        "ceiling": ceilings(figures), "ceiling_answer_bytes": answer_bytes,
         "term_changes": elections,
     }
 

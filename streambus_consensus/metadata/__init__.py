@@ -12,6 +12,7 @@ from __future__ import annotations
 from .commands import (
     BATCH_CREATE_VERSION,
     BATCHED_ENTRIES_VERSION,
+    BOOTSTRAP_REQUEST_ID,
     ELECTION_KINDS,
     FORMAT_VERSION,
     MAX_METADATA_VERSION,
@@ -78,6 +79,7 @@ from .records import (
 __all__ = [
     "BATCHED_ENTRIES_VERSION",
     "BATCH_CREATE_VERSION",
+    "BOOTSTRAP_REQUEST_ID",
     "CLEANUP_POLICIES",
     "COMPRESSION_TYPES",
     "ELECTION_KINDS",

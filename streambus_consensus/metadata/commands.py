@@ -43,6 +43,7 @@ from ..errors import CodecError, UnsupportedMetadataVersionError
 __all__ = [
     "BATCHED_ENTRIES_VERSION",
     "BATCH_CREATE_VERSION",
+    "BOOTSTRAP_REQUEST_ID",
     "ELECTION_KINDS",
     "FORMAT_VERSION",
     "MAX_METADATA_VERSION",
@@ -122,6 +123,11 @@ class RequestId:
     """Who sends it: 1-256 characters, stable across the client's retries."""
     seq: int
     """The request's sequence number within the client, ``0 <= seq < 2**63``."""
+
+
+BOOTSTRAP_REQUEST_ID: Final = RequestId("bootstrap", 1)
+"""The request id of a new cluster's first command, the :class:`SetMetadataVersion`
+its first leader writes (:meth:`.fsm.MetadataStateMachine.bootstrap_command`)."""
 
 
 # --------------------------------------------------------------------------

@@ -18,9 +18,13 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..raft.aio import wait_done
 from .fsm import ApplyResult, Change, MetadataImage, MetadataStateMachine
+
+if TYPE_CHECKING:
+    from ..config import NodeConfig
 
 __all__ = ["ChangeFeed", "MetadataEvent", "Watch", "WatchedStateMachine"]
 
@@ -184,6 +188,10 @@ class WatchedStateMachine:
         if result.changes:
             self.feed.append(index, result.changes)
         return result
+
+    def bootstrap_command(self, config: NodeConfig) -> bytes | None:
+        """See :meth:`MetadataStateMachine.bootstrap_command`."""
+        return self.fsm.bootstrap_command(config)
 
     def batching_allowed(self) -> bool:
         """See :meth:`MetadataStateMachine.batching_allowed`."""

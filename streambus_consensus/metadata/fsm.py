@@ -56,7 +56,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar, overload
 
 from .. import codec
 from ..errors import (
@@ -68,6 +68,8 @@ from ..errors import (
 )
 from .commands import (
     BATCHED_ENTRIES_VERSION,
+    BOOTSTRAP_REQUEST_ID,
+    FORMAT_VERSION,
     AddPartitions,
     AlterIsr,
     AlterTopicConfig,
@@ -89,10 +91,14 @@ from .commands import (
     UnregisterBroker,
     command_level,
     decode_command,
+    encode_command,
     supported_metadata_versions,
 )
 from .placement import PlacementError, place_on_racks, rack_groups
 from .records import Broker, BrokerState, Partition, Topic, TopicConfig
+
+if TYPE_CHECKING:
+    from ..config import NodeConfig
 
 __all__ = [
     "MAX_PARTITIONS_PER_TOPIC",
@@ -889,6 +895,20 @@ class MetadataStateMachine:
                 current,
             )
         return self._apply_entry(index, command)
+
+    def bootstrap_command(self, config: NodeConfig) -> bytes | None:
+        """A new cluster's first command (see
+        :class:`~streambus_consensus.interfaces.Bootstrapper`): finalize
+        ``config.bootstrap_metadata_version``, by default the newest version
+        this software reads. ``None`` for version 1 (:data:`~.commands.FORMAT_VERSION`),
+        which a log without such a command already means (and which every
+        release reads)."""
+        level = config.bootstrap_metadata_version
+        if level is None:
+            level = supported_metadata_versions()[1]
+        if level == FORMAT_VERSION:
+            return None
+        return encode_command(SetMetadataVersion(request_id=BOOTSTRAP_REQUEST_ID, level=level))
 
     def batching_allowed(self) -> bool:
         """Whether commands may share a log entry: the finalized metadata

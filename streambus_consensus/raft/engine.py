@@ -356,7 +356,48 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         # Set before SyncObj.__init__ so PySyncObj counts them among its own fields.
         self._pending_change: tuple[int, int] | None = None
         self._transfer_deadline: float | None = None
+        self._bootstrap_entry: bytes | None = None
+        self._captured: list[bytes] | None = None
         super().__init__(*args, **kwargs)
+
+    def encode_entry(self, propose: Callable[[], None]) -> bytes:
+        """The log entry that ``propose()`` would queue, as PySyncObj encodes
+        it (kind byte and call), without queueing it."""
+        self._captured = []
+        try:
+            propose()
+            [entry] = self._captured
+        finally:
+            self._captured = None
+        return entry
+
+    def _applyCommand(self, command: Any, callback: Any, commandType: Any = None) -> None:
+        if self._captured is not None:
+            self._captured.append(bytes(command) if commandType is None
+                                  else bytes([commandType]) + bytes(command))
+            return
+        super()._applyCommand(command, callback, commandType)
+
+    def _SyncObj__onBecomeLeader(self) -> None:  # overrides the private method
+        """A new cluster's first command (the state machine's bootstrap
+        command, :class:`~streambus_consensus.interfaces.Bootstrapper`) goes
+        in right after the election no-op, in the same call: no proposal can
+        be appended between them. Only on a pristine log (no command, no
+        snapshot): a leader's log holds every committed entry, so then the
+        cluster has committed nothing. A leader that finds an earlier
+        leader's bootstrap command in its log commits that one instead."""
+        SyncObj._SyncObj__onBecomeLeader(self)
+        entry = self._bootstrap_entry
+        log = self._SyncObj__raftLog
+        if entry is None or not len(log) or log[0][1] != 1:  # compacted: there is a snapshot
+            return
+        no_op = bytes([_syncobj_module._COMMAND_TYPE.NO_OP])
+        if any(log[i][0][:1] != no_op for i in range(len(log))):
+            return
+        index = log[-1][1] + 1
+        log.add(entry, index, self.raftCurrentTerm)
+        logger.info("%s: new cluster: bootstrap command appended at index %d (term %d)",
+                    self.selfNode.id, index, self.raftCurrentTerm)
 
     def transferLeadership(self, node: Any = None, callback: Any = None) -> None:
         started_hold = self._transfer_deadline is None and self._isLeader()
@@ -414,6 +455,7 @@ class Engine:
         gate: ElectionGate | None = None,
         send_now: Callable[[], None] | None = None,
         reads: ReadIndex | None = None,
+        bootstrap: bytes | None = None,
     ) -> None:
         self._config = config
         self._send_now = send_now
@@ -488,6 +530,9 @@ class Engine:
                 )
             finally:
                 _syncobj_module.createJournal = original
+        if bootstrap is not None:
+            self._obj._bootstrap_entry = self._obj.encode_entry(
+                lambda: self._consumer.apply(bootstrap))
         guard.attach(self)
         self._pso_transport.gate, self._pso_transport.engine = gate, self
         self._pso_transport.reads = reads
@@ -868,6 +913,9 @@ _SEAM_METHODS = {
     "otherNodes": "members and single_voter",
     "hasQuorum": "has_quorum",
     "conf": "transfer hold deadline (conf.raftMaxTimeout)",
+    "_applyCommand": "encoding the bootstrap command as a log entry",
+    "_SyncObj__onBecomeLeader": "the bootstrap command after a new leader's no-op",
+    "selfNode": "the node id in log lines",
 }
 _SEAM_SOURCE = {
     # (function, text that must appear in its source): what relies on it
@@ -890,6 +938,8 @@ _SEAM_SOURCE = {
     ("__onMessageReceived", "message['next_node_idx']"): "the guard's answer",
     ("__onMessageReceived", "message['reset']"): "the guard's answer",
     ("__onMessageReceived", "message['success']"): "the guard's answer",
+    ("__onBecomeLeader", "self.__raftLog.add(_bchr(_COMMAND_TYPE.NO_OP)"):
+        "the bootstrap command, appended right after the election no-op",
     ("getStatus", "'next_node_idx_server_'"): "replication(): next indexes",
     ("getStatus", "'match_idx_server_'"): "replication(): match indexes",
 }
@@ -941,6 +991,9 @@ def check_engine_seam() -> None:
 
     if not callable(getattr(_syncobj_module, "createJournal", None)):
         raise missing("pysyncobj.syncobj.createJournal", "our journal")
+    if not isinstance(getattr(getattr(_syncobj_module, "_COMMAND_TYPE", None), "NO_OP", None),
+                      int):
+        raise missing("pysyncobj.syncobj._COMMAND_TYPE.NO_OP", "telling a pristine log")
     for name, needed_for in _SEAM_METHODS.items():
         if not hasattr(SyncObj, name):
             raise missing(f"SyncObj.{name}", needed_for)

@@ -43,6 +43,7 @@ from ..errors import (
     TransportError,
 )
 from ..interfaces import (
+    Bootstrapper,
     ConsistentSnapshotter,
     NodeState,
     NodeStatus,
@@ -215,6 +216,7 @@ class RaftNode:
                     app_handler=self._on_app_message,
                     on_restored=self._on_restored, gate=self.gate, reads=self.reads,
                     send_now=functools.partial(self._flush, storage, transport),
+                    bootstrap=self._bootstrap_entry(),
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
                                 self._engine.peer_disconnected, self._on_peer_refused)
@@ -231,6 +233,14 @@ class RaftNode:
             self._thread.start()
             self._started = True
             logger.info("%s: started on %s", cfg.node_id, cfg.effective_bind_address)
+
+    def _bootstrap_entry(self) -> bytes | None:
+        """The state machine's command for a new cluster, as an entry (see
+        :class:`~streambus_consensus.interfaces.Bootstrapper`)."""
+        if not isinstance(self._sm, Bootstrapper):
+            return None
+        command = self._sm.bootstrap_command(self.config)
+        return None if command is None else _USER + bytes(command)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully: finish the tick, sync, close files and sockets. Idempotent.
