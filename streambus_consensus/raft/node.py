@@ -281,16 +281,23 @@ class RaftNode:
         if engine is None or transport is None or storage is None:
             return
         tick = self.config.tick_interval
+        stalled = self.config.heartbeat_interval
+        polled_at = time.monotonic()
         try:
             while not self._stopping.is_set():
-                # Only the jobs queued when the pass began: callers that keep
-                # queueing must not keep the engine from ticking.
                 # Only the jobs queued when the pass began: callers that keep
                 # queueing must not keep the engine from ticking.
                 for _ in range(len(self._inbox)):
                     self._inbox.popleft()()
                 if self._coalescing:
                     self._propose_coalesced(engine)
+                if time.monotonic() - polled_at > stalled:
+                    # This thread stalled since it last took in messages (a
+                    # slow fsync, a busy machine): take in what arrived
+                    # meanwhile before the timers are looked at, or a
+                    # heartbeat waiting in the socket is taken for a dead
+                    # leader (a pre-vote) or a silent follower (check-quorum).
+                    transport.poll(0.0)
                 engine.before_tick()
                 engine.tick()
                 self.reads.pump(engine)
@@ -301,6 +308,7 @@ class RaftNode:
                 lone_work = (engine.single_voter
                              and engine.commit_index < engine.last_log_index)
                 transport.poll(0.0 if lone_work else tick)
+                polled_at = time.monotonic()
                 self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._sample(engine)
