@@ -75,8 +75,22 @@ keeps the Raft thread of the node running while a mass change is streamed."""
 logger = logging.getLogger(__name__)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+_FIELDS: dict[type, tuple[str, ...]] = {}
+"""Field names of each record class to_json met (the same few classes, every answer)."""
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def to_json(value: Any) -> Any:
     """Records, images and events as plain JSON data."""
+    if isinstance(value, _PLAIN) and not isinstance(value, enum.Enum):
+        return value
     if isinstance(value, MetadataImage):
         return {
             "offset": value.offset,
@@ -92,7 +106,7 @@ def to_json(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: to_json(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, tuple | list):
         return [to_json(v) for v in value]
     if isinstance(value, dict):
