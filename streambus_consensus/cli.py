@@ -853,8 +853,9 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("node_id", help="the new member's node_id")
     add.add_argument("address", metavar="HOST:PORT", help="the new member's cluster address")
     add.add_argument("--no-check", action="store_true",
-                     help="add it even if it does not answer the cluster handshake yet "
-                          "(by default a node that does not is refused)")
+                     help="propose it even if it does not answer the cluster handshake yet "
+                          "(by default a node that does not is refused); it still has "
+                          "learner_catchup_timeout to catch up")
     remove = command(members, "remove", "remove a voting member",
                      "Remove a voting member. When it leads, leadership is moved to another "
                      "node first (its API must be among the addresses). Stop the removed "
