@@ -29,6 +29,7 @@ from streambus_consensus import (
 )
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
 from streambus_consensus.provision import generate_secret
+from streambus_consensus.raft.engine import LEARNER_PROMOTE, LEARNER_REMOVE, learner_verdict
 from streambus_consensus.raft.snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 from streambus_consensus.testing.harness import free_ports, wait_until
 
@@ -139,6 +140,47 @@ def test_a_snapshot_header_keeps_its_learners_and_is_unchanged_without_them() ->
     assert header.members == (("n1", "h:1"), ("n2", "h:2")) and state == b"state"
 
 
+# -- the leader's verdict (pure) -----------------------------------------------------
+
+
+VERDICT_CONFIG = NodeConfig(node_id="n1", cluster={"n1": "127.0.0.1:7001"},
+                            learner_catchup_timeout=10.0, learner_max_lag=100)
+
+
+@pytest.mark.parametrize(("match", "commit", "waited", "silent_for", "expected"), [
+    (900, 1000, 0.0, 0.1, LEARNER_PROMOTE),      # exactly learner_max_lag behind
+    (1000, 1000, 9.0, 0.0, LEARNER_PROMOTE),
+    (1200, 1000, 0.0, 0.1, LEARNER_PROMOTE),     # ahead: acknowledged uncommitted entries
+    (899, 1000, 9.9, 0.1, None),                 # one too many behind, time left
+    (0, 1000, 9.9, 0.1, None),                   # answered, nothing acknowledged yet
+    (1000, 1000, 5.0, 0.9, None),                # caught up but silent past an election timeout
+    (0, 0, 9.9, None, None),                     # never answered, time left
+    (899, 1000, 10.0, 0.1, LEARNER_REMOVE),
+    (0, 1000, 10.0, None, LEARNER_REMOVE),
+    (1000, 1000, 12.0, 5.0, LEARNER_REMOVE),
+])
+def test_the_leader_promotes_a_caught_up_learner_and_removes_one_out_of_time(
+        match: int, commit: int, waited: float, silent_for: float | None,
+        expected: str | None) -> None:
+    kind, reason = learner_verdict(VERDICT_CONFIG, match=match, commit=commit, waited=waited,
+                                   silent_for=silent_for)
+    assert kind == expected
+    assert (reason is not None) == (kind == LEARNER_REMOVE)
+
+
+@pytest.mark.parametrize(("match", "silent_for", "says"), [
+    (0, None, "it never answered"),
+    (0, 0.1, "it acknowledged no entry"),
+    (1000, 5.0, "it has not answered for 5s"),
+    (500, 0.1, "it had index 500, 500 entries behind the commit index 1000; learner_max_lag "
+               "is 100"),
+])
+def test_a_removal_says_why(match: int, silent_for: float | None, says: str) -> None:
+    _kind, reason = learner_verdict(VERDICT_CONFIG, match=match, commit=1000, waited=10.0,
+                                    silent_for=silent_for)
+    assert reason == f"it did not catch up as a learner within 10s ({says})"
+
+
 # -- in-process clusters -------------------------------------------------------------
 
 
@@ -158,6 +200,7 @@ def test_a_learner_that_never_answers_is_refused_and_never_counted(
         assert status.learners == ("n2",) and status.members == ("n1",)
         assert [(peer.node_id, peer.role) for peer in status.peers] == [("n2", "learner")]
         write(p.n1, 20)  # commits on n1 alone: the learner is not counted
+        wait_until(lambda: p.n1.learner_count == 1, 3, "the learners gauge")
         with pytest.raises(MemberNotCaughtUpError, match="never answered") as caught:
             adding.result(15)
         took = time.monotonic() - started
@@ -267,3 +310,36 @@ def test_the_learner_set_survives_a_restart_from_log_and_from_snapshot(
 def _add_quietly(node: RaftNode, node_id: str, address: str) -> None:
     with contextlib.suppress(ConsensusError):  # the node stops under it
         node.add_member(node_id, address, check=False)
+
+
+def test_a_new_node_whose_config_lists_a_learner_as_a_member_takes_the_log_s_word(
+        tmp_path: Path) -> None:
+    """n2 is a learner (never started) when n3 joins with a [cluster] of n1,
+    n2 and itself, as the docs say to write it from ``members list``. n3 must
+    take n2 for the learner its log says it is, not the voter its config
+    file says: else n3 counts n2 as a voter, and keeps it one after the
+    leader removes it."""
+    ports = free_ports(3)
+    addresses = {f"n{i + 1}": f"127.0.0.1:{port}" for i, port in enumerate(ports)}
+    n1 = RaftNode(config("n1", {"n1": addresses["n1"]}, tmp_path, learner_catchup_timeout=3.0),
+                  KeyValueStateMachine())
+    n3 = RaftNode(config("n3", dict(addresses), tmp_path), KeyValueStateMachine())
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            n1.start()
+            n1.wait_for_leader(10)
+            refused = pool.submit(n1.add_member, "n2", addresses["n2"], check=False)
+            wait_until(lambda: n1.learners() == {"n2": addresses["n2"]}, 5, "n2 to be a learner")
+            n3.start()
+            n1.add_member("n3", addresses["n3"])
+            wait_until(lambda: n3.members() == {"n1": addresses["n1"], "n3": addresses["n3"]},
+                       5, "n3 to count n1 and itself as the voters")
+            assert n3.learners() == {"n2": addresses["n2"]}
+            with pytest.raises(MemberNotCaughtUpError):
+                refused.result(10)
+            wait_until(lambda: n3.learners() == {}, 5, "n3 to drop the removed learner")
+            assert n3.members() == n1.members() == {"n1": addresses["n1"],
+                                                    "n3": addresses["n3"]}
+        finally:
+            n3.stop()
+            n1.stop()

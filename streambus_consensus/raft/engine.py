@@ -61,7 +61,8 @@ from .readindex import READ_INDEX_MESSAGES, ReadIndex
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
-__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "check_engine_seam", "error_for"]
+__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "check_engine_seam", "error_for",
+           "learner_verdict"]
 
 APP_MESSAGE_PREFIX = "app:"
 """Messages whose type starts with this travel beside Raft on the same
@@ -110,6 +111,35 @@ def error_for(code: int, *, node_id: str, leader_hint: str | None) -> ConsensusE
     if code == FAIL_REASON.REQUEST_DENIED:
         return RequestDeniedError("request denied by the Raft engine", node_id=node_id)
     return OutcomeUnknownError(f"outcome unknown (engine code {code})", node_id=node_id)
+
+
+def learner_verdict(config: NodeConfig, *, match: int, commit: int, waited: float,
+                    silent_for: float | None) -> tuple[str | None, str | None]:
+    """What the leader does with a learner: ``(LEARNER_PROMOTE, None)``,
+    ``(LEARNER_REMOVE, reason)`` or ``(None, None)`` (wait).
+
+    ``match`` is the last entry it acknowledged (0: none), ``commit`` the
+    leader's commit index, ``waited`` how long this leader has known it,
+    ``silent_for`` how long since it last answered (``None``: never).
+    Promoted when it acknowledged an entry within ``learner_max_lag`` of
+    the commit index and answered within an election timeout; removed once
+    ``learner_catchup_timeout`` has passed without that.
+    """
+    if (match > 0 and commit - match <= config.learner_max_lag
+            and silent_for is not None and silent_for <= config.election_timeout_max):
+        return LEARNER_PROMOTE, None
+    if waited < config.learner_catchup_timeout:
+        return None, None
+    if silent_for is None:
+        progress = "it never answered"
+    elif match == 0:
+        progress = "it acknowledged no entry"
+    elif silent_for > config.election_timeout_max:
+        progress = f"it has not answered for {silent_for:.3g}s"
+    else:
+        progress = (f"it had index {match}, {commit - match} entries behind the commit index "
+                    f"{commit}; learner_max_lag is {config.learner_max_lag}")
+    return LEARNER_REMOVE, f"it did not catch up as a learner within {waited:.3g}s ({progress})"
 
 
 class _Journal(Journal):  # type: ignore[misc]
@@ -725,23 +755,15 @@ class Engine:
         now = time.monotonic()
         for node_id in [n for n in self._learner_clock if n not in obj.learners]:
             del self._learner_clock[node_id]
-        commit, config = self.commit_index, self._config
         for node_id, node in sorted(obj.learners.items()):
             since = self._learner_clock.setdefault(node_id, now)
-            match = int(obj._SyncObj__raftMatchIndex.get(node) or 0)
             answered = obj._SyncObj__lastResponseTime.get(node)
-            if (match > 0 and commit - match <= config.learner_max_lag
-                    and answered is not None and now - answered <= config.election_timeout_max):
-                self._propose_learner_change(LEARNER_PROMOTE, node, None)
-                return
-            waited = now - since
-            if waited >= config.learner_catchup_timeout:
-                progress = ("it never answered" if match == 0 else
-                            f"it had index {match}, {commit - match} entries behind the "
-                            f"commit index {commit} (learner_max_lag {config.learner_max_lag})")
-                self._propose_learner_change(
-                    LEARNER_REMOVE, node,
-                    f"it did not catch up as a learner within {waited:.3g}s ({progress})")
+            kind, reason = learner_verdict(
+                self._config, match=int(obj._SyncObj__raftMatchIndex.get(node) or 0),
+                commit=self.commit_index, waited=now - since,
+                silent_for=None if answered is None else now - answered)
+            if kind is not None:
+                self._propose_learner_change(kind, node, reason)
                 return
 
     def _propose_learner_change(self, kind: str, node: Member, reason: str | None) -> None:
