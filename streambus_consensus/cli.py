@@ -333,10 +333,14 @@ def _status(args: argparse.Namespace) -> _Output:
             continue
         report.append({"api": address, **status})
         peers = " ".join(
-            f"{p['node_id']}:{'up' if p['connected'] else 'down'}"
+            f"{p['node_id']}{'(learner)' if p.get('role') == 'learner' else ''}:"
+            f"{'up' if p['connected'] else 'down'}"
             + (f"@{p['match_index']}" if p.get("match_index") is not None else "")
             for p in status["peers"])
-        rows.append([status["node_id"], address, status["state"], status["leader_id"],
+        state = status["state"]
+        if status["node_id"] in status.get("learners", ()):
+            state = f"{state} (learner)"
+        rows.append([status["node_id"], address, state, status["leader_id"],
                      status["term"], status["commit_index"], status["applied_index"],
                      status["log_entries"], peers or None])
     header = ["NODE", "API", "STATE", "LEADER", "TERM", "COMMIT", "APPLIED", "LOG", "PEERS"]
@@ -834,8 +838,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command(sub, "status", "state, leader, term, indexes and peers of each node",
             "Ask every given node for its Raft status. PEERS shows each peer's link "
-            "(up/down) and, on the leader, its match index (@N). Exits 3 only when no "
-            "node answers.")
+            "(up/down) and, on the leader, its match index (@N); learners (members "
+            "catching up, not yet voting) are marked. Exits 3 only when no node answers.")
 
     members = group("members", "list, add or remove voting members", "members_command")
     command(members, "list", "list the voting members and learners",

@@ -296,6 +296,9 @@ def test_a_new_member_is_a_learner_until_it_catches_up_under_write_load(
                              "--secret-file", str(cluster.secret_file)]) == 0
             listed = capsys.readouterr().out
             assert any(line.split()[::2] == ["n4", "learner"] for line in listed.splitlines())
+            assert cli.main(["status", "--api", cluster.nodes[leader].api_address,
+                             "--secret-file", str(cluster.secret_file)]) == 0
+            assert "n4(learner):down" in capsys.readouterr().out
 
             cluster.start("n4")
             result = adding.result(30)
