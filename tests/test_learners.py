@@ -212,6 +212,17 @@ def test_a_learner_that_never_answers_is_refused_and_never_counted(
     write(p.n1, 5, "after")
 
 
+def test_removing_a_learner_ends_its_add(pair: Callable[..., Pair]) -> None:
+    p = pair(learner_catchup_timeout=30)
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(p.n1.add_member, "n2", p.addresses["n2"], check=False)
+        wait_until(lambda: p.n1.learners() == {"n2": p.addresses["n2"]}, 5, "n2 to be a learner")
+        p.n1.remove_member("n2")
+        with pytest.raises(MemberNotCaughtUpError, match="removed while still a learner"):
+            adding.result(5)
+    assert p.n1.learners() == {} and p.n1.members() == {"n1": p.addresses["n1"]}
+
+
 def test_a_new_node_is_a_learner_until_it_catches_up_then_votes(
         pair: Callable[..., Pair]) -> None:
     """n2's answers to the leader are dropped at first: it receives the log

@@ -586,7 +586,10 @@ class Engine:
         self._config = config
         self._learner_clock: dict[str, float] = {}
         """On the leader: when it first saw each learner (monotonic seconds)."""
-        self._learner_change_in_flight = False
+        self._learner_change_term: int | None = None
+        """The term in which this leader proposed a learner change whose
+        outcome it awaits (a callback can be lost to a snapshot install, E10:
+        a later term starts afresh)."""
         self._send_now = send_now
         self._announced_commit = 0
         self.long_applies = 0
@@ -748,7 +751,7 @@ class Engine:
             self._learner_clock.clear()
             return
         pending = obj._pending_change
-        if (self._learner_change_in_flight or not self.committed_in_term
+        if (self._learner_change_term == self.term or not self.committed_in_term
                 or (pending is not None and pending[0] == self.term
                     and self.applied_index < pending[1])):
             return
@@ -767,10 +770,11 @@ class Engine:
                 return
 
     def _propose_learner_change(self, kind: str, node: Member, reason: str | None) -> None:
-        self._learner_change_in_flight = True
+        term = self._learner_change_term = self.term
 
         def done(_result: Any, code: int) -> None:
-            self._learner_change_in_flight = False
+            if self._learner_change_term == term:
+                self._learner_change_term = None
             if code != FAIL_REASON.SUCCESS:
                 logger.info("%s: %s of %s not committed (engine code %d); will retry",
                             self.node_id, kind, node.id, code)
