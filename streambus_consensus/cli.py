@@ -342,40 +342,52 @@ def _status(args: argparse.Namespace) -> _Output:
             continue
         report.append({"api": address, **status})
         peers = " ".join(
-            f"{p['node_id']}:{'up' if p['connected'] else 'down'}"
+            f"{p['node_id']}{'(learner)' if p.get('role') == 'learner' else ''}:"
+            f"{'up' if p['connected'] else 'down'}"
             + (f"@{p['match_index']}" if p.get("match_index") is not None else "")
             for p in status["peers"])
-        rows.append([status["node_id"], address, status["state"], status["leader_id"],
+        state = status["state"]
+        if status["node_id"] in status.get("learners", ()):
+            state = f"{state} (learner)"
+        rows.append([status["node_id"], address, state, status["leader_id"],
                      status["term"], status["commit_index"], status["applied_index"],
                      status["log_entries"], peers or None])
     header = ["NODE", "API", "STATE", "LEADER", "TERM", "COMMIT", "APPLIED", "LOG", "PEERS"]
     return _Output(report, format_table(header, rows))
 
 
-def _members_table(members: dict[str, str], leader: str | None) -> str:
-    return format_table(["NODE", "ADDRESS", "ROLE"], [
-        [node, address, "leader" if node == leader else "voter"]
-        for node, address in sorted(members.items())])
+def _members_table(result: dict[str, Any], leader: str | None) -> str:
+    rows = [[node, address, "leader" if node == leader else "voter"]
+            for node, address in result["members"].items()]
+    rows += [[node, address, "learner"] for node, address in result.get("learners", {}).items()]
+    return format_table(["NODE", "ADDRESS", "ROLE"], sorted(rows))
 
 
 def _members(args: argparse.Namespace) -> _Output:
     client = _client(args)
     current = client.request("GET", "/v1/members")
     members: dict[str, str] = current["members"]
+    learners: dict[str, str] = current.get("learners", {})
     leader: str | None = current["leader_id"]
     if args.members_command == "list":
-        return _Output(current, _members_table(members, leader))
+        return _Output(current, _members_table(current, leader))
     node_id = args.node_id
     if args.members_command == "add":
         if node_id in members:
             raise ConsensusError(f"{node_id} is already a member (at {members[node_id]})")
-        validate_member(node_id, args.address, members)
+        if node_id not in learners:
+            validate_member(node_id, args.address, {**members, **learners})
+        # The answer comes once the new node votes, or the leader gave up on
+        # it as a learner (learner_catchup_timeout): wait that long for it.
+        client.timeout = max(client.timeout,
+                             float(current.get("learner_catchup_timeout", 0)) + args.timeout)
         result = _retry_rejected(lambda: client.request(
             "POST", "/v1/members", {"node_id": node_id, "address": args.address,
                                     "check": not args.no_check}), args.timeout)
-        text = (f"added {node_id} at {args.address}; it catches up from the leader\n"
-                + _members_table(result["members"], leader))
+        text = (f"added {node_id} at {args.address}: it caught up as a learner and now votes\n"
+                + _members_table(result, leader))
         return _Output(result, text)
+    members = {**members, **learners}
     if node_id not in members:
         raise ConsensusError(f"{node_id} is not a member (members: {', '.join(sorted(members))})")
     statuses = _statuses(client)
@@ -402,7 +414,7 @@ def _members(args: argparse.Namespace) -> _Output:
     result = _retry_rejected(lambda: client.request(
         "DELETE", f"/v1/members/{node_id}", address=others[0]), args.timeout)
     notes.append(f"removed {node_id}; stop its process now: the cluster no longer talks to it")
-    return _Output(result, "\n".join(notes) + "\n" + _members_table(result["members"], leader))
+    return _Output(result, "\n".join(notes) + "\n" + _members_table(result, leader))
 
 
 def _leader(args: argparse.Namespace) -> _Output:
@@ -860,23 +872,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command(sub, "status", "state, leader, term, indexes and peers of each node",
             "Ask every given node for its Raft status. PEERS shows each peer's link "
-            "(up/down) and, on the leader, its match index (@N). Exits 3 only when no "
-            "node answers.")
+            "(up/down) and, on the leader, its match index (@N); learners (members "
+            "catching up, not yet voting) are marked. Exits 3 only when no node answers.")
 
     members = group("members", "list, add or remove voting members", "members_command")
-    command(members, "list", "list the voting members",
-            "The voting members as the first node that answers sees them.")
+    command(members, "list", "list the voting members and learners",
+            "The voting members and learners (members still catching up, not yet voting) "
+            "as the first node that answers sees them.")
     add = command(members, "add", "add a voting member (start it first)",
                   "Add a voting member. Start the new node first, with a fresh data_dir and "
                   "a [cluster] table holding the current members plus itself: a node that "
-                  "does not complete the cluster handshake is refused. Changes are "
-                  "made one at a time; while another is in flight this command retries "
-                  "until --timeout.")
+                  "does not complete the cluster handshake is refused. It joins as a "
+                  "learner (it receives the log, does not vote) and the leader makes it a "
+                  "voter once it has caught up; one that has not caught up within the "
+                  "cluster's learner_catchup_timeout is removed again and the add fails "
+                  "(exit 4, member_not_caught_up). Changes are made one at a time; while "
+                  "another is in flight this command retries until --timeout.")
     add.add_argument("node_id", help="the new member's node_id")
     add.add_argument("address", metavar="HOST:PORT", help="the new member's cluster address")
     add.add_argument("--no-check", action="store_true",
-                     help="add it even if it does not answer the cluster handshake yet "
-                          "(by default a node that does not is refused)")
+                     help="propose it even if it does not answer the cluster handshake yet "
+                          "(by default a node that does not is refused); it still has "
+                          "learner_catchup_timeout to catch up")
     remove = command(members, "remove", "remove a voting member",
                      "Remove a voting member. When it leads, leadership is moved to another "
                      "node first (its API must be among the addresses). Stop the removed "

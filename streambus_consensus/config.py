@@ -146,6 +146,18 @@ class NodeConfig:
     proposal_timeout: float = 5.0
     """Default timeout of a blocking proposal."""
 
+    learner_catchup_timeout: float = 30.0
+    """How long a node added with ``members add`` may take, as a non-voting
+    learner, to catch up with the leader before the add is refused and the
+    learner removed (leader side; give every node the same value). A
+    learner that answers and keeps up is promoted to voter at once."""
+
+    learner_max_lag: int = 1000
+    """A learner is promoted to voter once its last acknowledged entry is at
+    most this many entries behind the leader's commit index (about one
+    heartbeat of writes at this engine's peak rate; etcd promotes at 90 % of
+    the log). ``0`` waits for a learner that has everything committed."""
+
     snapshot_interval_entries: int = 10_000
     """Take a snapshot and compact the log after this many entries."""
 
@@ -328,7 +340,8 @@ class NodeConfig:
                              "heartbeat_interval", "tick_interval", "proposal_timeout",
                              "snapshot_interval_seconds", "connect_retry_interval",
                              "broker_session_timeout", "peer_frame_timeout",
-                             "api_request_timeout", "api_idle_timeout")
+                             "api_request_timeout", "api_idle_timeout",
+                             "learner_catchup_timeout")
         if self.election_timeout_min <= 3 * self.heartbeat_interval:
             raise ConfigError(
                 "election_timeout_min + heartbeat_interval",
@@ -361,6 +374,7 @@ class NodeConfig:
                 "must be between 2 x heartbeat_interval and 2 x election_timeout_max",
             )
         for name, low in (("max_append_bytes", 1024), ("max_pending_proposals", 1),
+                          ("learner_max_lag", 0),
                           ("max_batch_commands", 1),
                           ("snapshot_interval_entries", 2), ("snapshot_chunk_bytes", 1024),
                           ("max_command_bytes", 1024), ("api_max_connections", 1),

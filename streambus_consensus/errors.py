@@ -29,6 +29,7 @@ __all__ = [
     "CorruptStorageError",
     "EngineCompatibilityError",
     "LeadershipLostError",
+    "MemberNotCaughtUpError",
     "NoLeaderError",
     "NodeStoppedError",
     "NotLeaderError",
@@ -229,3 +230,27 @@ class CommandRefusedError(ConsensusError):
     def __init__(self, code: str, message: str, *, node_id: str | None = None) -> None:
         super().__init__(f"{code}: {message}", node_id=node_id)
         self.code = code
+
+
+class MemberNotCaughtUpError(CommandRefusedError):
+    """A node added with ``add_member`` did not catch up as a learner.
+
+    New members join as non-voting learners; the leader promotes one to voter
+    once it has nearly all of the log, and removes it again when it has not
+    caught up within ``learner_catchup_timeout`` (nothing answers at its
+    address, its process stopped, or it is too slow). The cluster's voters and
+    quorum are as before the call (the learner's entries were committed, and
+    so was its removal: a refusal, with the code ``member_not_caught_up``).
+    Start the node (with the cluster secret and the current members plus
+    itself in its ``[cluster]``) and add it again.
+
+    Attributes:
+        member: the id of the node that was not added.
+        reason: why, as the leader saw it.
+    """
+
+    def __init__(self, member: str, reason: str, *, node_id: str | None = None) -> None:
+        super().__init__("member_not_caught_up", f"not adding {member}: {reason}; it was "
+                         "removed again and the voters are unchanged", node_id=node_id)
+        self.member = member
+        self.reason = reason

@@ -271,6 +271,9 @@ class PeerStatus:
     """Highest entry known replicated there (leader only)."""
     next_index: int | None
     """Next entry the leader will send there (leader only)."""
+    role: str = "voter"
+    """``"voter"``, or ``"learner"`` for a member still catching up (it
+    receives the log but does not vote)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +291,9 @@ class NodeStatus:
     has_quorum: bool
     peers: tuple[PeerStatus, ...] = field(default=())
     members: tuple[str, ...] = field(default=())
+    """Voting members, this node included unless it is a learner."""
+    learners: tuple[str, ...] = field(default=())
+    """Members that receive the log but do not vote yet (see ``add_member``)."""
 
 
 class Node(Protocol):

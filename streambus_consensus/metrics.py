@@ -39,6 +39,7 @@ name (after the prefix)                        type      what
 ``engine_commit_clamps_total``                 counter   engine fix E1 at work
 ``engine_stale_appends_total``                 counter   engine fix E2 at work
 ``members``                                    gauge     voting members (sampled each second)
+``learners``                                   gauge     members catching up, not yet voting
 ``peer_replication_lag_entries{peer}``         gauge     on the leader: entries a peer lacks
 ``process_*``                                  mixed     memory, open fds, CPU of the process
 ``proposal_duration_seconds``                  hist.     submit to outcome
@@ -174,6 +175,11 @@ class NodeCollector(Collector):
                                     labels=["node_id"])
         members.add_metric(nid, float(node.member_count))
         yield members
+        learners = GaugeMetricFamily(PREFIX + "learners",
+                                     "Members catching up before they vote (learners)",
+                                     labels=["node_id"])
+        learners.add_metric(nid, float(node.learner_count))
+        yield learners
         lag = GaugeMetricFamily(PREFIX + "peer_replication_lag_entries",
                                 "On the leader: log entries each peer has yet to acknowledge",
                                 labels=["node_id", "peer"])

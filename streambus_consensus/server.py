@@ -138,8 +138,12 @@ def admin_routes(node: RaftNode) -> list[Route]:
     def status(_: ApiRequest) -> Any:
         return status_json(node.status())
 
+    def membership() -> dict[str, Any]:
+        return {"members": node.members(), "learners": node.learners()}
+
     def members(_: ApiRequest) -> Any:
-        return {"members": node.members(), "leader_id": node.leader_id}
+        return {**membership(), "leader_id": node.leader_id,
+                "learner_catchup_timeout": node.config.learner_catchup_timeout}
 
     def add_member(request: ApiRequest) -> Any:
         check = request.body.get("check", True) if isinstance(request.body, dict) else True
@@ -147,11 +151,11 @@ def admin_routes(node: RaftNode) -> list[Route]:
             raise ApiError(400, "invalid_argument", "'check' must be true or false")
         node.add_member(_text_field(request, "node_id"), _text_field(request, "address"),
                         check=check)
-        return {"members": node.members()}
+        return membership()
 
     def remove_member(request: ApiRequest) -> Any:
         node.remove_member(request.path_args[0])
-        return {"members": node.members()}
+        return membership()
 
     def transfer(request: ApiRequest) -> Any:
         if request.body is not None and not isinstance(request.body, dict):

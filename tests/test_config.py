@@ -34,6 +34,8 @@ DOCUMENTED_DEFAULTS: dict[str, Any] = {
     "max_append_bytes": 1 << 20,
     "max_pending_proposals": 100_000,
     "max_batch_commands": 256,
+    "learner_catchup_timeout": 30.0,
+    "learner_max_lag": 1000,
     "proposal_timeout": 5.0,
     "snapshot_interval_entries": 10_000,
     "snapshot_interval_seconds": 3600.0,
@@ -336,7 +338,7 @@ def test_tls_paths_must_be_non_empty_strings(name: str) -> None:
 POSITIVE_FIELDS = ["election_timeout_min", "election_timeout_max", "heartbeat_interval",
                    "tick_interval", "proposal_timeout", "snapshot_interval_seconds",
                    "connect_retry_interval", "peer_frame_timeout", "api_request_timeout",
-                   "api_idle_timeout"]
+                   "api_idle_timeout", "learner_catchup_timeout"]
 
 
 @pytest.mark.parametrize("name", POSITIVE_FIELDS)
@@ -388,7 +390,7 @@ def test_stepdown_of_wrong_type_is_refused(stepdown: Any) -> None:
 # -- integer limits -------------------------------------------------------------------
 
 INTEGER_MINIMUMS = {"max_append_bytes": 1024, "max_pending_proposals": 1,
-                    "max_batch_commands": 1,
+                    "max_batch_commands": 1, "learner_max_lag": 0,
                     "snapshot_interval_entries": 2, "snapshot_chunk_bytes": 1024,
                     "max_command_bytes": 1024, "api_max_connections": 1,
                     "api_max_in_flight": 1, "api_handler_threads": 1}

@@ -17,6 +17,7 @@ from streambus_consensus.errors import (
     CorruptStorageError,
     EngineCompatibilityError,
     LeadershipLostError,
+    MemberNotCaughtUpError,
     NodeStoppedError,
     NoLeaderError,
     NotLeaderError,
@@ -51,6 +52,7 @@ TREE: list[tuple[type[ConsensusError], type[Exception], bool]] = [
     (ProposalTimeoutError, OutcomeUnknownError, True),
     (LeadershipLostError, OutcomeUnknownError, True),
     (CommandRefusedError, ConsensusError, False),
+    (MemberNotCaughtUpError, CommandRefusedError, False),
     (UnsupportedMetadataVersionError, CodecError, False),
     (ReplicaHaltError, ConsensusError, False),
     (EngineCompatibilityError, ConsensusError, False),
@@ -163,6 +165,15 @@ def test_unsupported_metadata_version_names_what_needs_what() -> None:
     assert isinstance(exc, CodecError)
 
 
+def test_member_not_caught_up_is_a_refusal_naming_the_member() -> None:
+    exc = MemberNotCaughtUpError("n4", "it never answered", node_id="n1")
+    assert (exc.member, exc.reason, exc.code, exc.node_id) == (
+        "n4", "it never answered", "member_not_caught_up", "n1")
+    assert isinstance(exc, CommandRefusedError) and not exc.retriable
+    assert str(exc) == ("member_not_caught_up: not adding n4: it never answered; it was removed "
+                        "again and the voters are unchanged")
+
+
 def test_replica_halt_names_the_entry() -> None:
     exc = ReplicaHaltError(42, "undecodable", node_id="n2")
     assert exc.index == 42 and exc.node_id == "n2" and not exc.retriable
@@ -172,7 +183,8 @@ def test_replica_halt_names_the_entry() -> None:
 
 @pytest.mark.parametrize("cls", [cls for cls, _, _ in TREE if cls not in
                                  (ConfigError, CorruptStorageError, CommandRefusedError,
-                                  UnsupportedMetadataVersionError, ReplicaHaltError)])
+                                  UnsupportedMetadataVersionError, ReplicaHaltError,
+                                  MemberNotCaughtUpError)])
 def test_simple_errors_accept_message_and_node_id(cls: type[ConsensusError]) -> None:
     exc = cls("went wrong", node_id="n9")
     assert str(exc) == "went wrong"

@@ -10,6 +10,7 @@ started the way docs/operations.md says: a fresh data directory and a
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from streambus_consensus import cli
 from streambus_consensus.client import ApiClient
 from streambus_consensus.errors import ConsensusError, ProposalRejectedError
 from streambus_consensus.provision import render_node_config
@@ -250,6 +252,101 @@ def test_grow_to_five_under_load_then_shrink_to_three(make_cluster: ClusterFacto
     restart_all(cluster, remaining)
     wait_agreement(cluster, remaining)
     assert_nothing_lost(cluster, remaining, writer.acknowledged)
+
+
+def statuses(cluster: LocalCluster, members: set[str]) -> dict[str, dict[str, Any]]:
+    found = {n: cluster.status(n) for n in sorted(members)}
+    return {n: s for n, s in found.items() if s is not None}
+
+
+def learners_everywhere(cluster: LocalCluster, members: set[str], learners: list[str]) -> bool:
+    """Whether every node of ``members`` answers with ``members`` as its voters
+    and ``learners`` as its learners."""
+    found = statuses(cluster, members)
+    return len(found) == len(members) and all(
+        set(s["members"]) == members and s["learners"] == learners for s in found.values())
+
+
+def test_a_new_member_is_a_learner_until_it_catches_up_under_write_load(
+        make_cluster: ClusterFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """n4 is added before its process runs (no handshake check): every node
+    has it as a learner, the quorum stays two of three and writes go on.
+    Started, it catches up by a snapshot (the leader has compacted), the
+    leader makes it a voter, and only then does the add return. No election,
+    nothing acknowledged lost."""
+    cluster = make_cluster(3, settings={"snapshot_interval_entries": 100,
+                                        "learner_catchup_timeout": 30.0})
+    cluster.start()
+    leader = cluster.wait_for_leader()
+    term = cluster.status(leader)["term"]  # type: ignore[index]
+    voters = {"n1", "n2", "n3"}
+    with Writer(cluster).running() as writer:
+        writer.wait_for(150)
+        node = add_node_process(cluster, "n4", members_of(cluster, leader))
+        with ThreadPoolExecutor(1) as pool:
+            adding = pool.submit(cluster.client(leader, timeout=40).request, "POST",
+                                 "/v1/members", {"node_id": "n4", "address": node.raft_address,
+                                                 "check": False})
+            wait_until(lambda: learners_everywhere(cluster, voters, ["n4"]), 10,
+                       "every node to have n4 as a learner")
+            before = len(writer.acknowledged)
+            writer.wait_for(50)  # committed by two of the three voters: n4 is not counted
+            assert len(writer.acknowledged) > before and not adding.done()
+            assert cli.main(["members", "list", "--api", cluster.nodes[leader].api_address,
+                             "--secret-file", str(cluster.secret_file)]) == 0
+            listed = capsys.readouterr().out
+            assert any(line.split()[::2] == ["n4", "learner"] for line in listed.splitlines())
+            assert cli.main(["status", "--api", cluster.nodes[leader].api_address,
+                             "--secret-file", str(cluster.secret_file)]) == 0
+            assert "n4(learner):down" in capsys.readouterr().out
+
+            cluster.start("n4")
+            result = adding.result(30)
+        assert set(result["members"]) == voters | {"n4"} and result["learners"] == {}
+        writer.use(node)
+        cluster.size = 4
+        writer.wait_for(50)
+    everyone = voters | {"n4"}
+    wait_agreement(cluster, everyone)
+    assert learners_everywhere(cluster, everyone, [])
+    assert cluster.status("n4")["log_entries"] < 150  # type: ignore[index]  # a snapshot install
+    assert {(s["leader_id"], s["term"]) for s in statuses(cluster, everyone).values()} == {
+        (leader, term)}
+    assert_nothing_lost(cluster, everyone, writer.acknowledged)
+
+
+def test_the_learner_set_survives_restarts_snapshots_and_a_new_leader(
+        make_cluster: ClusterFactory) -> None:
+    """n4 is a learner (its process not started yet) when every voter compacts
+    its log and is killed: restarted, they still have it as a learner, and the
+    new leader, which did not propose it, promotes it once it runs."""
+    cluster = make_cluster(3, settings={"learner_catchup_timeout": 60.0})
+    cluster.start()
+    leader, client = leader_client(cluster)
+    for i in range(30):
+        client.request("PUT", f"/v1/kv/k{i}", {"value": i})
+    voters = {"n1", "n2", "n3"}
+    node = add_node_process(cluster, "n4", members_of(cluster, leader))
+
+    def add() -> None:
+        with contextlib.suppress(ConsensusError):  # its node is killed under it
+            cluster.client(leader, timeout=60).request(
+                "POST", "/v1/members", {"node_id": "n4", "address": node.raft_address,
+                                        "check": False})
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(add)
+        wait_until(lambda: learners_everywhere(cluster, voters, ["n4"]), 10,
+                   "every node to have n4 as a learner")
+        snapshot_all(cluster, voters)
+        restart_all(cluster, voters)
+        wait_until(lambda: learners_everywhere(cluster, voters, ["n4"]), 20,
+                   "the restarted nodes to have n4 as a learner still")
+        cluster.start("n4")
+        cluster.size = 4
+        wait_agreement(cluster, voters | {"n4"})
+    assert learners_everywhere(cluster, voters | {"n4"}, [])
+    assert cluster.client("n4").request("GET", "/v1/kv/k29")["value"] == 29
 
 
 def test_replace_a_killed_node(make_cluster: ClusterFactory) -> None:

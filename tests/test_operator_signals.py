@@ -60,16 +60,18 @@ def test_audit_lines_for_membership_leadership_and_topics(make_cluster: ClusterF
     client.request("POST", "/v1/leader/transfer", {"node_id": target}, address=leader_api)
     wait_until(lambda: local.leader() == target, 10, f"{target} to lead")
 
-    wait_until(lambda: len(audit_lines(local, leader)) >= 5, 5, "the audit lines")
+    wait_until(lambda: len(audit_lines(local, leader)) >= 7, 5, "the audit lines")
     lines = audit_lines(local, leader)
-    assert lines[:4] == [
+    assert lines[:6] == [
         f"{leader}: created topic audited (2 partitions, replication factor 2)",
         f"{leader}: deleted topic audited",
+        f"{leader}: added n4 at {new.raft_address} as a learner",
+        f"{leader}: promoted learner n4 to voter",
         f"{leader}: added member n4 at {new.raft_address}",
         f"{leader}: removed member n4",
     ]
-    assert lines[4].startswith(f"{leader}: leadership transfer to {target} started (term ")
-    assert len(lines) == 5
+    assert lines[6].startswith(f"{leader}: leadership transfer to {target} started (term ")
+    assert len(lines) == 7
     for node_id in ("n1", "n2", "n3"):
         if node_id != leader:
             assert audit_lines(local, node_id) == []  # logged where it was carried out

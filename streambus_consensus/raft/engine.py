@@ -27,6 +27,7 @@ How we plug into PySyncObj 0.3.17 without forking it:
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -54,12 +55,14 @@ from ..errors import (
     RequestDeniedError,
 )
 from ..interfaces import LogEntry, NodeState, RecoveredState, Storage, Transport
+from ..logutil import audit
 from .prevote import PRE_VOTE, PRE_VOTE_RESPONSE, ElectionGate
 from .readindex import READ_INDEX_MESSAGES, ReadIndex
 from .safety import MessageGuard
 from .snapshot import SnapshotHeader, pack_snapshot, unpack_snapshot
 
-__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "check_engine_seam", "error_for"]
+__all__ = ["APP_MESSAGE_PREFIX", "Engine", "Member", "check_engine_seam", "error_for",
+           "learner_verdict"]
 
 APP_MESSAGE_PREFIX = "app:"
 """Messages whose type starts with this travel beside Raft on the same
@@ -71,6 +74,11 @@ _CONSTRUCT_LOCK = threading.Lock()
 # A snapshot file's prefix holds its length and CRC: enough to tell two apart.
 _SNAPSHOT_ID_BYTES = 24
 _STATES = {0: NodeState.FOLLOWER, 1: NodeState.CANDIDATE, 2: NodeState.LEADER}
+_VOTE_REQUESTS = frozenset(("request_vote", PRE_VOTE))
+# Membership entries of our own, beside PySyncObj's "add" and "rem"; the
+# names are part of the log format.
+LEARNER_ADD, LEARNER_PROMOTE, LEARNER_REMOVE = "add_learner", "promote_learner", "remove_learner"
+_LEARNER_CHANGES = frozenset((LEARNER_ADD, LEARNER_PROMOTE, LEARNER_REMOVE))
 
 
 class Member(_PsoNode):  # type: ignore[misc]
@@ -103,6 +111,35 @@ def error_for(code: int, *, node_id: str, leader_hint: str | None) -> ConsensusE
     if code == FAIL_REASON.REQUEST_DENIED:
         return RequestDeniedError("request denied by the Raft engine", node_id=node_id)
     return OutcomeUnknownError(f"outcome unknown (engine code {code})", node_id=node_id)
+
+
+def learner_verdict(config: NodeConfig, *, match: int, commit: int, waited: float,
+                    silent_for: float | None) -> tuple[str | None, str | None]:
+    """What the leader does with a learner: ``(LEARNER_PROMOTE, None)``,
+    ``(LEARNER_REMOVE, reason)`` or ``(None, None)`` (wait).
+
+    ``match`` is the last entry it acknowledged (0: none), ``commit`` the
+    leader's commit index, ``waited`` how long this leader has known it,
+    ``silent_for`` how long since it last answered (``None``: never).
+    Promoted when it acknowledged an entry within ``learner_max_lag`` of
+    the commit index and answered within an election timeout; removed once
+    ``learner_catchup_timeout`` has passed without that.
+    """
+    if (match > 0 and commit - match <= config.learner_max_lag
+            and silent_for is not None and silent_for <= config.election_timeout_max):
+        return LEARNER_PROMOTE, None
+    if waited < config.learner_catchup_timeout:
+        return None, None
+    if silent_for is None:
+        progress = "it never answered"
+    elif match == 0:
+        progress = "it acknowledged no entry"
+    elif silent_for > config.election_timeout_max:
+        progress = f"it has not answered for {silent_for:.3g}s"
+    else:
+        progress = (f"it had index {match}, {commit - match} entries behind the commit index "
+                    f"{commit}; learner_max_lag is {config.learner_max_lag}")
+    return LEARNER_REMOVE, f"it did not catch up as a learner within {waited:.3g}s ({progress})"
 
 
 class _Journal(Journal):  # type: ignore[misc]
@@ -209,6 +246,10 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         if node is None:
             return
         kind = str(message.get("type", ""))
+        if kind in _VOTE_REQUESTS and self._is_learner(peer_id):
+            # A learner never campaigns; one whose log has not yet told it
+            # that it is one is not heard.
+            return
         if kind in READ_INDEX_MESSAGES:
             if self.reads is not None and self.engine is not None:
                 self.reads.on_message(self.engine, peer_id, message)
@@ -238,14 +279,29 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
                     and engine.leader_id == peer_id and engine.state is NodeState.FOLLOWER):
                 gate.note_leader_contact(peer_id)
 
+    def _is_learner(self, peer_id: str) -> bool:
+        engine = self.engine
+        return engine is not None and peer_id in engine._obj.learners
+
     def connected(self, peer_id: str) -> None:
         node = self._members.get(peer_id)
-        if node is not None:
+        if node is None:
+            return
+        # PySyncObj's read-only nodes are the ones its leader replicates to
+        # without counting them for commit or elections: a learner is one.
+        if self._is_learner(peer_id):
+            self._onReadonlyNodeConnected(node)
+        else:
             self._onNodeConnected(node)
 
     def disconnected(self, peer_id: str) -> None:
         node = self._members.get(peer_id)
-        if node is not None:
+        if node is None:
+            return
+        if self._is_learner(peer_id) and self.engine is not None:
+            self._onReadonlyNodeDisconnected(node)
+            self.engine._obj.cancel_transmission(node)
+        else:
             self._onNodeDisconnected(node)
 
     @property
@@ -358,6 +414,13 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         self._transfer_deadline: float | None = None
         self._bootstrap_entry: bytes | None = None
         self._captured: list[bytes] | None = None
+        self.learners: dict[str, Member] = {}
+        """The other nodes that are learners (configuration, not connections)."""
+        self.self_learner = False
+        """Whether this node is a learner (or a learner that was removed): it
+        never campaigns."""
+        self.learner_refusals: dict[str, str] = {}
+        """Why each learner removed for not catching up was removed."""
         super().__init__(*args, **kwargs)
 
     def encode_entry(self, propose: Callable[[], None]) -> bytes:
@@ -420,6 +483,147 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
             self._transfer_deadline = None
         super()._checkCommandsToApply()
 
+    # -- learners ------------------------------------------------------------------
+    #
+    # A learner is a member the leader replicates to (log and snapshots) that
+    # counts for neither commit nor elections, and never campaigns. PySyncObj
+    # has the replication half: its "read-only nodes", which its leader sends
+    # entries to without counting them (``__readonlyNodes``), but that set
+    # holds whichever read-only nodes are *connected*, and nothing replicates
+    # it. Here the learner set is configuration, changed by membership log
+    # entries of our own kinds (``LEARNER_ADD``, ``LEARNER_PROMOTE``,
+    # ``LEARNER_REMOVE``). Like PySyncObj's own changes they take effect when
+    # appended, are undone when a new leader truncates them, are replayed
+    # from the log on restart and are kept in every snapshot's header; the
+    # transport then reports a learner's link as a read-only node's.
+
+    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:
+        kind = request[0]
+        if kind not in _LEARNER_CHANGES:
+            if kind == "add" and not reverse:
+                self.learners.pop(str(request[1]), None)  # a voter is no learner
+            return bool(SyncObj._SyncObj__doChangeCluster(self, request, reverse))
+        node = request[2] if isinstance(request[2], Member) else Member(
+            str(request[1]), str(getattr(request[2], "address", "")))
+        if kind == LEARNER_ADD:
+            return self._learner_leave(node) if reverse else self._learner_join(node)
+        if kind == LEARNER_PROMOTE:
+            return self._learner_demote(node) if reverse else self._learner_promote(node)
+        if reverse:
+            return self._learner_join(node)
+        removed = self._learner_leave(node)
+        if removed and len(request) > 3 and request[3]:
+            self.learner_refusals[str(node.id)] = str(request[3])
+        return removed
+
+    def _is_self(self, node: Member) -> bool:
+        return bool(node == self._SyncObj__selfNode)
+
+    def _learner_join(self, node: Member) -> bool:
+        if self._is_self(node):
+            changed = not self.self_learner
+            self.self_learner = True
+            return changed
+        if node.id in self.learners:
+            return False
+        if node in self._SyncObj__otherNodes:
+            # Only a voter from this node's own config file, which lists the
+            # members it was started with: the log says it is a learner.
+            return self._learner_demote(node)
+        self.learners[str(node.id)] = node
+        self.learner_refusals.pop(str(node.id), None)
+        self._SyncObj__transport.addNode(node)
+        return True
+
+    def _learner_leave(self, node: Member) -> bool:
+        if self._is_self(node):
+            return True  # removed: still no voter, so still never campaigns
+        if self.learners.pop(str(node.id), None) is None:
+            return False
+        self._forget_progress(node)
+        self._SyncObj__connectedNodes.discard(node)
+        self._SyncObj__transport.dropNode(node)
+        return True
+
+    def _learner_promote(self, node: Member) -> bool:
+        if self._is_self(node):
+            if not self.self_learner:
+                return False
+            self.self_learner = False
+            self._SyncObj__raftElectionDeadline = (time.monotonic()
+                                                   + self._SyncObj__generateRaftTimeout())
+            return True
+        if self.learners.pop(str(node.id), None) is None:
+            return False
+        # Keep what the leader knows of its progress: counting it from zero
+        # would hold back commits for a round trip.
+        match = self._SyncObj__raftMatchIndex.get(node)
+        next_index = self._SyncObj__raftNextIndex.get(node)
+        self._SyncObj__readonlyNodes.discard(node)
+        added = bool(SyncObj._SyncObj__doChangeCluster(self, ["add", node.id, node]))
+        if match is not None and next_index is not None:
+            self._SyncObj__raftMatchIndex[node] = match
+            self._SyncObj__raftNextIndex[node] = next_index
+        return added
+
+    def _learner_demote(self, node: Member) -> bool:
+        if self._is_self(node):
+            self.self_learner = True
+            return True
+        if node not in self._SyncObj__otherNodes:
+            return False
+        self._SyncObj__otherNodes.discard(node)
+        self.learners[str(node.id)] = node
+        if node in self._SyncObj__connectedNodes:
+            self._SyncObj__readonlyNodes.add(node)
+        return True
+
+    def _forget_progress(self, node: Member) -> None:
+        self._SyncObj__readonlyNodes.discard(node)
+        self._SyncObj__raftMatchIndex.pop(node, None)
+        self._SyncObj__raftNextIndex.pop(node, None)
+        self.cancel_transmission(node)
+
+    def cancel_transmission(self, node: Member) -> None:
+        """Forget a snapshot half sent to a learner that went away.
+
+        PySyncObj cancels a voter's transmission at the next send after its
+        link drops, but a read-only node leaves the set the leader sends to
+        as soon as it disconnects, so its transmission would stay and, after
+        a reconnect, resume mid-file: the learner, still holding the first
+        half, would write a snapshot with a hole in it."""
+        self._SyncObj__serializer.cancelTransmisstion(node)
+
+    def set_learners(self, learners: Mapping[str, str], voters: Mapping[str, str]) -> None:
+        """Take the learner set from a snapshot being loaded (its voters are
+        set by PySyncObj right after)."""
+        self_id = str(self._SyncObj__selfNode.id)
+        if self_id in learners:
+            self.self_learner = True
+        elif self_id in voters:
+            self.self_learner = False
+        for node_id in [n for n in self.learners if n not in learners]:
+            node = self.learners.pop(node_id)
+            self._forget_progress(node)
+            if node_id not in voters:
+                self._SyncObj__connectedNodes.discard(node)
+                self._SyncObj__transport.dropNode(node)
+        for node_id, address in learners.items():
+            if node_id != self_id:
+                # A voter here (from the config file) leaves the voters now,
+                # so PySyncObj, setting the snapshot's voters next, keeps its link.
+                self._learner_join(Member(node_id, address))
+
+    def propose_learner_change(self, kind: str, node: Member, reason: str | None,
+                               callback: Callable[[Any, int], None]) -> None:
+        """Queue a learner change; it is appended like PySyncObj's own
+        membership changes, one at a time (see ``__changeCluster`` below)."""
+        request: list[Any] = [kind, node.id, node]
+        if reason is not None:
+            request.append(reason)
+        self._applyCommand(pickle.dumps(request), callback,
+                           _syncobj_module._COMMAND_TYPE.MEMBERSHIP)
+
     def _SyncObj__changeCluster(self, request: Any) -> bool:  # overrides the private method
         pending = self._pending_change
         if (pending is not None and pending[0] == self.raftCurrentTerm
@@ -458,6 +662,12 @@ class Engine:
         bootstrap: bytes | None = None,
     ) -> None:
         self._config = config
+        self._learner_clock: dict[str, float] = {}
+        """On the leader: when it first saw each learner (monotonic seconds)."""
+        self._learner_change_term: int | None = None
+        """The term in which this leader proposed a learner change whose
+        outcome it awaits (a callback can be lost to a snapshot install, E10:
+        a later term starts afresh)."""
         self._send_now = send_now
         self._announced_commit = 0
         self.long_applies = 0
@@ -564,7 +774,13 @@ class Engine:
         self._pso_transport.disconnected(peer_id)
 
     def before_tick(self) -> None:
-        """Let the election gate (pre-vote) hold or release the election timer."""
+        """Let the election gate (pre-vote) hold or release the election timer.
+
+        A learner never campaigns: its timer is held a full election timeout
+        ahead for as long as it is one."""
+        if self._obj.self_learner:
+            self.election_deadline = time.monotonic() + self._config.election_timeout_max
+            return
         if self.gate is not None:
             self.gate.before_tick(self)
 
@@ -575,7 +791,7 @@ class Engine:
         waiting for the election timer; the engine campaigns only if a
         majority agrees. Returns whether a pre-vote was started.
         """
-        if self.gate is None:
+        if self.gate is None or self._obj.self_learner:
             return False
         return self.gate.leader_unreachable(self, peer_id)
 
@@ -590,17 +806,86 @@ class Engine:
 
     # -- membership and leadership (Raft thread) ---------------------------------
 
-    def add_member(self, node_id: str, address: str, callback: Callable[[Any, int], None]) -> None:
-        """Propose adding a voting member."""
-        self._obj.addNodeToCluster(Member(node_id, address), callback=callback)
+    def add_learner(self, node_id: str, address: str, callback: Callable[[Any, int], None]) -> None:
+        """Propose adding a learner: a member that receives the log but does
+        not vote; :meth:`manage_learners` on the leader promotes or removes it."""
+        self._obj.propose_learner_change(LEARNER_ADD, Member(node_id, address), None, callback)
 
     def remove_member(self, node_id: str, callback: Callable[[Any, int], None]) -> None:
-        """Propose removing a voting member."""
+        """Propose removing a voting member or a learner."""
+        learner = self._obj.learners.get(node_id)
+        if learner is not None:
+            self._obj.propose_learner_change(LEARNER_REMOVE, learner, None, callback)
+            return
         node = self._members.get(node_id)
         if node is None or node_id == self._self.id:
             callback(None, FAIL_REASON.REQUEST_DENIED)
             return
         self._obj.removeNodeFromCluster(node, callback=callback)
+
+    def manage_learners(self) -> None:
+        """The leader's duty (Raft thread, every pass): promote each learner
+        whose last acknowledged entry is within ``learner_max_lag`` of the
+        commit index and that answered within an election timeout; remove one
+        that has not caught up ``learner_catchup_timeout`` after this leader
+        first saw it, with the reason in the entry. One change at a time."""
+        obj = self._obj
+        if not obj.learners or not obj._isLeader():
+            self._learner_clock.clear()
+            return
+        pending = obj._pending_change
+        if (self._learner_change_term == self.term or not self.committed_in_term
+                or (pending is not None and pending[0] == self.term
+                    and self.applied_index < pending[1])):
+            return
+        now = time.monotonic()
+        for node_id in [n for n in self._learner_clock if n not in obj.learners]:
+            del self._learner_clock[node_id]
+        for node_id, node in sorted(obj.learners.items()):
+            since = self._learner_clock.setdefault(node_id, now)
+            answered = obj._SyncObj__lastResponseTime.get(node)
+            kind, reason = learner_verdict(
+                self._config, match=int(obj._SyncObj__raftMatchIndex.get(node) or 0),
+                commit=self.commit_index, waited=now - since,
+                silent_for=None if answered is None else now - answered)
+            if kind is not None:
+                self._propose_learner_change(kind, node, reason)
+                return
+
+    def _propose_learner_change(self, kind: str, node: Member, reason: str | None) -> None:
+        term = self._learner_change_term = self.term
+
+        def done(_result: Any, code: int) -> None:
+            if self._learner_change_term == term:
+                self._learner_change_term = None
+            if code != FAIL_REASON.SUCCESS:
+                logger.info("%s: %s of %s not committed (engine code %d); will retry",
+                            self.node_id, kind, node.id, code)
+            elif kind == LEARNER_PROMOTE:
+                audit(self.node_id, "promoted learner %s to voter", node.id)
+            else:
+                audit(self.node_id, "removed learner %s: %s", node.id, reason)
+
+        self._obj.propose_learner_change(kind, node, reason, done)
+
+    def learners(self) -> dict[str, str]:
+        """Current learners ``{node_id: address}``, this node included if it is one
+        (Raft thread)."""
+        result = {node_id: str(node.address) for node_id, node in self._obj.learners.items()}
+        if self._obj.self_learner:
+            result[self.node_id] = str(self._self.address)
+        return result
+
+    def member_role(self, node_id: str) -> str | None:
+        """``"voter"``, ``"learner"`` or ``None`` (not a member), as this node's
+        configuration says (Raft thread)."""
+        if node_id in self.learners():
+            return "learner"
+        return "voter" if node_id in self.members() else None
+
+    def learner_refusal(self, node_id: str) -> str | None:
+        """Why the leader removed learner ``node_id`` for not catching up, if it did."""
+        return self._obj.learner_refusals.get(node_id)
 
     def transfer_leadership(
         self, node_id: str | None, callback: Callable[[Any, int], None]
@@ -712,16 +997,18 @@ class Engine:
         return bool(self._obj.hasQuorum)
 
     def members(self) -> dict[str, str]:
-        """Current voting members, self included (Raft thread)."""
+        """Current voting members, self included unless it is a learner (Raft thread)."""
         result = {str(n.id): str(n.address) for n in self._obj.otherNodes}
-        result[self.node_id] = str(self._self.address)
+        if not self._obj.self_learner:
+            result[self.node_id] = str(self._self.address)
         return result
 
     def replication(self) -> dict[str, tuple[int | None, int | None]]:
-        """``{peer: (match_index, next_index)}`` as this node knows them (Raft thread)."""
+        """``{peer: (match_index, next_index)}`` as this node knows them, for
+        voters and learners (Raft thread)."""
         status = self._obj.getStatus()
         out: dict[str, tuple[int | None, int | None]] = {}
-        for node in self._obj.otherNodes:
+        for node in [*self._obj.otherNodes, *self._obj.learners.values()]:
             out[str(node.id)] = (status.get(f"match_idx_server_{node.id}"),
                                  status.get(f"next_node_idx_server_{node.id}"))
         return out
@@ -780,10 +1067,13 @@ class Engine:
 
     def _serialize(self, _tmp_path: str, data: Any) -> None:
         last, prev, cluster = data
+        learners = self.learners()
         header = SnapshotHeader(
             last_entry=(bytes(last[0]), int(last[1]), int(last[2])),
             prev_entry=(bytes(prev[0]), int(prev[1]), int(prev[2])),
-            members=tuple(sorted((str(n.id), str(n.address)) for n in cluster)),
+            members=tuple(sorted((str(n.id), str(n.address)) for n in cluster
+                                 if str(n.id) not in learners)),
+            learners=tuple(sorted(learners.items())),
         )
         encode_later = self._capture()
         with self._snapshot_lock:
@@ -860,6 +1150,7 @@ class Engine:
         self._restart_election_timer()
         if self._on_restored is not None:
             self._on_restored()
+        self._obj.set_learners(dict(header.learners), dict(header.members))
         cluster = [Member(node_id, address) for node_id, address in header.members]
         # Membership fix: a snapshot's member list is the one at the time it
         # was taken, and a leader may send an older snapshot than its own
@@ -892,6 +1183,7 @@ _TESTED_PYSYNCOBJ = "0.3.17"
 _SEAM_METHODS = {
     # attribute of SyncObj: what relies on it
     "_SyncObj__changeCluster": "one membership change at a time (_SyncObj override)",
+    "_SyncObj__doChangeCluster": "learners: our membership entries (_SyncObj override)",
     "_SyncObj__generateRaftTimeout": "election timer restart after a snapshot load (E11) "
                                      "and a long apply (E19)",
     "_SyncObj__sendAppendEntries": "the commit index announced before a long apply (E19)",
@@ -913,7 +1205,8 @@ _SEAM_METHODS = {
     "otherNodes": "members and single_voter",
     "hasQuorum": "has_quorum",
     "conf": "transfer hold deadline (conf.raftMaxTimeout)",
-    "_applyCommand": "encoding the bootstrap command as a log entry",
+    "_applyCommand": "learners: proposing our membership entries; encoding the bootstrap "
+                     "command as a log entry",
     "_SyncObj__onBecomeLeader": "the bootstrap command after a new leader's no-op",
     "selfNode": "the node id in log lines",
 }
@@ -926,7 +1219,22 @@ _SEAM_SOURCE = {
         "the election gate (pre-vote, E15) and the timer restart (E11)",
     ("__init__", "self.__raftLeader ="): "forget_leader, when the election gate starts a "
                                          "pre-vote (E15)",
-    ("__init__", "self.__lastResponseTime ="): "check-quorum grace after a long apply (E19)",
+    ("__init__", "self.__lastResponseTime ="): "check-quorum grace after a long apply (E19) "
+                                               "and learner promotion",
+    ("__init__", "self.__selfNode ="): "learners: telling this node's own entries apart",
+    ("__init__", "self.__otherNodes ="): "learners: promotion and demotion",
+    ("__init__", "self.__readonlyNodes ="): "learners: the nodes replicated to, uncounted",
+    ("__init__", "self.__connectedNodes ="): "learners: links of removed learners",
+    ("__init__", "self.__raftMatchIndex ="): "learners: catch-up progress",
+    ("__init__", "self.__raftNextIndex ="): "learners: progress kept across promotion",
+    ("__init__", "self.__transport ="): "learners: adding and dropping their links",
+    ("__doChangeCluster", "requestType == 'add'"): "learners: promotion reuses the 'add' change",
+    ("__sendAppendEntries", "self.__otherNodes | self.__readonlyNodes"):
+        "learners: the leader replicates to read-only nodes",
+    ("__sendAppendEntries", "self.__serializer.cancelTransmisstion(node)"):
+        "learners: a half-sent snapshot is cancelled when a learner leaves",
+    ("_checkCommandsToApply", "self.__changeCluster(changeClusterRequest)"):
+        "learners: our membership entries go through the one-at-a-time check",
     ("__onMessageReceived", "message['type'] == 'timeout_now'"): "campaign_now",
     ("__onMessageReceived", "message['term']"): "campaign_now and the guard",
     ("__onMessageReceived", "message['type'] == 'append_entries'"): "the message guard",
@@ -950,7 +1258,8 @@ _SEAM_BASES: dict[str, tuple[type, tuple[str, ...]]] = {
         "_destroy", "setRaftCommitIndex", "getRaftCommitIndex", "setCurrentTerm",
         "getCurrentTerm", "getVotedForNodeId", "onOneSecondTimer")),
     "_EngineTransport": (_PsoTransport, (
-        "_onMessageReceived", "_onNodeConnected", "_onNodeDisconnected", "ready",
+        "_onMessageReceived", "_onNodeConnected", "_onNodeDisconnected",
+        "_onReadonlyNodeConnected", "_onReadonlyNodeDisconnected", "ready",
         "tryGetReady", "waitReady", "addNode", "dropNode", "send", "destroy")),
 }
 _CONF_OPTIONS = (
@@ -994,6 +1303,10 @@ def check_engine_seam() -> None:
     if not isinstance(getattr(getattr(_syncobj_module, "_COMMAND_TYPE", None), "NO_OP", None),
                       int):
         raise missing("pysyncobj.syncobj._COMMAND_TYPE.NO_OP", "telling a pristine log")
+    command_types = getattr(_syncobj_module, "_COMMAND_TYPE", None)
+    if not isinstance(getattr(command_types, "MEMBERSHIP", None), int):
+        raise missing("pysyncobj.syncobj._COMMAND_TYPE.MEMBERSHIP",
+                      "learners: proposing our membership entries")
     for name, needed_for in _SEAM_METHODS.items():
         if not hasattr(SyncObj, name):
             raise missing(f"SyncObj.{name}", needed_for)

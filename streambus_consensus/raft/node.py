@@ -33,6 +33,7 @@ from ..config import NodeConfig, validate_member
 from ..errors import (
     CommandRefusedError,
     CommandTooLargeError,
+    MemberNotCaughtUpError,
     NodeStoppedError,
     NoLeaderError,
     NotLeaderError,
@@ -171,6 +172,8 @@ class RaftNode:
         """On the leader: entries each peer is behind its log, sampled every second."""
         self.member_count = len(self.config.cluster)
         """Voting members, sampled every second."""
+        self.learner_count = 0
+        """Learners (members catching up before they vote), sampled every second."""
         self._sampled_at = 0.0
         self.fsync_observer: Callable[[float], None] | None = None
         self.apply_observer: Callable[[float], None] | None = None
@@ -300,6 +303,7 @@ class RaftNode:
                     transport.poll(0.0)
                 engine.before_tick()
                 engine.tick()
+                engine.manage_learners()
                 self.reads.pump(engine)
                 self._flush(storage, transport)
                 self._watch_leader(engine)
@@ -379,13 +383,14 @@ class RaftNode:
         self._sampled_at = now
         members = engine.members()
         self.member_count = len(members)
+        self.learner_count = len(engine.learners())
         if engine.state is not NodeState.LEADER:
             self.replication_lag = {}
             return
         last = engine.last_log_index
         self.replication_lag = {
             peer: max(0, last - (match or 0))
-            for peer, (match, _next) in engine.replication().items() if peer in members}
+            for peer, (match, _next) in engine.replication().items()}
 
     def _on_peer_refused(self, peer_id: str) -> None:
         # Raft thread (called from the transport's poll). The leader's process
@@ -742,42 +747,91 @@ class RaftNode:
 
     def add_member(self, node_id: str, address: str, timeout: float | None = None, *,
                    check: bool = True) -> None:
-        """Add a voting member (one change at a time; the new node must be started
-        with a ``cluster`` that includes itself and the current members).
+        """Add a member: first as a non-voting learner, then, once it has
+        caught up, as a voter. Returns when it votes. (One change at a time;
+        the new node must be started with a ``cluster`` that includes itself
+        and the current members.)
+
+        The learner receives the log and snapshots from the leader but counts
+        for neither commit nor elections, and never campaigns. The leader
+        promotes it once its last acknowledged entry is within
+        ``learner_max_lag`` of the commit index; if that has not happened
+        within ``learner_catchup_timeout`` the leader removes it again and this
+        raises :class:`MemberNotCaughtUpError` with the reason: the voters and
+        the quorum are then as before. Calling this again for a learner (same
+        address) waits for the same outcome.
 
         Raises :class:`ConfigError` for an invalid id or address, or an
         address another member has (see :func:`validate_member`): such a
         change would stop every node that applies it.
         Raises :class:`RequestDeniedError` (retriable) while another change or
         a new leader's first entry is uncommitted, when ``node_id`` is
-        already a member, or (with ``check``, the default) when nothing at
+        already a voter, or (with ``check``, the default) when nothing at
         ``address`` completes the cluster handshake with this node (etcd's
         strict reconfiguration: a member that cannot be reached only makes
-        the quorum larger).
+        the quorum larger). ``timeout`` bounds each proposal; waiting for the
+        promotion is bounded by ``learner_catchup_timeout`` plus
+        ``proposal_timeout`` (then :class:`ProposalTimeoutError`: the node is
+        still a learner, and the leader will promote or remove it).
         """
-        members = self.members()
+        members, learners = self._call(lambda e: (e.members(), e.learners()))
         if node_id in members:
             # The engine would deny it too, without saying why.
             raise RequestDeniedError(f"{node_id} is already a member", node_id=self.node_id)
-        validate_member(node_id, address, members)
-        if check and self._transport is not None:
-            try:
-                self._transport.probe(address, timeout=self.config.election_timeout_max)
-            except TransportError as exc:
-                raise RequestDeniedError(
-                    f"not adding {node_id}: {exc}. Start it first, with the cluster secret "
-                    f"and the current members plus itself in its [cluster]",
-                    node_id=self.node_id) from None
-        self._engine_request(lambda e, cb: e.add_member(node_id, address, cb), timeout)
+        if node_id in learners:
+            if learners[node_id] != address:
+                raise RequestDeniedError(f"{node_id} is already a learner at "
+                                         f"{learners[node_id]}", node_id=self.node_id)
+        else:
+            validate_member(node_id, address, {**members, **learners})
+            if check and self._transport is not None:
+                try:
+                    self._transport.probe(address, timeout=self.config.election_timeout_max)
+                except TransportError as exc:
+                    raise RequestDeniedError(
+                        f"not adding {node_id}: {exc}. Start it first, with the cluster secret "
+                        f"and the current members plus itself in its [cluster]",
+                        node_id=self.node_id) from None
+            self._engine_request(lambda e, cb: e.add_learner(node_id, address, cb), timeout)
+            audit(self.node_id, "added %s at %s as a learner", node_id, address)
+        self._await_promotion(node_id, timeout)
         audit(self.node_id, "added member %s at %s", node_id, address)
 
+    def _await_promotion(self, node_id: str, timeout: float | None) -> None:
+        """Wait until the leader has promoted learner ``node_id`` (return) or
+        removed it (:class:`MemberNotCaughtUpError`), as committed entries say."""
+        limit = self.config.learner_catchup_timeout + self.config.proposal_timeout
+        deadline = time.monotonic() + limit
+        while True:
+            role = self._call(lambda e: e.member_role(node_id))
+            if role != "learner":
+                # The change took effect when appended; it is final once committed.
+                self.barrier(timeout)
+                role, reason = self._call(
+                    lambda e: (e.member_role(node_id), e.learner_refusal(node_id)))
+                if role == "voter":
+                    return
+                if role is None:
+                    raise MemberNotCaughtUpError(
+                        node_id, reason or "it was removed while still a learner",
+                        node_id=self.node_id)
+            if time.monotonic() >= deadline:
+                raise ProposalTimeoutError(
+                    f"{node_id} is still a learner after {limit:.3g}s; the leader promotes "
+                    "it once it catches up, or removes it after learner_catchup_timeout",
+                    node_id=self.node_id)
+            self._running()
+            time.sleep(min(self.config.tick_interval, 0.05))
+
     def remove_member(self, node_id: str, timeout: float | None = None) -> None:
-        """Remove a voting member (not this node; transfer leadership away first).
+        """Remove a voting member or a learner (not this node; transfer
+        leadership away first).
 
         Raises :class:`RequestDeniedError` (retriable) while another change is
         uncommitted, when ``node_id`` is not a member, is this node, or leads.
         """
-        members = self.members()
+        members, learners = self._call(lambda e: (e.members(), e.learners()))
+        members.update(learners)
         if node_id not in members or node_id == self.node_id:
             # The engine would deny these too, without saying why.
             reason = "is not a member" if node_id not in members else (
@@ -864,8 +918,14 @@ class RaftNode:
             time.sleep(0.02)
 
     def members(self) -> dict[str, str]:
-        """Current voting members ``{node_id: address}``, this node included."""
+        """Current voting members ``{node_id: address}``, this node included
+        unless it is a learner."""
         return self._call(lambda engine: engine.members())
+
+    def learners(self) -> dict[str, str]:
+        """Current learners ``{node_id: address}``: members that receive the
+        log but do not vote yet (see :meth:`add_member`)."""
+        return self._call(lambda engine: engine.learners())
 
     def send_app_message(self, peer_id: str, message: Mapping[str, Any]) -> None:
         """Send ``message`` (plain data, ``type`` starting with ``"app:"``) to a
@@ -979,22 +1039,23 @@ class RaftNode:
         return self._call(self._status_on_raft_thread)
 
     def _status_on_raft_thread(self, engine: Engine) -> NodeStatus:
-        members = engine.members()
+        members, learners = engine.members(), engine.learners()
         replication: Mapping[str, tuple[int | None, int | None]] = engine.replication()
         connected = self.connected_peers
         leader = engine.state is NodeState.LEADER
         peers = tuple(
-            PeerStatus(node_id=peer, address=members[peer], connected=peer in connected,
+            PeerStatus(node_id=peer, address=address, connected=peer in connected,
                        match_index=replication.get(peer, (None, None))[0] if leader else None,
-                       next_index=replication.get(peer, (None, None))[1] if leader else None)
-            for peer in sorted(members) if peer != self.node_id
+                       next_index=replication.get(peer, (None, None))[1] if leader else None,
+                       role="learner" if peer in learners else "voter")
+            for peer, address in sorted({**members, **learners}.items()) if peer != self.node_id
         )
         return NodeStatus(
             node_id=self.node_id, state=engine.state, leader_id=engine.leader_id,
             term=engine.term, commit_index=engine.commit_index,
             applied_index=engine.applied_index, last_log_index=engine.last_log_index,
             log_entries=engine.log_entries, has_quorum=engine.has_quorum,
-            peers=peers, members=tuple(sorted(members)),
+            peers=peers, members=tuple(sorted(members)), learners=tuple(sorted(learners)),
         )
 
 

@@ -6,7 +6,8 @@ Layout::
     body = u32 header length | header (codec) | state bytes
 
 The header holds the two log entries the snapshot ends with (PySyncObj keeps
-them as the first two entries of a compacted log), the cluster members and
+them as the first two entries of a compacted log), the cluster members (and
+learners, when there are any) and
 the state machine's snapshot format. The state bytes are the state machine's
 own ``snapshot()``.
 """
@@ -39,6 +40,10 @@ class SnapshotHeader:
     """The entry before it (PySyncObj needs both to resume the log)."""
     members: tuple[tuple[str, str], ...]
     """Voting members ``(node_id, address)`` at the snapshot, self included."""
+    learners: tuple[tuple[str, str], ...] = ()
+    """Non-voting members ``(node_id, address)`` still catching up (see
+    ``Learners`` in :mod:`.engine`). Written only when there are some, so a
+    snapshot without learners is byte for byte what earlier releases wrote."""
 
     @property
     def last_index(self) -> int:
@@ -53,11 +58,14 @@ class SnapshotHeader:
 
 def pack_snapshot(header: SnapshotHeader, state: bytes) -> bytes:
     """Build a snapshot file's bytes."""
-    head = codec.encode({
+    fields: dict[str, Any] = {
         "last": header.last_entry,
         "prev": header.prev_entry,
         "members": [list(m) for m in header.members],
-    })
+    }
+    if header.learners:
+        fields["learners"] = [list(m) for m in header.learners]
+    head = codec.encode(fields)
     body = b"".join((_U32.pack(len(head)), head, state))
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body), zlib.crc32(body)) + body
 
@@ -85,8 +93,10 @@ def unpack_snapshot(blob: bytes, path: str) -> tuple[SnapshotHeader, bytes]:
             last_entry=_entry(raw["last"]),
             prev_entry=_entry(raw["prev"]),
             members=tuple((str(m[0]), str(m[1])) for m in raw["members"]),
+            learners=tuple((str(m[0]), str(m[1])) for m in raw.get("learners", ())),
         )
-    except (CodecError, KeyError, TypeError, IndexError, struct.error) as exc:
+    except (CodecError, KeyError, TypeError, IndexError, AttributeError,
+            struct.error) as exc:
         raise CorruptStorageError(path, f"snapshot header unreadable: {exc}") from None
     return header, bytes(body[4 + head_len :])
 
