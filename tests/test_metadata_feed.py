@@ -22,6 +22,7 @@ from streambus_consensus.metadata import (
     encode_command,
 )
 from streambus_consensus.metadata.feed import MetadataEvent, WatchedStateMachine
+from streambus_consensus.metadata.fsm import MetadataStateMachine
 from streambus_consensus.metadata.service import compact_events
 from streambus_consensus.testing.harness import wait_until
 
@@ -69,6 +70,57 @@ def test_a_watcher_gets_each_change_once_across_restores() -> None:
     node.restore(node.snapshot())  # a restart from a snapshot at the same offset
     register(node, 4)
     assert [e.offset for e in node.feed.read(3, timeout=0)] == [4]
+
+
+class _RestoreHeldOpen(MetadataStateMachine):
+    """A state machine whose next restore, once its state is replaced, waits
+    (at most a second) for ``go_on``: a watcher can then read the feed in the
+    moment between the state machine's restore and the feed's reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_next = False
+        self.restored = threading.Event()
+        self.go_on = threading.Event()
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        if self.hold_next:
+            self.hold_next = False
+            self.restored.set()
+            self.go_on.wait(1.0)
+
+
+def test_a_watcher_never_gets_an_image_at_or_below_its_offset_during_a_restore() -> None:
+    """A follower restarted from its own snapshot at 20 is watched by a client
+    resuming from 15 (behind: it needs an image) just as the leader installs
+    its older snapshot at 10. Before the fix the feed's floor was still 20
+    while the state was already 10: the client got an image at 10, below the
+    15 it had, then offsets 11..15 a second time."""
+    leader = WatchedStateMachine()
+    for index in range(1, 21):
+        register(leader, index)
+        if index == 10:
+            at_10 = leader.snapshot()
+    fsm = _RestoreHeldOpen()
+    node = WatchedStateMachine(fsm)
+    node.restore(leader.snapshot())
+    answer: list[list[MetadataEvent]] = []
+    fsm.hold_next = True
+    installer = threading.Thread(target=node.restore, args=(at_10,))
+    installer.start()
+    assert fsm.restored.wait(5)
+    reader = threading.Thread(target=lambda: answer.append(node.feed.read(15, timeout=5)))
+    reader.start()
+    reader.join(0.3)  # answered at once before the fix; waits for the reset with it
+    fsm.go_on.set()
+    installer.join(5)
+    for index in range(11, 17):
+        register(node, index)
+    reader.join(5)
+    (events,) = answer
+    offsets = [(e.offset, e.is_reset) for e in events]
+    assert all(e.offset > 15 for e in events), f"after=15 answered with {offsets}"
 
 
 def _mass_change() -> WatchedStateMachine:

@@ -71,6 +71,20 @@ class ChangeFeed:
             self._floor = offset
             self._cond.notify_all()
 
+    def replace(self, restore: Callable[[], int]) -> None:
+        """Replace the state and forget what the feed held, as one step for
+        readers: ``restore`` replaces the state and returns its offset, then
+        the feed is :meth:`reset` to that offset, both under the feed's lock.
+
+        A reader in between would see the new state beside the old floor:
+        when a snapshot older than the floor is installed (a follower that
+        restarted from its own snapshot is sent the leader's older one), a
+        watcher behind that floor was answered an image *below* the offset
+        it asked after, and then those offsets a second time.
+        """
+        with self._cond:
+            self.reset(restore())
+
     def read(self, after: int | None, timeout: float) -> list[MetadataEvent]:
         """Events after offset ``after``; a reset first if ``after`` is ``None``
         or older than the window. Waits up to ``timeout`` for something new."""
@@ -167,9 +181,14 @@ class WatchedStateMachine:
         return self.fsm.prepare_snapshot()
 
     def restore(self, data: bytes) -> None:
-        """Restore; watchers get a full image next."""
-        self.fsm.restore(data)
-        self.feed.reset(self.fsm.offset)
+        """Restore; watchers behind the restored offset get a full image next
+        (never one at or below the offset they asked after)."""
+
+        def load() -> int:
+            self.fsm.restore(data)
+            return self.fsm.offset
+
+        self.feed.replace(load)
 
 
 class Watch:
