@@ -245,7 +245,7 @@ def _faults(run: Run, seconds: float, rng: random.Random) -> None:
 
 def _wait_applied_past(cluster: LocalCluster, node: str, entries: int) -> None:
     start = _applied(cluster, node) or 0
-    wait_until(lambda: (_applied(cluster, node) or 0) > start + entries, 30,
+    wait_until(lambda: (_applied(cluster, node) or 0) > start + entries, 60,
                f"{node} to apply {entries} more entries")
 
 
