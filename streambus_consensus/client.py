@@ -128,6 +128,11 @@ class ApiClient:
         conn, reused = self._checkout(address)
         try:
             status, data, keep, retry_after = self._exchange(conn, method, path, raw)
+        except TimeoutError:
+            # The request reached the node, which is still handling it: sending
+            # it again would have it handled twice.
+            conn.close()
+            raise
         except (OSError, http.client.HTTPException):
             conn.close()
             if not reused:

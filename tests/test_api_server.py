@@ -28,7 +28,7 @@ import pytest
 from streambus_consensus import tls
 from streambus_consensus.api import ApiError, ApiRequest, ApiServer, Route, error_body
 from streambus_consensus.certs import issue_certificate, make_ca
-from streambus_consensus.client import ApiClient
+from streambus_consensus.client import ApiClient, ClusterUnreachableError
 from streambus_consensus.config import NodeConfig
 from streambus_consensus.errors import ProposalRejectedError, ProposalTimeoutError
 from streambus_consensus.metrics import PREFIX, api_metrics
@@ -257,6 +257,24 @@ def test_the_client_moves_on_from_a_busy_node_and_waits_out_retry_after(serve: A
             alone.request("GET", "/v1/echo/b")
         assert waits == [1.0, 1.0]  # two retries fit in the 2.5 s deadline, not a third
         alone.close()
+
+
+def test_a_request_that_timed_out_on_a_kept_alive_connection_is_not_sent_again(
+        serve: Any, gate: _Gate) -> None:
+    """The client sends a request again on a fresh connection only when the
+    node closed the kept-alive one before answering (its close crossed our
+    request). A request that reached the node and timed out waiting for the
+    answer is not re-sent: the node is handling it (a write without a request
+    id would be applied twice, a long poll would wait twice as long)."""
+    server = serve()
+    client = ApiClient([f"127.0.0.1:{server.port}"], secret=SECRET, timeout=0.5)
+    assert client.request("GET", "/v1/plain")["plain"]  # a kept-alive connection now
+    with pytest.raises(ClusterUnreachableError, match="timed out"):
+        client.request("GET", "/v1/gate")
+    assert gate.entered.acquire(timeout=1)
+    assert not gate.entered.acquire(timeout=0.5), "the timed-out request was sent again"
+    gate.opened.set()
+    client.close()
 
 
 def test_a_byte_at_a_time_client_is_cut_off_while_others_are_served(serve: Any) -> None:

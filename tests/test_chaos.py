@@ -23,7 +23,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,6 +169,57 @@ def test_feed_check_finds_replicas_that_disagree() -> None:
     check = check_feeds(recorder, [_record(("create", "t", 1, {}), "unknown"),
                                    _record(("create", "u", 1, {}), "unknown")])
     assert check.divergent_offsets == (5,)
+
+
+def _event(offset: int, reset: bool = False) -> dict[str, Any]:
+    return {"offset": offset, "reset": reset,
+            "changes": [] if reset else [_created(f"t{offset}", f"id-{offset}")]}
+
+
+def test_feed_recorder_reports_offsets_delivered_again() -> None:
+    """A node that answers a poll with an offset at or below the one the
+    recorder had (a repeat, or a full image below it) is reported, and the
+    recorder's cursor does not move back."""
+    answers = [[_event(3, reset=True)], [_event(4), _event(5)], [_event(5)],
+               [_event(2, reset=True)], [_event(6)]]
+    asked: list[str] = []
+
+    class Feed(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            events = answers.pop(0) if answers else []
+            if not answers:
+                time.sleep(0.05)
+            body = json.dumps({"result": {"events": events}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Feed)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    recorder = FeedRecorder({"n1": f"127.0.0.1:{server.server_address[1]}"}, None, wait=0.1)
+    try:
+        recorder.start()
+        deadline = time.monotonic() + 10
+        while recorder.cursor("n1") != 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        recorder.stop()
+        server.shutdown()
+        server.server_close()
+    feed = recorder.feeds["n1"]
+    assert [(o["offset"], o.get("reset"), o["cursor"]) for o in feed.out_of_order] == [
+        (5, False, 5), (2, True, 5)]
+    assert sorted(feed.events) == [4, 5, 6] and feed.resets == 1
+    assert asked[:5] == ["/v1/watch?wait=0.1", "/v1/watch?wait=0.1&after=3",
+                         "/v1/watch?wait=0.1&after=5", "/v1/watch?wait=0.1&after=5",
+                         "/v1/watch?wait=0.1&after=5"]
+    assert check_feeds(recorder, []).out_of_order == 2
 
 
 def test_workload_classifies_answers() -> None:

@@ -8,7 +8,9 @@ once, or a full image first when the changes are no longer there.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -22,6 +24,7 @@ from streambus_consensus.metadata import (
     encode_command,
 )
 from streambus_consensus.metadata.feed import MetadataEvent, WatchedStateMachine
+from streambus_consensus.metadata.fsm import MetadataStateMachine
 from streambus_consensus.metadata.service import compact_events
 from streambus_consensus.testing.harness import wait_until
 
@@ -69,6 +72,57 @@ def test_a_watcher_gets_each_change_once_across_restores() -> None:
     node.restore(node.snapshot())  # a restart from a snapshot at the same offset
     register(node, 4)
     assert [e.offset for e in node.feed.read(3, timeout=0)] == [4]
+
+
+class _RestoreHeldOpen(MetadataStateMachine):
+    """A state machine whose next restore, once its state is replaced, waits
+    (at most a second) for ``go_on``: a watcher can then read the feed in the
+    moment between the state machine's restore and the feed's reset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_next = False
+        self.restored = threading.Event()
+        self.go_on = threading.Event()
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        if self.hold_next:
+            self.hold_next = False
+            self.restored.set()
+            self.go_on.wait(1.0)
+
+
+def test_a_watcher_never_gets_an_image_at_or_below_its_offset_during_a_restore() -> None:
+    """A follower restarted from its own snapshot at 20 is watched by a client
+    resuming from 15 (behind: it needs an image) just as the leader installs
+    its older snapshot at 10. Before the fix the feed's floor was still 20
+    while the state was already 10: the client got an image at 10, below the
+    15 it had, then offsets 11..15 a second time."""
+    leader = WatchedStateMachine()
+    for index in range(1, 21):
+        register(leader, index)
+        if index == 10:
+            at_10 = leader.snapshot()
+    fsm = _RestoreHeldOpen()
+    node = WatchedStateMachine(fsm)
+    node.restore(leader.snapshot())
+    answer: list[list[MetadataEvent]] = []
+    fsm.hold_next = True
+    installer = threading.Thread(target=node.restore, args=(at_10,))
+    installer.start()
+    assert fsm.restored.wait(5)
+    reader = threading.Thread(target=lambda: answer.append(node.feed.read(15, timeout=5)))
+    reader.start()
+    reader.join(0.3)  # answered at once before the fix; waits for the reset with it
+    fsm.go_on.set()
+    installer.join(5)
+    for index in range(11, 17):
+        register(node, index)
+    reader.join(5)
+    (events,) = answer
+    offsets = [(e.offset, e.is_reset) for e in events]
+    assert all(e.offset > 15 for e in events), f"after=15 answered with {offsets}"
 
 
 def _mass_change() -> WatchedStateMachine:
@@ -125,9 +179,6 @@ def test_the_compact_watch_format_carries_every_change_in_bounded_answers() -> N
 
 
 def test_readers_on_an_event_loop_wake_on_a_change_and_time_out_without_leaking() -> None:
-    import asyncio
-    import time
-
     machine = WatchedStateMachine()
     register(machine, 1)
     feed = machine.feed
@@ -167,3 +218,33 @@ def test_readers_on_an_event_loop_wake_on_a_change_and_time_out_without_leaking(
     asyncio.run(scenario())
     assert time.monotonic() - started < 5
     assert threading.active_count() <= threads + 1  # no thread per reader
+
+
+def test_a_slow_restore_never_blocks_readers_on_an_event_loop() -> None:
+    """Readers on the API's event loop take the feed's lock to look; a restore
+    (seconds at a million partitions) must not hold it, or the node's whole
+    API stalls behind one snapshot install."""
+    machine = WatchedStateMachine()
+    register(machine, 1)
+    feed = machine.feed
+
+    def slow_restore() -> int:
+        time.sleep(1.0)
+        return 10
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        restoring = threading.Thread(target=feed.replace, args=(slow_restore,))
+        restoring.start()
+        await asyncio.sleep(0.1)
+        started = loop.time()
+        waiting = asyncio.ensure_future(feed.wait_async(1, 5))
+        await asyncio.sleep(0.05)
+        assert loop.time() - started < 0.5, "the loop was blocked by the restore"
+        assert not waiting.done(), "news announced before the restore finished"
+        await waiting  # woken by the reset
+        assert loop.time() - started >= 0.5
+        restoring.join()
+        assert feed.read(1, timeout=0)[0].is_reset
+
+    asyncio.run(scenario())

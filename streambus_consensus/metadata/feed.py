@@ -60,6 +60,8 @@ class ChangeFeed:
         self._floor = 0
         """Every change with an offset above this is in ``_events``."""
         self._cond = threading.Condition()
+        self._restoring = 0
+        """Restores in progress (:meth:`replace`): readers wait for the reset."""
         self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         """Readers waiting on event loops (:meth:`wait_async`), by loop."""
         self.resets = 0
@@ -90,8 +92,8 @@ class ChangeFeed:
 
     def _has_news(self, after: int | None) -> bool:
         """Whether :meth:`read` would answer ``after`` at once (lock held)."""
-        return after is None or after < self._floor or (
-            bool(self._events) and self._events[-1].offset > after)
+        return not self._restoring and (after is None or after < self._floor or (
+            bool(self._events) and self._events[-1].offset > after))
 
     async def wait_async(self, after: int | None, timeout: float) -> None:
         """Wait as :meth:`read` does, on the running event loop, without holding
@@ -113,6 +115,35 @@ class ChangeFeed:
                     if not waiting:
                         del self._waiters[loop]
 
+    def replace(self, restore: Callable[[], int]) -> None:
+        """Replace the state and forget what the feed held, as one step for
+        readers: ``restore`` replaces the state and returns its offset, then
+        the feed is :meth:`reset` to that offset, both under the feed's lock.
+
+        A reader in between would see the new state beside the old floor:
+        when a snapshot older than the floor is installed (a follower that
+        restarted from its own snapshot is sent the leader's older one), a
+        watcher behind that floor was answered an image *below* the offset
+        it asked after, and then those offsets a second time.
+
+        The restore itself runs outside the lock (it takes seconds at a
+        million partitions, and watchers wait on the API's event loop, which
+        takes the lock to look): meanwhile readers are told there is nothing
+        new yet, and :meth:`read` waits for the reset.
+        """
+        with self._cond:
+            self._restoring += 1
+        offset: int | None = None
+        try:
+            offset = restore()
+        finally:
+            with self._cond:
+                self._restoring -= 1
+                if offset is not None:
+                    self.reset(offset)
+                else:
+                    self._notify()
+
     def read(self, after: int | None, timeout: float) -> list[MetadataEvent]:
         """Events after offset ``after``; a reset first if ``after`` is ``None``
         or older than the window. Waits up to ``timeout`` for something new."""
@@ -122,6 +153,8 @@ class ChangeFeed:
                 # the leader) raises the floor past changes this feed never
                 # held: the reader then needs an image, not what follows.
                 self._cond.wait_for(lambda: self._has_news(after), timeout)
+            # Never an image of a state whose floor is not set yet (replace).
+            self._cond.wait_for(lambda: not self._restoring)
             if after is None or after < self._floor:
                 if after is not None:
                     self.resets += 1
@@ -218,9 +251,14 @@ class WatchedStateMachine:
         return self.fsm.prepare_snapshot()
 
     def restore(self, data: bytes) -> None:
-        """Restore; watchers get a full image next."""
-        self.fsm.restore(data)
-        self.feed.reset(self.fsm.offset)
+        """Restore; watchers behind the restored offset get a full image next
+        (never one at or below the offset they asked after)."""
+
+        def load() -> int:
+            self.fsm.restore(data)
+            return self.fsm.offset
+
+        self.feed.replace(load)
 
 
 class Watch:

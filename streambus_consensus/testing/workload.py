@@ -447,8 +447,9 @@ class _NodeFeed:
     """Monotonic start time of the last poll answered."""
     resets: int = 0
     out_of_order: list[dict[str, Any]] = field(default_factory=list)
-    """Each event delivered at or below an offset already delivered, with the
-    request and the answer it came in (for the report)."""
+    """Each event (a full image included) delivered at or below an offset
+    already delivered, with the request and the answer it came in (for the
+    report). The cursor stays where it was."""
 
 
 class FeedRecorder:
@@ -515,13 +516,17 @@ class FeedRecorder:
                 feed.last_poll_started = sent
                 for event in answer.result["events"]:
                     offset = int(event["offset"])
-                    if event["reset"]:
-                        feed.resets += 1
-                    elif feed.cursor is not None and offset <= feed.cursor:
+                    if feed.cursor is not None and offset <= feed.cursor:
+                        # A full image at or below the cursor counts too: the
+                        # offsets after it would come a second time.
                         offsets = [e["offset"] for e in answer.result["events"]]
                         feed.out_of_order.append({
                             "asked_after": cursor, "cursor": feed.cursor, "offset": offset,
-                            "answer_offsets": offsets, "changes": event["changes"]})
+                            "reset": event["reset"], "answer_offsets": offsets,
+                            "changes": event["changes"]})
+                        continue
+                    if event["reset"]:
+                        feed.resets += 1
                     else:
                         feed.events[offset] = json.dumps(event["changes"], sort_keys=True)
                     feed.cursor = offset
@@ -538,7 +543,8 @@ class FeedCheck:
     duplicates: tuple[str, ...]
     """Commands applied more often than they were issued, described."""
     out_of_order: int
-    """Events a node delivered at or below an offset it had already delivered."""
+    """Events (full images included) a node delivered at or below an offset it
+    had already delivered."""
     resets: int
     """Full images received (a node restarted from a snapshot, or a watcher fell behind)."""
 
