@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,14 @@ import pytest
 from streambus_consensus.testing.harness import LocalCluster
 
 ClusterFactory = Callable[..., LocalCluster]
+
+# A suite started in the background by a shell without job control (`make
+# test &`, nohup) inherits SIGINT ignored, and so would every CLI process it
+# starts: the tests that stop a `brokers heartbeat --every` loop with Ctrl-C
+# (SIGINT) would wait for it forever. Children of a process that handles the
+# signal start with the default disposition again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
