@@ -210,7 +210,10 @@ class Transport(Protocol):
     Messages are plain data (see :mod:`streambus_consensus.codec`). Messages
     passed to :meth:`send` are held until :meth:`release`, which the node calls
     after :meth:`Storage.sync`, so no peer ever sees a vote or acknowledgement
-    that is not yet durable.
+    that is not yet durable. The one exception is a message sent with
+    ``ahead=True`` (a leader's ``append_entries``, which asserts nothing about
+    the sender's disk): :meth:`release_ahead`, called before the sync, lets it
+    out if nothing else is held before it for that peer.
     """
 
     def start(
@@ -235,12 +238,17 @@ class Transport(Protocol):
         """Stop talking to a peer and drop its connections."""
         ...
 
-    def send(self, node_id: str, message: Mapping[str, Any]) -> bool:
+    def send(self, node_id: str, message: Mapping[str, Any], *, ahead: bool = False) -> bool:
         """Queue a message; ``False`` when the peer is not connected."""
         ...
 
     def release(self) -> None:
         """Let every queued message go out."""
+        ...
+
+    def release_ahead(self) -> None:
+        """Let out, per peer, the queued ``ahead`` messages that no other
+        queued message precedes."""
         ...
 
     def connected_peers(self) -> frozenset[str]:

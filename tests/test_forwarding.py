@@ -35,12 +35,12 @@ class LinkDownTransport(TcpTransport):
         self.refused: list[str] = []
         self._lock = threading.Lock()
 
-    def send(self, node_id: str, message: Mapping[str, Any]) -> bool:
+    def send(self, node_id: str, message: Mapping[str, Any], *, ahead: bool = False) -> bool:
         with self._lock:
             if node_id in self.down:
                 self.refused.append(str(message.get("type")))
                 return False
-        return super().send(node_id, message)
+        return super().send(node_id, message, ahead=ahead)
 
     def set_down(self, *node_ids: str) -> None:
         with self._lock:

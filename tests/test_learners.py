@@ -47,10 +47,10 @@ class CuttableTransport(TcpTransport):
         self.mute_acks = False
         self.deaf = False
 
-    def send(self, node_id: str, message: Mapping[str, Any]) -> bool:
+    def send(self, node_id: str, message: Mapping[str, Any], *, ahead: bool = False) -> bool:
         if self.mute_acks and message.get("type") == "next_node_idx" and message.get("success"):
             return True
-        return super().send(node_id, message)
+        return super().send(node_id, message, ahead=ahead)
 
     def start(self, on_message: Callable[[str, Mapping[str, Any]], None],
               *args: Any, **kwargs: Any) -> None:

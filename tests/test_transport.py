@@ -318,6 +318,34 @@ def test_release_sends_only_what_is_held(net: Net) -> None:
     assert [m["type"] for _, m in b.messages] == ["one", "two"]
 
 
+def test_release_ahead_sends_only_the_leading_ahead_messages_in_order(net: Net) -> None:
+    peers = net.cluster("a", "b", "c")
+    a, b, c = peers["a"], peers["b"], peers["c"]
+    a.transport.send("b", {"type": "append", "n": 1}, ahead=True)
+    a.transport.send("b", {"type": "append", "n": 2}, ahead=True)
+    a.transport.send("b", {"type": "ack", "n": 3})
+    a.transport.send("b", {"type": "append", "n": 4}, ahead=True)  # behind a held ack
+    a.transport.send("c", {"type": "vote", "n": 1})
+    a.transport.send("c", {"type": "append", "n": 2}, ahead=True)  # behind a held vote
+    a.transport.release_ahead()
+    net.pump(lambda: len(b.messages) == 2, what="the leading ahead messages")
+    net.pump_for(0.15)
+    assert [m["n"] for _, m in b.messages] == [1, 2]
+    assert c.messages == []
+    assert a.transport.sent_ahead == 2
+    a.transport.release_ahead()  # nothing is at the front any more
+    net.pump_for(0.1)
+    assert len(b.messages) == 2 and c.messages == []
+    a.transport.release()
+    net.pump(lambda: len(b.messages) == 4 and len(c.messages) == 2, what="the rest")
+    assert [m["n"] for _, m in b.messages] == [1, 2, 3, 4]
+    assert [m["n"] for _, m in c.messages] == [1, 2]
+    a.transport.send("b", {"type": "append", "n": 5}, ahead=True)  # the queue is empty again
+    a.transport.release_ahead()
+    net.pump(lambda: len(b.messages) == 5, what="a new leading ahead message")
+    assert a.transport.sent_ahead == 3
+
+
 def _pad(n: int) -> bytes:
     return bytes([n % 256]) * (n * 97 % 2_000)  # frames of many sizes
 

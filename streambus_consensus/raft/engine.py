@@ -14,7 +14,11 @@ How we plug into PySyncObj 0.3.17 without forking it:
   function ``pysyncobj.syncobj.createJournal``; during construction (under a
   lock) we point it at :class:`_Journal`, which writes through our
   :class:`~streambus_consensus.interfaces.Storage`. Storage buffers the writes
-  and the node syncs once per tick before any message leaves (group commit).
+  and the node syncs once per pass of its loop (group commit); nothing that
+  asserts this node's disk leaves before that sync. A leader's
+  ``append_entries`` asserts nothing about its disk and goes first, so the
+  leader's write overlaps replication (see :meth:`Engine.tick` for why the
+  leader still never counts an entry it has not synced).
 - **Transport.** :class:`_EngineTransport` adapts our
   :class:`~streambus_consensus.interfaces.Transport`; it is where incoming
   messages pass through :class:`~.safety.MessageGuard` before the engine
@@ -153,6 +157,19 @@ class _Journal(Journal):  # type: ignore[misc]
         self._term = recovered.term
         self._voted_for = recovered.voted_for
         self._commit = recovered.commit_index
+        self.durable_index = self._entries[-1][1] if self._entries else 0
+        """The last log index known to be on disk (the log holds no later
+        entry that a crash could not lose): the log's end at the last
+        :meth:`mark_durable`, lowered by truncations since."""
+
+    @property
+    def undurable(self) -> bool:
+        """Whether the log holds entries written since the last sync."""
+        return bool(self._entries) and self._entries[-1][1] > self.durable_index
+
+    def mark_durable(self) -> None:
+        """Storage has just synced: everything in the log is on disk."""
+        self.durable_index = self._entries[-1][1] if self._entries else 0
 
     def align_with_snapshot(self, header: SnapshotHeader) -> None:
         """Drop entries the snapshot covers, as compaction would have.
@@ -176,12 +193,14 @@ class _Journal(Journal):  # type: ignore[misc]
 
     def clear(self) -> None:
         self._entries = []
+        self.durable_index = 0
         self._storage.truncate_suffix(0)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom < len(self._entries):
             index = self._entries[entryFrom][1]
             del self._entries[entryFrom:]
+            self.durable_index = min(self.durable_index, index - 1)
             self._storage.truncate_suffix(index)
 
     def deleteEntriesTo(self, entryTo: int) -> None:
@@ -329,7 +348,10 @@ class _EngineTransport(_PsoTransport):  # type: ignore[misc]
         self._transport.remove_peer(node.id)
 
     def send(self, node: Member, message: Any) -> bool:
-        if self._transport.send(node.id, message):
+        # Only a leader sends append_entries; they assert nothing about its
+        # disk and may leave before its sync (write ordering, Engine.tick).
+        ahead = message.get("type") == "append_entries"
+        if self._transport.send(node.id, message, ahead=ahead):
             return True
         if message.get("type") == "apply_command":
             # Engine issue E20: the engine ignores a failed send of a command
@@ -421,6 +443,9 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         never campaigns."""
         self.learner_refusals: dict[str, str] = {}
         """Why each learner removed for not catching up was removed."""
+        self.sync_before_counting: Callable[[], None] | None = None
+        """Makes the log durable; called when a lone voter has just become
+        leader, before the same tick counts its log (see Engine.tick)."""
         super().__init__(*args, **kwargs)
 
     def encode_entry(self, propose: Callable[[], None]) -> bytes:
@@ -448,8 +473,17 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         be appended between them. Only on a pristine log (no command, no
         snapshot): a leader's log holds every committed entry, so then the
         cluster has committed nothing. A leader that finds an earlier
-        leader's bootstrap command in its log commits that one instead."""
+        leader's bootstrap command in its log commits that one instead.
+
+        A lone voter wins its election inside _onTick, just before the commit
+        computation of that same tick counts what was appended here: its log
+        is synced first (write ordering, see Engine.tick)."""
         SyncObj._SyncObj__onBecomeLeader(self)
+        self._append_bootstrap()
+        if not self.otherNodes and self.sync_before_counting is not None:
+            self.sync_before_counting()
+
+    def _append_bootstrap(self) -> None:
         entry = self._bootstrap_entry
         log = self._SyncObj__raftLog
         if entry is None or not len(log) or log[0][1] != 1:  # compacted: there is a snapshot
@@ -743,6 +777,7 @@ class Engine:
         if bootstrap is not None:
             self._obj._bootstrap_entry = self._obj.encode_entry(
                 lambda: self._consumer.apply(bootstrap))
+        self._obj.sync_before_counting = self.sync
         guard.attach(self)
         self._pso_transport.gate, self._pso_transport.engine = gate, self
         self._pso_transport.reads = reads
@@ -752,9 +787,26 @@ class Engine:
     def tick(self) -> None:
         """Run one engine tick without waiting (network waits happen in the transport).
 
-        Raises what a snapshot load raised (see :meth:`_deserialize`).
+        Raises what a snapshot load raised (see :meth:`_deserialize`), and
+        :class:`~streambus_consensus.errors.StorageError` from a sync.
+
+        Write ordering: PySyncObj's leader computes its commit index at the
+        top of its tick, counting itself for every entry in its log (``count
+        = 1`` before it looks at the followers' match indexes). A leader
+        sends ``append_entries`` before its own sync (Raft thesis §10.2.1),
+        so its log may hold entries that are not durable; they must not be
+        counted. So a tick starts from a durable log: the node syncs at the
+        end of every pass, and if anything written since is still buffered,
+        it is synced here first. Match indexes change only when a follower's
+        acknowledgement is received, during the node's poll, after that
+        sync; the leader appends during a tick only after the commit
+        computation, or when a lone voter wins its election just before it
+        (synced at once, see ``_SyncObj``). Hence the leader never counts an
+        entry of its own that a crash could lose.
         """
         self._pso_transport.resend_forwards(self.leader_id)
+        if self._journal.undurable:
+            self.sync()
         self._obj.doTick(0.0)
         if self._load_failure is not None:
             raise self._load_failure
@@ -794,6 +846,12 @@ class Engine:
         if self.gate is None or self._obj.self_learner:
             return False
         return self.gate.leader_unreachable(self, peer_id)
+
+    def sync(self) -> None:
+        """Make everything the engine wrote durable (:meth:`Storage.sync`).
+        Raises :class:`~streambus_consensus.errors.StorageError`."""
+        self._storage.sync()
+        self._journal.mark_durable()
 
     def propose(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
         """Queue a command (Raft thread: see E17 in docs/engine-issues.md).
@@ -1189,6 +1247,8 @@ _SEAM_METHODS = {
     "_SyncObj__sendAppendEntries": "the commit index announced before a long apply (E19)",
     "_SyncObj__onMessageReceived": "message handling the guard and campaign_now feed",
     "_SyncObj__onLeaderChanged": "forget_leader, when the election gate starts a pre-vote (E15)",
+    "_SyncObj__onBecomeLeader": "the bootstrap command after a new leader's no-op, and a lone "
+                                "voter's sync before it counts its election entries",
     "_checkCommandsToApply": "holding commands during a leadership transfer",
     "_isLeader": "holding commands during a leadership transfer",
     "_getLeader": "leader_id and the snapshot-install membership fix",
@@ -1207,13 +1267,14 @@ _SEAM_METHODS = {
     "conf": "transfer hold deadline (conf.raftMaxTimeout)",
     "_applyCommand": "learners: proposing our membership entries; encoding the bootstrap "
                      "command as a log entry",
-    "_SyncObj__onBecomeLeader": "the bootstrap command after a new leader's no-op",
     "selfNode": "the node id in log lines",
 }
 _SEAM_SOURCE = {
     # (function, text that must appear in its source): what relies on it
     ("__init__", "self.__raftLog = createJournal("):
         "our journal, swapped in through pysyncobj.syncobj.createJournal",
+    ("_onTick", "if self.__raftMatchIndex[node] >= commitIdx:"):
+        "write ordering: the leader's commit computation runs in its tick (Engine.tick)",
     ("__init__", "self.__raftState ="): "the state property (_SyncObj__raftState)",
     ("__init__", "self.__raftElectionDeadline ="):
         "the election gate (pre-vote, E15) and the timer restart (E11)",

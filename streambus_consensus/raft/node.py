@@ -4,6 +4,8 @@ Threads:
 
 - the **Raft thread** (``raft-<id>``) runs the loop: engine tick, storage
   sync, release of held messages, wait for network events, sync, release.
+  A leader's ``append_entries`` leave just before each sync rather than after
+  it, so its disk write overlaps replication (Raft thesis §10.2.1).
   Nothing else touches the engine; other threads hand it work through an
   inbox.
 - the **worker thread** (``raft-<id>-worker``) resolves proposal futures and
@@ -12,7 +14,8 @@ Threads:
 
 Durability: a vote, an append acknowledgement or a commit is never sent or
 reported before :meth:`Storage.sync` has returned for the state it reflects
-(see ``README.md``, "Durability").
+(see ``README.md``, "Durability"), and a leader never counts its own entry
+towards a commit before it is durable (see :meth:`Engine.tick`).
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ class RaftNode:
                     guard=self.guard, on_snapshot=self._snapshot_done,
                     app_handler=self._on_app_message,
                     on_restored=self._on_restored, gate=self.gate, reads=self.reads,
-                    send_now=functools.partial(self._flush, storage, transport),
+                    send_now=self._send_now,
                     bootstrap=self._bootstrap_entry(),
                 )
                 transport.start(self._engine.deliver, self._engine.peer_connected,
@@ -305,7 +308,7 @@ class RaftNode:
                 engine.tick()
                 engine.manage_learners()
                 self.reads.pump(engine)
-                self._flush(storage, transport)
+                self._flush(engine, transport)
                 self._watch_leader(engine)
                 # A lone voter commits its own entries at the next tick: do
                 # not wait for network events that will never come.
@@ -314,7 +317,7 @@ class RaftNode:
                 transport.poll(0.0 if lone_work else tick)
                 polled_at = time.monotonic()
                 self.reads.pump(engine)
-                self._flush(storage, transport)
+                self._flush(engine, transport)
                 self._sample(engine)
         except StorageError as exc:
             # After a failed write or fsync the kernel may have dropped data:
@@ -350,10 +353,20 @@ class RaftNode:
             for listener in list(self._fatal_listeners):
                 listener(self._fatal)
 
-    def _flush(self, storage: Storage, transport: TcpTransport) -> None:
-        storage.sync()
+    def _flush(self, engine: Engine, transport: TcpTransport) -> None:
+        # A leader's append_entries first, so its disk write overlaps the
+        # round trip; everything else (acknowledgements, votes, results)
+        # waits for the sync. See "write ordering" in docs/engine-issues.md.
+        transport.release_ahead()
+        engine.sync()
         transport.release()
         self._deliver_completed()
+
+    def _send_now(self) -> None:
+        """Put what the engine queued on the wire now (Raft thread; E19)."""
+        engine, transport = self._engine, self._transport
+        if engine is not None and transport is not None:
+            self._flush(engine, transport)
 
     def _deliver_completed(self) -> None:
         if not self._completed:

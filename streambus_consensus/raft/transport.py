@@ -39,6 +39,9 @@ reference notes).
 
 **Holding.** :meth:`TcpTransport.send` queues; :meth:`TcpTransport.release`
 lets queued frames go out. The node releases only after its storage sync.
+A message queued with ``ahead=True`` asserts nothing about the sender's
+disk (a leader's ``append_entries``): :meth:`TcpTransport.release_ahead` lets
+each peer's leading run of such messages go before the sync, in order.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class _Conn:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.held: list[bytes] = []
+        self.ahead = 0
+        """How many of the first ``held`` messages may go before the sync."""
         self.nonce_mine = os.urandom(NONCE_SIZE)
         self.nonce_theirs = b""
         self.session_key = b""
@@ -188,6 +193,8 @@ class TcpTransport:
         self._waker_r.setblocking(False)
         self._waker_w.setblocking(False)
         self.dropped_connections = 0
+        self.sent_ahead = 0
+        """Messages :meth:`release_ahead` let out (before the node's sync)."""
         for peer_id, address in peers.items():
             if peer_id != node_id:
                 self._peers[peer_id] = parse_address(address, field_name=f"peer {peer_id}")
@@ -301,8 +308,13 @@ class TcpTransport:
 
     # -- sending ---------------------------------------------------------------
 
-    def send(self, node_id: str, message: Mapping[str, Any]) -> bool:
-        """Queue ``message`` for ``node_id``; ``False`` when not connected."""
+    def send(self, node_id: str, message: Mapping[str, Any], *, ahead: bool = False) -> bool:
+        """Queue ``message`` for ``node_id``; ``False`` when not connected.
+
+        ``ahead``: the message asserts nothing about this node's disk, so
+        :meth:`release_ahead` may let it out before the storage sync (only
+        while no held message precedes it: order per peer is kept).
+        """
         conn = self._out.get(node_id)
         if conn is None or not conn.ready:
             return False
@@ -313,6 +325,8 @@ class TcpTransport:
                               "frame limit that every member enforces", message.get("type"),
                               len(payload), node_id, self._max)
             return False
+        if ahead and conn.ahead == len(conn.held):
+            conn.ahead += 1
         conn.held.append(payload)
         return True
 
@@ -320,15 +334,28 @@ class TcpTransport:
         """Frame and start writing every held message."""
         for conn in list(self._out.values()):
             if conn.held and conn.ready:
-                for payload in conn.held:
-                    self._frame(conn, payload)
-                    if len(conn.outbuf) > self._max:
-                        self._flush(conn)
-                conn.held.clear()
+                self._release(conn, len(conn.held))
+
+    def release_ahead(self) -> None:
+        """Frame and start writing, per peer, the held messages queued with
+        ``ahead=True`` before any other held message (the node calls this
+        before its storage sync, :meth:`release` after it)."""
+        for conn in list(self._out.values()):
+            if conn.ahead and conn.ready:
+                self.sent_ahead += conn.ahead
+                self._release(conn, conn.ahead)
+
+    def _release(self, conn: _Conn, count: int) -> None:
+        for payload in conn.held[:count]:
+            self._frame(conn, payload)
+            if len(conn.outbuf) > self._max:
                 self._flush(conn)
-                if not conn.closed and len(conn.outbuf) > self._outbuf_limit:
-                    # Raft re-sends what is lost; memory must stay bounded.
-                    self._close(conn, reason="peer is not reading; output buffer full")
+        del conn.held[:count]
+        conn.ahead = 0
+        self._flush(conn)
+        if not conn.closed and len(conn.outbuf) > self._outbuf_limit:
+            # Raft re-sends what is lost; memory must stay bounded.
+            self._close(conn, reason="peer is not reading; output buffer full")
 
     def wake(self) -> None:
         """Interrupt a :meth:`poll` in progress (from any thread)."""
