@@ -529,13 +529,19 @@ class _Run:
             time.sleep(0.3)
 
     def probe(self, lane: str, healed_at: float) -> float | None:
-        """Write to the lane's probe topic until a write succeeds; seconds after healing."""
+        """Write to the lane's probe topic until a write succeeds; seconds after healing.
+
+        Each attempt asks a node whose process runs and is not paused: a
+        node the other lane holds down would only make the probe wait out
+        its attempt, which measures the probe rather than the recovery."""
         limit = healed_at + RECOVERY_LIMIT
         while time.monotonic() < limit:
             value = (60_000, 3_600_000)[next(self._counter) % 2]
+            up = [n for n, node in self.cluster.nodes.items() if node.alive and not node.paused]
             record = self.workload.perform(
                 f"s{self.options.seed}-probe-{lane}",
-                ("alter", f"probe-{lane}", "retention.ms", value), deadline=2.0, timeout=1.0)
+                ("alter", f"probe-{lane}", "retention.ms", value), deadline=2.0, timeout=1.0,
+                nodes=up or None)
             if record.outcome == "ok":
                 return record.finished - healed_at
         return None
