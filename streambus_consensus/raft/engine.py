@@ -655,6 +655,10 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
         request: list[Any] = [kind, node.id, node]
         if reason is not None:
             request.append(reason)
+        # PySyncObj's own format for membership entries, as its
+        # addNodeToCluster writes them: every membership entry is a pickle the
+        # engine loads itself when it applies one. We only ever write one here
+        # (never load); entries arrive only over HMAC-authenticated member links.
         self._applyCommand(pickle.dumps(request), callback,
                            _syncobj_module._COMMAND_TYPE.MEMBERSHIP)
 
