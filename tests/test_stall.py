@@ -21,9 +21,10 @@ from streambus_consensus.testing.harness import free_ports, wait_until
 
 SECRET = generate_secret()
 STALL = 1.0
-"""Longer than most election timeouts drawn from 0.35-1.5 s, shorter than the
-transport's dead timeout (election_timeout_max, 1.5 s), past which the peers
-drop their links to the silent node (then its pre-vote is right to start)."""
+"""Longer than a third of the election timeouts drawn from 0.35-2.5 s, well
+shorter than the transport's dead timeout (election_timeout_max, 2.5 s), past
+which the peers drop their links to the silent node (then its pre-vote is
+right to start); the margin is for a loaded machine."""
 
 
 class StallingStorage(DiskStorage):
@@ -54,7 +55,7 @@ def trio(tmp_path: Path) -> Iterator[tuple[dict[str, RaftNode], dict[str, Stalli
     storages = {n: StallingStorage(tmp_path / n) for n in cluster}
     nodes = {n: RaftNode(NodeConfig(node_id=n, cluster=cluster, cluster_secret=SECRET,
                                     data_dir=str(tmp_path / n), election_timeout_min=0.35,
-                                    election_timeout_max=1.5),
+                                    election_timeout_max=2.5),
                          KeyValueStateMachine(), storage=storages[n]) for n in cluster}
     try:
         for node in nodes.values():
@@ -81,7 +82,7 @@ def test_a_follower_that_stalls_reads_its_socket_before_suspecting_the_leader(
     follower = next(n for n in nodes if n != leader)
     gate = nodes[follower].gate
     rounds = gate.rounds_started
-    for attempt in range(6):
+    for attempt in range(8):
         # Two syncs in a row stall: one of them is the sync after the thread
         # took in its messages, right before it looks at its election timer.
         storages[follower].stall(2)
