@@ -252,6 +252,66 @@ def test_an_operation_to_a_dead_cluster_fails_and_stays_out_of_the_history() -> 
     assert history.operations() == []
 
 
+def test_a_fanned_out_operation_ends_at_the_first_success_while_a_node_hangs() -> None:
+    """The chaos probe's write asks every node at once: a node that never answers
+    (cut off by the other fault lane) must not hold the outcome for its attempt's
+    timeout, and every copy carries the same request id (one operation)."""
+    release = threading.Event()
+    bodies: list[tuple[str, Any]] = []
+    refusals = {"ok": 2}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_DELETE(self) -> None:
+            role = self.server.role  # type: ignore[attr-defined]
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+            bodies.append((role, body))
+            if role == "hang":
+                release.wait(10)
+                return
+            if refusals["ok"]:
+                refusals["ok"] -= 1
+                self._answer(503, {"error": {"type": "NotLeaderError", "code": "unavailable"}})
+            else:
+                self._answer(200, {"result": {}})
+
+        def _answer(self, status: int, payload: dict[str, Any]) -> None:
+            raw = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    servers = {}
+    for role in ("hang", "ok"):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.role = role  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[role] = server
+    try:
+        nodes = {role: f"127.0.0.1:{s.server_address[1]}" for role, s in servers.items()}
+        history = History()
+        workload = MetadataWorkload(nodes, None, history)
+        record = workload.perform("c", ("delete", "t"), deadline=5.0, timeout=3.0,
+                                  nodes=["hang", "ok"], fan_out=True)
+        took = record.finished - record.started
+        assert record.outcome == "ok", record
+        assert took < 1.5, f"waited {took:.2f}s for the node that hangs"
+        assert set(record.nodes) == {"hang", "ok"} and record.attempts == 4
+        assert [role for role, _ in bodies].count("ok") == 3
+        assert len({json.dumps(body["request_id"]) for _, body in bodies}) == 1
+        assert len(history.operations()) == 1
+    finally:
+        release.set()
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+
+
 # -- chaos on real processes ------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import random
@@ -71,6 +72,9 @@ _POLICIES = ("delete", "compact")
 
 # 503 answers that mean "the proposal was not applied" (errors.ProposalRejectedError
 # and its subclasses, or the store not running at all).
+_DECISIVE = frozenset({"ok", "unexpected", "expired"})
+"""Verdicts that end an operation's retries."""
+
 _NOT_APPLIED_TYPES = frozenset({
     "NotLeaderError", "NoLeaderError", "QueueFullError", "ProposalRejectedError",
     "ProposalDiscardedError", "ApiError",
@@ -307,11 +311,15 @@ class MetadataWorkload:
 
     def perform(self, client: str, op: tuple[Any, ...], *, rng: random.Random | None = None,
                 deadline: float | None = None, timeout: float | None = None,
-                nodes: Sequence[str] | None = None) -> OpRecord:
+                nodes: Sequence[str] | None = None, fan_out: bool = False) -> OpRecord:
         """Run one operation to an outcome and record it. Returns its record.
 
         ``deadline`` bounds the retries, ``timeout`` each attempt (defaults:
-        the config's); ``nodes`` limits the nodes asked.
+        the config's); ``nodes`` limits the nodes asked. With ``fan_out``,
+        every node in ``nodes`` is asked at once, each retried on its own,
+        and the first decisive answer is the outcome: the request id makes
+        the copies one operation, as a client that fails over between nodes
+        relies on.
         """
         rng = rng or random.Random()
         kind = op[0]
@@ -326,6 +334,47 @@ class MetadataWorkload:
         handle = self.history.invoke(client, op)
         record.started = handle.call_time
         give_up = time.monotonic() + limit
+
+        def attempt(node: str) -> tuple[str, Any, Answer | None]:
+            try:
+                answer = self.api.call(self.nodes[node], method, path, body, timeout=timeout)
+            except NotSentError:
+                return "retry", None, None
+            except NoAnswerError:
+                return "unknown", None, None
+            verdict, value = self._interpret(kind, answer, record)
+            return verdict, value, answer
+
+        if fan_out:
+            verdict, value, answer, maybe_applied = self._fan_out(
+                choices, attempt, record, give_up, rng)
+        else:
+            verdict, value, answer, maybe_applied = self._one_by_one(
+                choices, attempt, record, give_up, rng)
+        if verdict == "ok":
+            handle.ok(value)
+            record.outcome, record.output = "ok", value
+            if kind == "create" and value == "ok" and answer is not None:
+                record.topic_id = answer.result.get("topic_id")
+        elif maybe_applied and not is_read:
+            handle.unknown()
+            record.outcome = "unknown"
+        else:
+            handle.fail()
+            record.outcome = "fail"
+        record.finished = time.monotonic()
+        with self._records_lock:
+            self.records.append(record)
+        return record
+
+    @staticmethod
+    def _one_by_one(choices: list[str],
+                    attempt: Callable[[str], tuple[str, Any, Answer | None]],
+                    record: OpRecord, give_up: float, rng: random.Random,
+                    ) -> tuple[str, Any, Answer | None, bool]:
+        """Ask one node per attempt, never the same node twice in a row, until
+        a decisive answer or ``give_up``. Returns the last verdict, its value
+        and answer, and whether an attempt may have applied the operation."""
         maybe_applied = False
         last = ""
         while True:
@@ -333,42 +382,57 @@ class MetadataWorkload:
             last = node
             record.attempts += 1
             record.nodes.append(node)
-            verdict = "retry"
-            try:
-                answer = self.api.call(self.nodes[node], method, path, body, timeout=timeout)
-            except NotSentError:
-                pass
-            except NoAnswerError:
-                maybe_applied = True
-            else:
-                verdict, value = self._interpret(kind, answer, record)
-                if verdict == "ok":
-                    handle.ok(value)
-                    record.outcome, record.output = "ok", value
-                    if kind == "create" and value == "ok":
-                        record.topic_id = answer.result.get("topic_id")
-                    break
-                if verdict == "unexpected":
-                    break  # recorded below: unknown if an earlier attempt may have applied
-                if verdict == "unknown":
-                    maybe_applied = True
-                elif verdict == "expired":
-                    maybe_applied = True
-                    break
-            if time.monotonic() >= give_up:
-                break
+            verdict, value, answer = attempt(node)
+            maybe_applied |= verdict in ("unknown", "expired")
+            if verdict in _DECISIVE or time.monotonic() >= give_up:
+                return verdict, value, answer, maybe_applied
             time.sleep(rng.uniform(0.05, 0.2))
-        if record.outcome == "pending":
-            if maybe_applied and not is_read:
-                handle.unknown()
-                record.outcome = "unknown"
-            else:
-                handle.fail()
-                record.outcome = "fail"
-        record.finished = time.monotonic()
-        with self._records_lock:
-            self.records.append(record)
-        return record
+
+    @staticmethod
+    def _fan_out(choices: list[str],
+                 attempt: Callable[[str], tuple[str, Any, Answer | None]],
+                 record: OpRecord, give_up: float, rng: random.Random,
+                 ) -> tuple[str, Any, Answer | None, bool]:
+        """Ask every node at once, each retried on its own until the first
+        decisive answer from any of them or ``give_up``. Attempts still in
+        flight then are left to finish on their own; their answers are not
+        used (the request id makes a late copy a no-op)."""
+        lock = threading.Lock()
+        decided = threading.Event()
+        outcome: list[tuple[str, Any, Answer | None]] = []
+        maybe_applied = False
+        pauses = [rng.uniform(0.01, 0.05) for _ in range(64)]
+
+        def ask(node: str) -> None:
+            nonlocal maybe_applied
+            for pause in itertools.cycle(pauses):
+                with lock:
+                    if decided.is_set():
+                        return
+                    record.attempts += 1
+                    record.nodes.append(node)
+                verdict, value, answer = attempt(node)
+                with lock:
+                    if decided.is_set():
+                        return
+                    maybe_applied |= verdict in ("unknown", "expired")
+                    if verdict in _DECISIVE:
+                        outcome.append((verdict, value, answer))
+                        decided.set()
+                        return
+                if time.monotonic() >= give_up or decided.wait(pause):
+                    return
+
+        threads = [threading.Thread(target=ask, args=(node,), name=f"fan-out-{node}",
+                                    daemon=True) for node in choices]
+        for thread in threads:
+            thread.start()
+        while not decided.wait(0.02) and any(t.is_alive() for t in threads):
+            pass
+        with lock:
+            decided.set()  # the threads still asking stop after their current attempt
+            verdict, value, answer = outcome[0] if outcome else ("retry", None, None)
+            return verdict, value, answer, maybe_applied
 
     def _interpret(self, kind: str, answer: Answer, record: OpRecord) -> tuple[str, Any]:
         """Classify an answer: ``ok`` (with the model output), ``retry`` (not
