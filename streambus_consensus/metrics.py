@@ -38,6 +38,7 @@ name (after the prefix)                        type      what
 ``pre_votes_refused_total``                    counter   pre-votes this node refused
 ``engine_commit_clamps_total``                 counter   engine fix E1 at work
 ``engine_stale_appends_total``                 counter   engine fix E2 at work
+``engine_conflict_skips_total``                counter   engine fix E22 at work
 ``members``                                    gauge     voting members (sampled each second)
 ``learners``                                   gauge     members catching up, not yet voting
 ``peer_replication_lag_entries{peer}``         gauge     on the leader: entries a peer lacks
@@ -167,6 +168,8 @@ class NodeCollector(Collector):
              node.guard.commit_clamps),
             ("engine_stale_appends", "Stale appends answered by engine fix E2",
              node.guard.stale_appends),
+            ("engine_conflict_skips", "Conflicting log runs skipped in one round trip by "
+             "engine fix E22", node.guard.conflict_skips),
         ):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["node_id"])
             counter.add_metric(nid, float(value))

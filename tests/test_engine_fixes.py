@@ -7,7 +7,10 @@ the fix.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -95,3 +98,97 @@ def test_deposed_leader_never_acknowledges_a_lost_write(make_cluster: ClusterFac
         assert final == "x", "an acknowledged write was lost"
     else:
         assert final is None
+
+
+# -- E22: a conflicting suffix walked back one entry per round trip -----------------------
+
+DIVERGENT = 100
+# No compaction: past it the leader would send a snapshot instead of walking back.
+NO_COMPACTION = {**SETTINGS, "snapshot_interval_entries": 100_000}
+
+
+def _counter(cluster: LocalCluster, node_id: str, name: str) -> float:
+    host, _, port = cluster.nodes[node_id].api_address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(f"streambus_consensus_{name}{{"))
+
+
+def conflicting_suffix_scenario(cluster: LocalCluster) -> float:
+    """E22: a leader cut off takes ``DIVERGENT`` writes it cannot commit; the
+    others elect a new leader and commit more than that many entries. Then
+    that leader stops as the deposed node's links heal, so the next write
+    needs both remaining nodes, and the remaining follower wins an election
+    with the deposed node as a voter: its view of the deposed node's log
+    starts at its own end. Returns the seconds from the heal until a write
+    commits."""
+    cluster.start()
+    network = cluster.network
+    assert network is not None
+    old = cluster.wait_for_leader()
+    followers = [n for n in cluster.nodes if n != old]
+    cluster.client().request("PUT", "/v1/kv/marker", {"value": "before"})
+    before = cluster.status(old)
+    assert before is not None
+    links = network.isolate(old)
+
+    def doomed_write(i: int) -> None:
+        with contextlib.suppress(ConsensusError, OSError):
+            cluster.client(old, timeout=30).request("PUT", f"/v1/kv/doomed-{i}", {"value": "x"})
+
+    writers = [threading.Thread(target=doomed_write, args=(i,)) for i in range(DIVERGENT)]
+    for writer in writers:
+        writer.start()
+    wait_until(lambda: (s := cluster.status(old)) and
+               s["last_log_index"] >= before["last_log_index"] + DIVERGENT, 10,
+               "the old leader to append the writes it cannot commit")
+    new = cluster.wait_for_leader(15, exclude=old)
+    survivors = cluster.client(*followers)
+    for i in range(DIVERGENT + 10):
+        survivors.request("PUT", f"/v1/kv/filler-{i}", {"value": "f"})
+    wait_until(lambda: (s := cluster.status(old)) and s["state"] != "leader", 10,
+               "the old leader to step down")
+    other = next(n for n in followers if n != new)
+    cluster.pause(new)
+    network.heal(links)
+    healed = time.monotonic()
+    client = cluster.client(other, old, timeout=5)
+    while True:
+        try:
+            client.request("PUT", "/v1/kv/after", {"value": "y"})
+            break
+        except ConsensusError:
+            if time.monotonic() - healed > 60:
+                raise
+            time.sleep(0.01)
+    took = time.monotonic() - healed
+    cluster.resume(new)
+    for writer in writers:
+        writer.join(60)
+    assert cluster.client(old).request("GET", "/v1/kv/after?linearizable=1")["value"] == "y"
+    return took
+
+
+def test_a_conflicting_suffix_is_walked_back_one_entry_per_round_trip_without_the_fix(
+        make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(3, settings=NO_COMPACTION, proxied=True,
+                           env={UNSAFE_NO_ENGINE_FIXES: "1"})
+    took = conflicting_suffix_scenario(cluster)
+    assert took > 5.0, (
+        f"a write committed {took:.2f}s after the heal: the scenario no longer reproduces "
+        "PySyncObj's defect E22; re-check the engine version")
+
+
+def test_a_deposed_leaders_conflicting_suffix_is_skipped_in_one_round_trip(
+        make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(3, settings=NO_COMPACTION, proxied=True)
+    took = conflicting_suffix_scenario(cluster)
+    assert took < 3.0, f"a write committed {took:.2f}s after the heal"
+    old = next(n for n in cluster.nodes if _counter(cluster, n, "engine_conflict_skips_total"))
+    assert all(cluster.client(old).request("GET", f"/v1/kv/doomed-{i}?linearizable=1")
+               ["value"] is None for i in range(DIVERGENT))

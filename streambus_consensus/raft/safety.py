@@ -33,6 +33,23 @@ Rule 2 (engine issue E2, *matching entries truncated by a stale append*).
     engine. Otherwise hand the engine only the rest, with ``prevLogIdx`` /
     ``prevLogTerm`` moved to the last held entry: it deletes nothing when the
     rest extends the log, and from the first conflict when there is one.
+
+Rule 3 (engine issue E22, *a conflicting suffix is walked back one entry per
+round trip*).
+    When the entry at ``prevLogIdx`` has another term than ``prevLogTerm``,
+    PySyncObj answers ``next_node_idx = prevLogIdx``: the leader steps back
+    one entry per round trip. A deposed leader that appended a few hundred
+    writes it could not commit then keeps the new leader from committing
+    anything for up to a second after a partition heals (its vote is needed
+    when the third node is down). Raft (§5.3) notes the fix: name the first
+    index of the conflicting term, so the leader bypasses the whole run.
+    Fix: move ``prevLogIdx`` back, before the engine sees the message, over
+    every entry that cannot match the leader's: those of the conflicting
+    term, and those of a term above ``prevLogTerm`` (a leader's terms never
+    decrease along its log), never to or below the commit index (committed
+    entries match). The entry it lands on has another term than
+    ``prevLogTerm``, so the engine itself answers with that index, after
+    adopting the sender's term and leadership as usual.
 """
 
 from __future__ import annotations
@@ -63,6 +80,8 @@ class MessageGuard:
         """How many times rule 1 lowered a commit index."""
         self.stale_appends = 0
         """How many stale appends rule 2 answered or trimmed so nothing held is truncated."""
+        self.conflict_skips = 0
+        """How many conflicting runs rule 3 skipped in one round trip."""
 
     def attach(self, engine: Engine) -> None:
         """Bind to the engine whose log the rules inspect."""
@@ -75,7 +94,41 @@ class MessageGuard:
             return message
         if "prevLogIdx" not in message:
             return self._clamp_commit(engine, message)
+        skipped = self._skip_conflicting_run(engine, message)
+        if skipped is not None:
+            return skipped
         return self._answer_stale_append(engine, node, message)
+
+    def _skip_conflicting_run(self, engine: Engine, message: dict[str, Any]
+                              ) -> dict[str, Any] | None:
+        """Rule 3: the message with ``prevLogIdx`` moved back over the
+        conflicting run, or ``None`` when there is nothing to skip."""
+        prev_index, prev_term = message.get("prevLogIdx"), message.get("prevLogTerm")
+        term = message.get("term")
+        if ("transmission" in message or not isinstance(prev_index, int)
+                or not isinstance(prev_term, int) or not isinstance(term, int)
+                or term < engine.term):
+            return None
+        journal = engine.journal
+        if not len(journal):
+            return None
+        first = journal[0][1]
+        if not first <= prev_index <= journal[-1][1]:
+            return None
+        ours = journal[prev_index - first][2]
+        if ours == prev_term:
+            return None
+        floor = max(engine.commit_index, first)
+        back = prev_index
+        while back - 1 > floor:
+            before = journal[back - 1 - first][2]
+            if before != ours and before <= prev_term:
+                break  # may match the leader's entry: let the leader try there
+            back -= 1
+        if back == prev_index:
+            return None
+        self.conflict_skips += 1
+        return {**message, "prevLogIdx": back}
 
     def _clamp_commit(self, engine: Engine, message: dict[str, Any]) -> dict[str, Any]:
         ours = engine.commit_index
