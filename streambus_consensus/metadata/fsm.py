@@ -1490,8 +1490,11 @@ class MetadataStateMachine:
     def _create_topics(self, cmd: CreateTopics, index: int, delta: _Delta) -> tuple[str, Any]:
         if not cmd.topics:
             _refuse(RefusalCode.INVALID_PARTITIONS, "a batched create needs at least one topic")
-        total = sum(min(max(spec.partitions, 0), MAX_PARTITIONS_PER_TOPIC + 1)
-                    for spec in cmd.topics)
+        counts = [spec.partitions for spec in cmd.topics]
+        if min(counts) >= 0 and max(counts) <= MAX_PARTITIONS_PER_TOPIC:
+            total = sum(counts)
+        else:  # a count out of range weighs 0 (below) or the limit + 1 (above)
+            total = sum(min(max(count, 0), MAX_PARTITIONS_PER_TOPIC + 1) for count in counts)
         if total > MAX_PARTITIONS_PER_TOPIC:
             _refuse(
                 RefusalCode.INVALID_PARTITIONS,
