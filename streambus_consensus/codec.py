@@ -13,7 +13,7 @@ the payload. Lists, tuples and dicts hold a 4-byte count and their items.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Final
 
 from .errors import CodecError
 
@@ -83,65 +83,96 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
 
     Raises :class:`CodecError` on any malformed, truncated or trailing input.
     """
-    view = memoryview(data)
+    raw = data if type(data) is bytes else bytes(data)
     try:
-        value, pos = _decode(view, 0, 0)
+        values, pos = _values(raw, 0, 1, 0)
     except (struct.error, UnicodeDecodeError, IndexError, TypeError) as exc:
         raise CodecError(f"malformed data: {exc}") from None
-    if pos != len(view):
-        raise CodecError(f"{len(view) - pos} trailing bytes after the value")
-    return value
+    if pos != len(raw):
+        raise CodecError(f"{len(raw) - pos} trailing bytes after the value")
+    return values[0]
 
 
-def _length(view: memoryview, pos: int) -> tuple[int, int]:
-    (n,) = _L.unpack_from(view, pos)
-    pos += 4
-    if n > len(view) - pos:
-        raise CodecError(f"length {n} at byte {pos - 4} runs past the end of the data")
-    return n, pos
+# Tags as the ints that indexing bytes gives.
+_T_NONE, _T_TRUE, _T_FALSE = _NONE[0], _TRUE[0], _FALSE[0]
+_T_INT, _T_FLOAT, _T_STR, _T_BYTES = _INT[0], _FLOAT[0], _STR[0], _BYTES[0]
+_T_LIST, _T_TUPLE, _T_DICT = _LIST[0], _TUPLE[0], _DICT[0]
+_SIZED: Final = frozenset((_T_STR, _T_BYTES, _T_LIST, _T_TUPLE, _T_DICT))
 
 
-def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
-    if depth > MAX_DEPTH:
+def _values(
+    data: bytes, pos: int, count: int, depth: int, keyed: bool = False
+) -> tuple[list[Any], int]:
+    """``count`` consecutive values from ``pos``, each at nesting ``depth``.
+
+    One loop decodes the items of a container: scalars (most items) are
+    decoded in place, only a nested container costs a call. ``keyed``: the
+    values are a dict's keys and values, alternately; a key that is a list
+    or a dict is refused as soon as it is decoded, an unhashable tuple once
+    its value is.
+    """
+    values: list[Any] = []
+    if count and depth > MAX_DEPTH:
         raise CodecError(f"nesting deeper than {MAX_DEPTH}")
-    if pos >= len(view):
-        raise CodecError("truncated data")
-    tag = view[pos : pos + 1].tobytes()
-    pos += 1
-    if tag == _BYTES:
-        n, pos = _length(view, pos)
-        return view[pos : pos + n].tobytes(), pos + n
-    if tag == _INT:
-        return _Q.unpack_from(view, pos)[0], pos + 8
-    if tag == _STR:
-        n, pos = _length(view, pos)
-        return str(view[pos : pos + n], "utf-8"), pos + n
-    if tag == _NONE:
-        return None, pos
-    if tag == _TRUE:
-        return True, pos
-    if tag == _FALSE:
-        return False, pos
-    if tag in (_LIST, _TUPLE):
-        # Each item takes at least one byte, so a count larger than the
-        # remaining bytes is malformed; checking it bounds memory.
-        n, _ = _length(view, pos)
+    append = values.append
+    size = len(data)
+    for _i in range(count):
+        if pos >= size:
+            raise CodecError("truncated data")
+        tag = data[pos]
+        pos += 1
+        if tag == _T_INT:
+            append(_Q.unpack_from(data, pos)[0])
+            pos += 8
+            continue
+        if tag not in _SIZED:
+            if tag == _T_NONE:
+                append(None)
+            elif tag == _T_TRUE:
+                append(True)
+            elif tag == _T_FALSE:
+                append(False)
+            elif tag == _T_FLOAT:
+                append(_D.unpack_from(data, pos)[0])
+                pos += 8
+            else:
+                raise CodecError(f"unknown tag {bytes((tag,))!r} at byte {pos - 1}")
+            continue
+        # A length in bytes, or a count of items: each item takes at least one
+        # byte, so a count larger than the remaining bytes is malformed too
+        # (checking it bounds memory).
+        (n,) = _L.unpack_from(data, pos)
         pos += 4
-        items = []
-        for _i in range(n):
-            item, pos = _decode(view, pos, depth + 1)
-            items.append(item)
-        return (tuple(items) if tag == _TUPLE else items), pos
-    if tag == _DICT:
-        n, _ = _length(view, pos)
-        pos += 4
-        result: dict[Any, Any] = {}
-        for _i in range(n):
-            key, pos = _decode(view, pos, depth + 1)
-            if isinstance(key, list | dict):
+        if n > size - pos:
+            raise CodecError(f"length {n} at byte {pos - 4} runs past the end of the data")
+        if tag == _T_STR:
+            end = pos + n
+            append(data[pos:end].decode("utf-8"))
+            pos = end
+        elif tag == _T_BYTES:
+            end = pos + n
+            append(data[pos:end])
+            pos = end
+        elif tag == _T_TUPLE:
+            items, pos = _values(data, pos, n, depth + 1)
+            item = tuple(items)
+            if keyed and not _i & 1:
+                try:
+                    hash(item)  # a tuple holding a list or a dict is no key
+                except TypeError:
+                    _values(data, pos, 1, depth)  # its value is decoded first, as it was
+                    raise
+            append(item)
+        else:  # a list or a dict
+            if tag == _T_LIST:
+                value: Any
+                value, pos = _values(data, pos, n, depth + 1)
+            elif n:
+                flat, pos = _values(data, pos, 2 * n, depth + 1, True)
+                value = dict(zip(flat[0::2], flat[1::2], strict=True))
+            else:
+                value = {}
+            if keyed and not _i & 1:
                 raise CodecError("dict key must be hashable plain data")
-            result[key], pos = _decode(view, pos, depth + 1)
-        return result, pos
-    if tag == _FLOAT:
-        return _D.unpack_from(view, pos)[0], pos + 8
-    raise CodecError(f"unknown tag {tag!r} at byte {pos - 1}")
+            append(value)
+    return values, pos

@@ -19,6 +19,7 @@ from streambus_consensus.metadata import (
     place_replicas,
     rack_groups,
 )
+from streambus_consensus.metadata.placement import _pick_period
 
 
 def broker(broker_id: int, rack: str | None = None,
@@ -93,6 +94,31 @@ def test_placement_is_a_pure_function(data: st.DataObject, brokers: list[Broker]
     two = place_replicas(list(reversed(brokers)), 7, rf, start)
     assert one == two, "input order does not matter"
     assert place_on_racks(rack_groups(brokers), 7, rf, start) == one
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), clusters())
+def test_placement_depends_on_where_the_stream_starts_modulo_its_period(
+    data: st.DataObject, brokers: list[Broker]
+) -> None:
+    # What lets the state machine keep the placements it computed.
+    racks = rack_groups(brokers)
+    period = _pick_period(racks)
+    rf = data.draw(st.integers(1, active_count(brokers)), label="rf")
+    partitions = data.draw(st.integers(0, 20), label="partitions")
+    start = data.draw(st.integers(0, 2**40), label="start")
+    first = data.draw(st.integers(0, 50), label="first_partition")
+    one = place_on_racks(racks, partitions, rf, start, first)
+    laps = data.draw(st.integers(1, 5), label="laps")
+    assert place_on_racks(racks, partitions, rf, start + laps * period, first) == one
+    assert place_on_racks(racks, partitions, rf, (start + first * rf) % period) == one
+
+
+def test_pick_period() -> None:
+    assert _pick_period([]) == 1
+    assert _pick_period([[1, 2, 3]]) == 3
+    assert _pick_period([[1, 2], [3, 4], [5, 6]]) == 6
+    assert _pick_period([[1, 2], [3, 4, 5], [], [6]]) == 18
 
 
 def test_start_offset_rotates_leaders() -> None:

@@ -53,7 +53,7 @@ import functools
 import re
 import struct
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar, overload
@@ -94,7 +94,7 @@ from .commands import (
     encode_command,
     supported_metadata_versions,
 )
-from .placement import PlacementError, place_on_racks, rack_groups
+from .placement import PlacementError, _pick_period, place_on_racks, rack_groups
 from .records import Broker, BrokerState, Partition, Topic, TopicConfig
 
 if TYPE_CHECKING:
@@ -333,33 +333,131 @@ _P_SLOTS: Final = tuple(Partition.__dict__[name].__set__ for name in (
     "recovering"))
 _C_SLOTS: Final = tuple(Change.__dict__[name].__set__ for name in ("kind", "key", "record"))
 
+# Faster still, for the records a create makes by the hundred: a draft class
+# with the record's slots (CPython lays slots out by name, so both have the
+# same layout), whose plain attribute stores the interpreter specialises; once
+# every slot is set, the object becomes the record by assigning ``__class__``
+# (allowed between classes of the same layout). The record is then as
+# immutable as one built by its constructor, and built in half the time.
+
+
+class _PartitionDraft:
+    __slots__ = ("index", "isr", "leader", "leader_epoch", "partition_epoch", "recovering",
+                 "replicas", "topic")
+
+
+class _ChangeDraft:
+    __slots__ = ("key", "kind", "record")
+
+
+class _TopicDraft:
+    __slots__ = ("config", "name", "partition_count", "replication_factor", "topic_id")
+
+
+class _OutcomeDraft:
+    __slots__ = ("code", "message", "name", "topic")
+
+
+def _check_drafts() -> None:
+    # A field added to a record must be added to its draft (and set where drafts are built).
+    for draft, record in ((_PartitionDraft, Partition), (_ChangeDraft, Change),
+                          (_TopicDraft, Topic), (_OutcomeDraft, TopicOutcome)):
+        if sorted(draft.__slots__) != sorted(record.__slots__):
+            raise TypeError(f"{draft.__name__} has slots {draft.__slots__}, "
+                            f"{record.__name__} has {record.__slots__}")
+
+
+_check_drafts()
+
 
 def _partition(
     topic: str, index: int, replicas: tuple[int, ...], isr: tuple[int, ...],
     leader: int | None, leader_epoch: int, partition_epoch: int, recovering: bool,
 ) -> Partition:
-    """``Partition(...)`` with every field given, built through its slots."""
-    p: Partition = _NEW(Partition)
-    s_topic, s_index, s_replicas, s_isr, s_leader, s_le, s_pe, s_rec = _P_SLOTS
-    s_topic(p, topic)
-    s_index(p, index)
-    s_replicas(p, replicas)
-    s_isr(p, isr)
-    s_leader(p, leader)
-    s_le(p, leader_epoch)
-    s_pe(p, partition_epoch)
-    s_rec(p, recovering)
-    return p
+    """``Partition(...)`` with every field given, built as a draft."""
+    p: Any = _NEW(_PartitionDraft)
+    p.topic = topic
+    p.index = index
+    p.replicas = replicas
+    p.isr = isr
+    p.leader = leader
+    p.leader_epoch = leader_epoch
+    p.partition_epoch = partition_epoch
+    p.recovering = recovering
+    p.__class__ = Partition
+    built: Partition = p
+    return built
+
+
+def _topic(
+    name: str, topic_id: str, config: TopicConfig, partition_count: int,
+    replication_factor: int,
+) -> Topic:
+    """``Topic(...)``, built as a draft."""
+    t: Any = _NEW(_TopicDraft)
+    t.name = name
+    t.topic_id = topic_id
+    t.config = config
+    t.partition_count = partition_count
+    t.replication_factor = replication_factor
+    t.__class__ = Topic
+    built: Topic = t
+    return built
+
+
+def _outcome(name: str, code: str, message: str, topic: Topic | None) -> TopicOutcome:
+    """``TopicOutcome(...)``, built as a draft."""
+    o: Any = _NEW(_OutcomeDraft)
+    o.name = name
+    o.code = code
+    o.message = message
+    o.topic = topic
+    o.__class__ = TopicOutcome
+    built: TopicOutcome = o
+    return built
 
 
 def _change(kind: ChangeKind, key: int | str | tuple[str, int], record: Any) -> Change:
-    """``Change(kind, key, record)``, built through its slots."""
-    c: Change = _NEW(Change)
-    s_kind, s_key, s_record = _C_SLOTS
-    s_kind(c, kind)
-    s_key(c, key)
-    s_record(c, record)
-    return c
+    """``Change(kind, key, record)``, built as a draft."""
+    c: Any = _NEW(_ChangeDraft)
+    c.kind = kind
+    c.key = key
+    c.record = record
+    c.__class__ = Change
+    built: Change = c
+    return built
+
+
+def _new_partitions(
+    topic: str, first: int, assignment: Sequence[tuple[int, ...]], changes: list[Change]
+) -> tuple[Partition, ...]:
+    """The new partitions ``first, first + 1, ...`` of ``topic``, one per
+    replica tuple of ``assignment`` (led by its first replica); a
+    ``partition_created`` change for each is appended to ``changes``."""
+    parts: list[Any] = []
+    add_part, add_change = parts.append, changes.append
+    created = ChangeKind.PARTITION_CREATED
+    new = _NEW
+    for index, replicas in enumerate(assignment, first):
+        # _partition and _change, inlined: a batch of topics runs this per partition.
+        p: Any = new(_PartitionDraft)
+        p.topic = topic
+        p.index = index
+        p.replicas = replicas
+        p.isr = replicas
+        p.leader = replicas[0]
+        p.leader_epoch = 0
+        p.partition_epoch = 0
+        p.recovering = False
+        p.__class__ = Partition
+        add_part(p)
+        c: Any = new(_ChangeDraft)
+        c.kind = created
+        c.key = (topic, index)
+        c.record = p
+        c.__class__ = Change
+        add_change(c)
+    return tuple(parts)
 
 
 # --------------------------------------------------------------------------
@@ -371,6 +469,7 @@ def _change(kind: ChangeKind, key: int | str | tuple[str, int], record: Any) -> 
 _FAN: Final = 64
 _SHIFT: Final = 6
 _MASK: Final = _FAN - 1
+_LEAF_BITS: Final = _FAN * _FAN - 1
 
 _Leaf = dict[Any, Any]
 _Mid = tuple[_Leaf | None, ...]
@@ -463,6 +562,10 @@ class _Evolver(Generic[K, V]):
 
     def _leaf(self, key: K) -> _Leaf:
         h = hash(key)
+        # The low 12 bits of the hash name the leaf (6 for the mid, 6 within).
+        leaf = self._leaves.get(h & _LEAF_BITS)
+        if leaf is not None:
+            return leaf
         i = h & _MASK
         j = (h >> _SHIFT) & _MASK
         mid = self._mids.get(i)
@@ -470,27 +573,32 @@ class _Evolver(Generic[K, V]):
             old_mid = self._base._root[i]
             mid = [None] * _FAN if old_mid is None else list(old_mid)
             self._mids[i] = mid
-        slot = (i << _SHIFT) | j
-        leaf = self._leaves.get(slot)
-        if leaf is None:
-            old_leaf = mid[j]
-            leaf = {} if old_leaf is None else dict(old_leaf)
-            mid[j] = leaf
-            self._leaves[slot] = leaf
+        old_leaf = mid[j]
+        leaf = {} if old_leaf is None else dict(old_leaf)
+        mid[j] = leaf
+        self._leaves[h & _LEAF_BITS] = leaf
         return leaf
 
     def __setitem__(self, key: K, value: V) -> None:
-        leaf = self._leaf(key)
-        if key not in leaf:
+        self.put(key, value)
+
+    def put(self, key: K, value: V) -> V | None:
+        """Set ``key`` to ``value``; return the value it had, or ``None``."""
+        leaf = self._leaves.get(hash(key) & _LEAF_BITS) or self._leaf(key)
+        before: V | None = leaf.get(key)
+        if before is None and key not in leaf:
             self._len += 1
         leaf[key] = value
+        return before
 
-    def delete(self, key: K) -> None:
-        """Remove ``key`` if present."""
+    def delete(self, key: K) -> V | None:
+        """Remove ``key`` if present; return the value it had, or ``None``."""
         leaf = self._leaf(key)
-        if key in leaf:
-            del leaf[key]
-            self._len -= 1
+        if key not in leaf:
+            return None
+        self._len -= 1
+        before: V = leaf.pop(key)
+        return before
 
     def persistent(self) -> _PersistentMap[K, V]:
         """The changed map. Call once; the evolver must not be used afterwards."""
@@ -753,7 +861,9 @@ class _Delta:
         self.brokers: dict[int, Broker | None] = {}
         self.topics: dict[str, Topic | None] = {}
         self.partitions: dict[str, tuple[Partition, ...] | None] = {}
-        self.replicas_changed: set[str] = set()
+        self.replicas_changed: dict[str, frozenset[int] | None] = {}
+        """Topics whose replica sets changed, each with the brokers that host
+        it when that is known without looking (a new topic), else ``None``."""
         self.changes: list[Change] = []
         self.metadata_version = image.metadata_version
 
@@ -780,6 +890,50 @@ class _Delta:
         parts[p.index] = p
         self.partitions[p.topic] = tuple(parts)
         self.changes.append(Change(ChangeKind.PARTITION_CHANGED, (p.topic, p.index), p))
+
+
+_Placed = tuple[tuple[tuple[int, ...], ...], frozenset[int]]
+"""A placement: the replicas of each partition, and every broker among them."""
+
+
+class _Placements:
+    """The placements computed for one set of brokers (a cache, not state).
+
+    A placement is a pure function of the active brokers by rack, the
+    partition count, the replication factor and the pick where it starts,
+    modulo :func:`~.placement._pick_period`: topics of the same shape share
+    the few placements a cluster's stream of picks allows, each computed once.
+    """
+
+    __slots__ = ("active", "brokers", "period", "placed", "racks", "size")
+
+    MAX_PARTITIONS: Final = 100_000
+    """Partitions kept in all; past that the cache starts again."""
+
+    def __init__(self, brokers: _PersistentMap[int, Broker]) -> None:
+        self.brokers = brokers
+        """The broker map the cache was computed for."""
+        self.racks = rack_groups(sorted(brokers.values(), key=lambda b: b.broker_id))
+        """The active broker ids by rack (:func:`~.placement.rack_groups`)."""
+        self.active = sum(len(rack) for rack in self.racks)
+        """How many brokers are active."""
+        self.period = _pick_period(self.racks)
+        """After how many picks the stream of picks repeats."""
+        self.placed: dict[tuple[int, int, int], _Placed] = {}
+        """Placements by (partitions, replication factor, start pick mod period)."""
+        self.size = 0
+        """Partitions held in ``placed``."""
+
+    def keep(self, key: tuple[int, int, int], placed: _Placed) -> None:
+        """Remember one placement, within :attr:`MAX_PARTITIONS` in all."""
+        count = len(placed[0])
+        if count > self.MAX_PARTITIONS:
+            return
+        self.size += count
+        if self.size > self.MAX_PARTITIONS:
+            self.placed.clear()
+            self.size = count
+        self.placed[key] = placed
 
 
 _Handler = Callable[[Any, int, _Delta], tuple[str, Any]]
@@ -822,7 +976,8 @@ class MetadataStateMachine:
     _topic_ids: dict[str, str]
     _broker_topics: dict[int, set[str]]
     _lru: OrderedDict[str, None]
-    _placement_cache: tuple[object, list[list[int]]]
+    _placements: _Placements
+    """Placements computed for the current brokers (a cache: not state)."""
     _replica_sets: dict[tuple[int, ...], tuple[int, ...]]
     """One shared copy of each replica tuple placed (a cache: not state)."""
 
@@ -1010,7 +1165,6 @@ class MetadataStateMachine:
         return result
 
     def _commit(self, delta: _Delta, index: int) -> None:
-        old = self._image
         brokers, topics, partitions = self._brokers, self._topics, self._partitions
         if delta.brokers:
             ev_b = brokers.evolver()
@@ -1022,44 +1176,51 @@ class MetadataStateMachine:
             brokers = ev_b.persistent()
         if delta.topics:
             ev_t = topics.evolver()
+            normalized, topic_ids = self._normalized, self._topic_ids
             for name, topic in delta.topics.items():
-                before = old.topics.get(name)
+                before = ev_t.delete(name) if topic is None else ev_t.put(name, topic)
                 if before is not None:
-                    self._normalized.pop(_normalize(name), None)
-                    self._topic_ids.pop(before.topic_id, None)
-                if topic is None:
-                    ev_t.delete(name)
-                else:
-                    ev_t[name] = topic
-                    self._normalized[_normalize(name)] = name
-                    self._topic_ids[topic.topic_id] = name
+                    normalized.pop(_normalize(name), None)
+                    topic_ids.pop(before.topic_id, None)
+                if topic is not None:
+                    normalized[_normalize(name)] = name
+                    topic_ids[topic.topic_id] = name
             topics = ev_t.persistent()
         if delta.partitions:
             ev_p = partitions.evolver()
+            replicas_changed = delta.replicas_changed
+            # Topics by the brokers they newly have replicas on: new topics
+            # share a few placements, so the index grows a set at a time.
+            gained: defaultdict[frozenset[int], list[str]] = defaultdict(list)
             for name, parts in delta.partitions.items():
-                if name in delta.replicas_changed:
-                    self._reindex(name, old.partitions.get(name, ()), parts or ())
-                if parts is None:
-                    ev_p.delete(name)
-                else:
-                    ev_p[name] = parts
+                had = ev_p.delete(name) if parts is None else ev_p.put(name, parts)
+                if name in replicas_changed:
+                    hosts = replicas_changed[name]
+                    if hosts is None or had is not None:
+                        hosts = self._unindex(name, had or (), parts or ())
+                    gained[hosts].append(name)
+            for hosts, names in gained.items():
+                for r in hosts:
+                    self._broker_topics.setdefault(r, set()).update(names)
             partitions = ev_p.persistent()
         self._brokers, self._topics, self._partitions = brokers, topics, partitions
         self._image = MetadataImage(index, brokers, topics, partitions, delta.metadata_version)
 
-    def _reindex(
+    def _unindex(
         self, name: str, before: Sequence[Partition], after: Sequence[Partition]
-    ) -> None:
-        had = {r for p in before for r in p.replicas}
+    ) -> frozenset[int]:
+        """Take topic ``name`` off the brokers that host none of ``after``;
+        return those that host some of ``after`` and none of ``before`` (the
+        caller adds it to them)."""
         has = {r for p in after for r in p.replicas}
+        had = {r for p in before for r in p.replicas}
         for r in had - has:
             names = self._broker_topics.get(r)
             if names is not None:
                 names.discard(name)
                 if not names:
                     del self._broker_topics[r]
-        for r in has - had:
-            self._broker_topics.setdefault(r, set()).add(name)
+        return frozenset(has - had)
 
     def _remember(self, rid: RequestId, result: ApplyResult, index: int) -> None:
         session = self._sessions.get(rid.client_id, _NO_SESSION)
@@ -1079,28 +1240,32 @@ class MetadataStateMachine:
 
     # -- placement and elections helpers -----------------------------------
 
-    def _racks(self) -> list[list[int]]:
-        """Active brokers grouped by rack; recomputed only when the brokers change."""
-        if self._placement_cache[0] is not self._brokers:
-            brokers = sorted(self._brokers.values(), key=lambda b: b.broker_id)
-            self._placement_cache = (self._brokers, rack_groups(brokers))
-        return self._placement_cache[1]
-
     def _place(
         self, count: int, replication_factor: int, offset: int, first: int
-    ) -> list[tuple[int, ...]]:
-        racks = self._racks()
-        active = sum(len(rack) for rack in racks)
-        if replication_factor > active:
+    ) -> _Placed:
+        """:func:`~.placement.place_on_racks` on the active brokers, replica
+        tuples shared; refuses when there are too few active brokers."""
+        cache = self._placements
+        if cache.brokers is not self._brokers:
+            cache = self._placements = _Placements(self._brokers)
+        if replication_factor > cache.active:
             _refuse(
                 RefusalCode.NOT_ENOUGH_BROKERS,
                 f"replication factor {replication_factor} needs as many active brokers; "
-                f"only {active} broker(s) are active",
+                f"only {cache.active} broker(s) are active",
             )
-        try:
-            return place_on_racks(racks, count, replication_factor, offset, first)
-        except PlacementError as exc:
-            _refuse(RefusalCode.NOT_ENOUGH_BROKERS, str(exc))
+        key = (count, replication_factor, (offset + first * replication_factor) % cache.period)
+        placed = cache.placed.get(key) if offset >= 0 and first >= 0 else None
+        if placed is None:
+            try:
+                assignment = place_on_racks(cache.racks, count, replication_factor, offset, first)
+            except PlacementError as exc:
+                _refuse(RefusalCode.NOT_ENOUGH_BROKERS, str(exc))
+            intern = self._replica_sets.setdefault
+            replica_sets = tuple([intern(replicas, replicas) for replicas in assignment])
+            placed = (replica_sets, frozenset(r for replicas in assignment for r in replicas))
+            cache.keep(key, placed)
+        return placed
 
     def _update_hosted(
         self, delta: _Delta, broker_id: int, step: Callable[[Partition], Partition]
@@ -1278,9 +1443,14 @@ class MetadataStateMachine:
         """
         name = cmd.name
         _check_topic_name(name)
-        if name in self._topics or batch_names.get(_normalize(name)) == name:
+        normalized = _normalize(name)
+        # The committed index names every topic: it holds ``name`` exactly
+        # when the topic exists.
+        committed = self._normalized.get(normalized)
+        batched = batch_names.get(normalized)
+        if committed == name or batched == name:
             _refuse(RefusalCode.TOPIC_EXISTS, f"topic {name!r} already exists")
-        other = self._normalized.get(_normalize(name)) or batch_names.get(_normalize(name))
+        other = committed or batched
         if other is not None:
             _refuse(
                 RefusalCode.TOPIC_NAME_COLLISION,
@@ -1305,30 +1475,26 @@ class MetadataStateMachine:
                 RefusalCode.INVALID_REPLICATION_FACTOR,
                 f"replication factor must be in 1..{MAX_REPLICATION_FACTOR}, got {rf}",
             )
-        config = _config(_DEFAULT_CONFIG, cmd.config, (), rf)
-        assignment = self._place(cmd.partitions, rf, cmd.placement_offset, 0)
-        topic = Topic(name, cmd.topic_id, config, cmd.partitions, rf)
-        intern = self._replica_sets.setdefault
-        assignment = [intern(replicas, replicas) for replicas in assignment]
-        parts = tuple(
-            _partition(name, i, replicas, replicas, replicas[0], 0, 0, False)
-            for i, replicas in enumerate(assignment)
-        )
+        # No settings: the defaults, whose min.insync.replicas (1) fits any factor.
+        config = _config(_DEFAULT_CONFIG, cmd.config, (), rf) if cmd.config else _DEFAULT_CONFIG
+        assignment, hosts = self._place(cmd.partitions, rf, cmd.placement_offset, 0)
+        topic = _topic(name, cmd.topic_id, config, cmd.partitions, rf)
         delta.topics[name] = topic
-        delta.partitions[name] = parts
-        delta.replicas_changed.add(name)
-        delta.changes.append(Change(ChangeKind.TOPIC_CREATED, name, topic))
-        created = ChangeKind.PARTITION_CREATED
-        delta.changes.extend(_change(created, (name, p.index), p) for p in parts)
-        batch_names[_normalize(name)] = name
+        delta.replicas_changed[name] = hosts
+        delta.changes.append(_change(ChangeKind.TOPIC_CREATED, name, topic))
+        delta.partitions[name] = _new_partitions(name, 0, assignment, delta.changes)
+        batch_names[normalized] = name
         batch_ids.add(cmd.topic_id)
         return topic
 
     def _create_topics(self, cmd: CreateTopics, index: int, delta: _Delta) -> tuple[str, Any]:
         if not cmd.topics:
             _refuse(RefusalCode.INVALID_PARTITIONS, "a batched create needs at least one topic")
-        total = sum(min(max(spec.partitions, 0), MAX_PARTITIONS_PER_TOPIC + 1)
-                    for spec in cmd.topics)
+        counts = [spec.partitions for spec in cmd.topics]
+        if min(counts) >= 0 and max(counts) <= MAX_PARTITIONS_PER_TOPIC:
+            total = sum(counts)
+        else:  # a count out of range weighs 0 (below) or the limit + 1 (above)
+            total = sum(min(max(count, 0), MAX_PARTITIONS_PER_TOPIC + 1) for count in counts)
         if total > MAX_PARTITIONS_PER_TOPIC:
             _refuse(
                 RefusalCode.INVALID_PARTITIONS,
@@ -1339,13 +1505,14 @@ class MetadataStateMachine:
         batch_ids: set[str] = set()
         outcomes: list[TopicOutcome] = []
         created = 0
+        new_topic, add = self._new_topic, outcomes.append
         for spec in cmd.topics:
             try:
-                topic = self._new_topic(spec, delta, batch_names, batch_ids)
+                topic = new_topic(spec, delta, batch_names, batch_ids)
             except _RefusalError as refused:
-                outcomes.append(TopicOutcome(spec.name, str(refused.code), refused.message, None))
+                add(_outcome(spec.name, str(refused.code), refused.message, None))
             else:
-                outcomes.append(TopicOutcome(spec.name, OK, "", topic))
+                add(_outcome(spec.name, OK, "", topic))
                 created += 1
         return f"{created} of {len(cmd.topics)} topics created", tuple(outcomes)
 
@@ -1358,7 +1525,7 @@ class MetadataStateMachine:
             )
         delta.topics[cmd.name] = None
         delta.partitions[cmd.name] = None
-        delta.replicas_changed.add(cmd.name)
+        delta.replicas_changed[cmd.name] = None
         delta.changes.append(Change(ChangeKind.TOPIC_DELETED, cmd.name, topic))
         return "", topic
 
@@ -1391,19 +1558,14 @@ class MetadataStateMachine:
                 f"partitions must be in 1..{MAX_PARTITIONS_PER_TOPIC}, got {cmd.new_total}",
             )
         rf = topic.replication_factor
-        assignment = self._place(cmd.new_total - current, rf, cmd.placement_offset, current)
-        new = tuple(
-            Partition(cmd.name, current + i, replicas, replicas, replicas[0], 0, 0)
-            for i, replicas in enumerate(assignment)
-        )
+        assignment, _hosts = self._place(
+            cmd.new_total - current, rf, cmd.placement_offset, current)
         topic = replace(topic, partition_count=cmd.new_total)
         delta.topics[cmd.name] = topic
-        delta.partitions[cmd.name] = self._partitions[cmd.name] + new
-        delta.replicas_changed.add(cmd.name)
+        delta.replicas_changed[cmd.name] = None
         delta.changes.append(Change(ChangeKind.TOPIC_CHANGED, cmd.name, topic))
-        delta.changes.extend(
-            Change(ChangeKind.PARTITION_CREATED, (cmd.name, p.index), p) for p in new
-        )
+        new = _new_partitions(cmd.name, current, assignment, delta.changes)
+        delta.partitions[cmd.name] = self._partitions[cmd.name] + new
         return "", topic
 
     def _elect_leaders(self, cmd: ElectLeaders, index: int, delta: _Delta) -> tuple[str, Any]:
@@ -1520,7 +1682,7 @@ class MetadataStateMachine:
         leader = p.leader if p.leader in isr else _first_active(replicas, isr, delta.is_active)
         q = _changed(p, replicas=replicas, isr=isr, leader=leader)
         delta.set_partition(q)
-        delta.replicas_changed.add(cmd.topic)
+        delta.replicas_changed[cmd.topic] = None
         return "", q
 
     def _read(self, cmd: Read, index: int, delta: _Delta) -> tuple[str, Any]:
@@ -1602,7 +1764,7 @@ class MetadataStateMachine:
         self._sessions = sessions
         self._normalized, self._topic_ids = normalized, topic_ids
         self._broker_topics, self._lru = broker_topics, lru
-        self._placement_cache = (None, [])
+        self._placements = _Placements(brokers)
         self._replica_sets = {}
         self._image = MetadataImage(offset, brokers, topics, partitions, metadata_version)
 

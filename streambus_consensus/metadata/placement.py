@@ -24,6 +24,7 @@ these properties and is what the tests use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConsensusError
@@ -161,6 +162,18 @@ def place_on_racks(
             chosen.insert(0, leader)
         result.append(tuple(chosen))
     return result
+
+
+def _pick_period(racks: Sequence[Sequence[int]]) -> int:
+    """After how many picks the stream of picks over ``racks`` repeats itself.
+
+    Pick ``g`` and pick ``g + period`` take the same broker, so
+    :func:`place_on_racks` depends on ``start_offset`` and ``first_partition``
+    only through ``(start_offset + first_partition * replication_factor) mod
+    period``: a caller may keep the placements it computed under that key.
+    """
+    sizes = [len(rack) for rack in racks if rack]
+    return len(sizes) * math.lcm(*sizes) if sizes else 1
 
 
 def check_placement(
