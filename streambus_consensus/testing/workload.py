@@ -401,6 +401,8 @@ class MetadataWorkload:
         decided = threading.Event()
         outcome: list[tuple[str, Any, Answer | None]] = []
         maybe_applied = False
+        # Drawn here, in order: threads drawing from the seeded rng would make
+        # the client's later choices depend on their timing.
         pauses = [rng.uniform(0.01, 0.05) for _ in range(64)]
 
         def ask(node: str) -> None:
