@@ -477,7 +477,15 @@ class _SyncObj(SyncObj):  # type: ignore[misc]
 
         A lone voter wins its election inside _onTick, just before the commit
         computation of that same tick counts what was appended here: its log
-        is synced first (write ordering, see Engine.tick)."""
+        is synced first (write ordering, see Engine.tick).
+
+        Engine issue E23: snapshot transmissions left from an earlier term of
+        leadership start over. PySyncObj keeps how far it got sending its
+        snapshot to each follower until that follower's link drops; a leader
+        deposed mid-send and elected again resumed at the old position, into
+        a file the follower had meanwhile restarted for another leader."""
+        for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes:
+            self.cancel_transmission(node)
         SyncObj._SyncObj__onBecomeLeader(self)
         self._append_bootstrap()
         if not self.otherNodes and self.sync_before_counting is not None:

@@ -50,6 +50,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import selectors
@@ -57,6 +58,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,6 +84,8 @@ MAX_PENDING_HANDSHAKES = 64
 OUTBUF_LIMIT = 64 << 20
 """Bytes queued to a peer that does not read before its connection is closed
 (Raft re-sends what is lost); a snapshot in flight stays well under it."""
+_IOV_BATCH = 256
+"""Most queued chunks handed to one ``sendmsg`` (below every system's IOV_MAX)."""
 ACCEPT_BACKOFF = 0.5
 """Seconds the listener is not watched after accept ran out of file descriptors."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -94,6 +98,48 @@ MessageHandler = Callable[[str, Mapping[str, Any]], None]
 PeerHandler = Callable[[str], None]
 
 
+class _Outgoing:
+    """Bytes waiting for a socket, as the chunks they were queued in.
+
+    A queued chunk is never copied again: a socket that drains slowly (a peer
+    busy loading a snapshot while the leader streams the next chunks to it)
+    used to make every append to one growing ``bytearray`` move the whole
+    buffer, tens of megabytes at a time on the Raft thread. Chunks go out
+    several at a time with ``sendmsg``.
+    """
+
+    __slots__ = ("_chunks", "size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes | memoryview] = deque()
+        self.size = 0
+        """Bytes queued."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, data: bytes) -> None:
+        """Queue ``data`` (kept as it is: do not change it afterwards)."""
+        if data:
+            self._chunks.append(data)
+            self.size += len(data)
+
+    def send_to(self, sock: socket.socket) -> None:
+        """Send what the socket takes now (raises ``BlockingIOError`` when it
+        takes nothing, ``OSError`` when the connection failed)."""
+        chunks = self._chunks
+        while chunks:
+            sent = sock.sendmsg(list(itertools.islice(chunks, _IOV_BATCH)))
+            self.size -= sent
+            while sent:
+                head = chunks[0]
+                if sent < len(head):
+                    chunks[0] = memoryview(head)[sent:]
+                    return  # the socket's buffer is full
+                sent -= len(head)
+                chunks.popleft()
+
+
 class _Conn:
     """One TCP connection, either direction, with its framing state."""
 
@@ -104,7 +150,7 @@ class _Conn:
         self.ready = False
         self.connecting = outgoing
         self.inbuf = bytearray()
-        self.outbuf = bytearray()
+        self.outbuf = _Outgoing()
         self.held: list[bytes] = []
         self.ahead = 0
         """How many of the first ``held`` messages may go before the sync."""
@@ -565,7 +611,7 @@ class TcpTransport:
     def _emit(self, conn: _Conn, data: bytes) -> None:
         """Queue bytes for the wire (through TLS when the link has it)."""
         if conn.tls is None:
-            conn.outbuf += data
+            conn.outbuf.add(data)
         elif not conn.tls_done:
             conn.plain_pending += data
         else:
@@ -576,7 +622,7 @@ class TcpTransport:
             except ssl.SSLError as exc:
                 self._close(conn, reason=f"TLS write failed: {describe_failure(exc)}")
                 return
-            conn.outbuf += conn.tls_out.read()
+            conn.outbuf.add(conn.tls_out.read())
 
     def _tls_advance(self, conn: _Conn, data: bytes) -> bytes:
         """Feed received ciphertext to the TLS layer; return the plaintext it yields."""
@@ -599,10 +645,10 @@ class TcpTransport:
         except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
             pass
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            conn.outbuf += conn.tls_out.read()  # the alert, so the peer learns why
+            conn.outbuf.add(conn.tls_out.read())  # the alert, so the peer learns why
             self._flush(conn)
             raise _Dropped(f"TLS handshake failed: {describe_failure(exc)}") from None
-        conn.outbuf += conn.tls_out.read()
+        conn.outbuf.add(conn.tls_out.read())
         return bytes(plain)
 
     def _start_tls(self, conn: _Conn) -> None:
@@ -610,15 +656,13 @@ class TcpTransport:
         if conn.tls is not None and conn.outgoing:
             with contextlib.suppress(ssl.SSLWantReadError):
                 conn.tls.do_handshake()
-            conn.outbuf += conn.tls_out.read()
+            conn.outbuf.add(conn.tls_out.read())
 
     def _flush(self, conn: _Conn) -> None:
         if conn.closed or conn.connecting:
             return
         try:
-            while conn.outbuf:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
+            conn.outbuf.send_to(conn.sock)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
