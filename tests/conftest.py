@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from streambus_consensus.testing.harness import LocalCluster
+from streambus_consensus.raft.node import RaftNode
+from streambus_consensus.testing.harness import LocalCluster, free_ports, wait_until
 
 ClusterFactory = Callable[..., LocalCluster]
 
@@ -65,3 +67,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+def loopback_cluster(size: int = 3) -> dict[str, str]:
+    """``{node_id: address}`` for ``size`` in-process nodes on free loopback ports."""
+    return {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(free_ports(size))}
+
+
+@contextlib.contextmanager
+def started(nodes: Mapping[str, RaftNode], timeout: float = 10.0) -> Iterator[str]:
+    """Start every node and wait until all of them know the same leader
+    (yielded); stop every node afterwards, also when starting failed."""
+    try:
+        for node in nodes.values():
+            node.start()
+        leader = next(iter(nodes.values())).wait_for_leader(timeout)
+        wait_until(lambda: all(n.leader_id == leader for n in nodes.values()), timeout,
+                   "every node to know the leader")
+        yield leader
+    finally:
+        for node in nodes.values():
+            node.stop()

@@ -20,7 +20,8 @@ from streambus_consensus import NodeConfig, NotLeaderError, RaftNode
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
 from streambus_consensus.provision import generate_secret
 from streambus_consensus.raft.transport import TcpTransport
-from streambus_consensus.testing.harness import free_ports, wait_until
+from streambus_consensus.testing.harness import wait_until
+from tests.conftest import loopback_cluster, started
 
 SECRET = generate_secret()
 
@@ -57,22 +58,13 @@ def _config(node_id: str, cluster: dict[str, str], tmp: Path) -> NodeConfig:
 
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[Trio]:
-    ports = free_ports(3)
-    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    cluster = loopback_cluster()
     configs = {n: _config(n, cluster, tmp_path) for n in cluster}
     transports = {n: LinkDownTransport(c) for n, c in configs.items()}
     machines = {n: KeyValueStateMachine() for n in cluster}
     nodes = {n: RaftNode(c, machines[n], transport=transports[n]) for n, c in configs.items()}
-    try:
-        for node in nodes.values():
-            node.start()
-        leader = nodes["n1"].wait_for_leader(10)
-        wait_until(lambda: all(n.leader_id == leader for n in nodes.values()), 10,
-                   "every node to know the leader")
+    with started(nodes):
         yield nodes, transports, machines
-    finally:
-        for node in nodes.values():
-            node.stop()
 
 
 def _a_follower(nodes: dict[str, RaftNode]) -> tuple[str, str]:

@@ -10,7 +10,6 @@ partitions while a new member caught up on a loaded machine).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,21 +18,18 @@ import pytest
 from streambus_consensus.config import NodeConfig
 from streambus_consensus.kv import KeyValueStateMachine
 from streambus_consensus.raft.node import RaftNode
-from streambus_consensus.testing.harness import free_ports, wait_until
+from streambus_consensus.testing.harness import wait_until
+from tests.conftest import loopback_cluster, started
 
 SECRET = "snapshot-transfer-test-secret"
 
 
 @pytest.fixture
 def trio() -> Iterator[dict[str, RaftNode]]:
-    ports = free_ports(3)
-    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    cluster = loopback_cluster()
     nodes = {n: RaftNode(NodeConfig(node_id=n, cluster=cluster, cluster_secret=SECRET),
                          KeyValueStateMachine()) for n in cluster}
-    with contextlib.ExitStack() as running:
-        for node in nodes.values():
-            running.enter_context(node)
-        nodes["n1"].wait_for_leader(10)
+    with started(nodes):
         yield nodes
 
 

@@ -17,7 +17,8 @@ from streambus_consensus import NodeConfig, RaftNode
 from streambus_consensus.kv import KeyValueStateMachine, kv_command
 from streambus_consensus.provision import generate_secret
 from streambus_consensus.raft.storage import DiskStorage
-from streambus_consensus.testing.harness import free_ports, wait_until
+from streambus_consensus.testing.harness import wait_until
+from tests.conftest import loopback_cluster, started
 
 SECRET = generate_secret()
 STALL = 1.0
@@ -50,23 +51,14 @@ class StallingStorage(DiskStorage):
 
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[tuple[dict[str, RaftNode], dict[str, StallingStorage]]]:
-    ports = free_ports(3)
-    cluster = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    cluster = loopback_cluster()
     storages = {n: StallingStorage(tmp_path / n) for n in cluster}
     nodes = {n: RaftNode(NodeConfig(node_id=n, cluster=cluster, cluster_secret=SECRET,
                                     data_dir=str(tmp_path / n), election_timeout_min=0.35,
                                     election_timeout_max=2.5),
                          KeyValueStateMachine(), storage=storages[n]) for n in cluster}
-    try:
-        for node in nodes.values():
-            node.start()
-        leader = nodes["n1"].wait_for_leader(10)
-        wait_until(lambda: all(n.leader_id == leader for n in nodes.values()), 10,
-                   "every node to know the leader")
+    with started(nodes):
         yield nodes, storages
-    finally:
-        for node in nodes.values():
-            node.stop()
 
 
 def test_a_follower_that_stalls_reads_its_socket_before_suspecting_the_leader(
