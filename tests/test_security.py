@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import math
 import os
 import pickle
 import random
@@ -111,6 +112,31 @@ def wait_dropped(sock: socket.socket, timeout: float,
         if not data:
             return time.monotonic() - started
     return None
+
+
+def trickle_until_dropped(socks: list[socket.socket], timeout: float,
+                          interval: float) -> list[float]:
+    """Send one byte on every socket each ``interval`` (never silent, so only a frame
+    deadline can end them) until the peer closes it; return when each was closed
+    (``time.monotonic()``; ``inf`` if still open after ``timeout``)."""
+    closed = [math.inf] * len(socks)
+    for sock in socks:
+        sock.settimeout(0)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and math.inf in closed:
+        for i, sock in enumerate(socks):
+            if closed[i] != math.inf:
+                continue
+            try:
+                sock.send(b"z")
+                if sock.recv(65536) == b"":
+                    closed[i] = time.monotonic()
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed[i] = time.monotonic()
+        time.sleep(interval)
+    return closed
 
 
 def connect(port: int) -> socket.socket:
@@ -358,12 +384,14 @@ def _authenticated(cluster: LocalCluster, victim: str, claimed: str) -> tuple[so
 def test_an_authenticated_peer_cannot_grow_a_node_with_big_or_trickled_frames(
         cluster: LocalCluster) -> None:
     """The attack that grew a node by 238 MB (4 frames of 63 MiB held by trickling),
-    rerun by a peer that knows the secret, plus frames just under the limit."""
+    rerun by a peer that knows the secret, plus frames just under the limit held
+    open by trickling until the per-frame deadline drops them."""
     leader = cluster.wait_for_leader()
     victim = next(n for n in cluster.nodes if n != leader)
     claims = [n for n in cluster.nodes if n != victim]
     memory = _Memory(cluster, victim)
     socks: list[socket.socket] = []
+    drops: list[float] = []
     try:
         for i in range(4):  # 63 MiB announced: refused from the header, nothing buffered
             sock, _ = _authenticated(cluster, victim, claims[i % len(claims)])
@@ -372,25 +400,44 @@ def test_an_authenticated_peer_cannot_grow_a_node_with_big_or_trickled_frames(
                 sock.sendall(struct.pack(">I", 63 << 20) + b"x" * 65536)
             dropped = wait_dropped(sock, 5)
             assert dropped is not None and dropped < 2
+            drops.append(dropped)
+        print(f"frames announcing 63 MiB dropped after "
+              f"{', '.join(f'{d * 1000:.0f}' for d in drops)} ms")
+        # Frames just under the limit, all but their last 64 bytes, then trickled a
+        # byte at a time (at most 40: the frame never completes). Each
+        # member has one incoming link and a newer one replaces it, so the members
+        # we pose as are paused: otherwise their redials would drop our links before
+        # the frame deadline is ever reached, and the test would prove nothing.
+        for member in claims:
+            cluster.pause(member)
         limit = (2 << 20) + (64 << 10)  # max_frame_bytes with the default sizes
         started = time.monotonic()
-        for i in range(4):  # just under the limit, all but the last byte, then trickle
-            sock, _ = _authenticated(cluster, victim, claims[i % len(claims)])
+        for member in claims:
+            sock, _ = _authenticated(cluster, victim, member)
             socks.append(sock)
             with contextlib.suppress(OSError):
-                sock.sendall(struct.pack(">I", limit) + b"y" * (limit - 1))
+                sock.sendall(struct.pack(">I", limit) + b"y" * (limit - 64))
+        early = trickle_until_dropped(socks[4:], 1.0, interval=0.3)
+        assert early == [math.inf] * len(claims), "a trickled frame was dropped at once"
         grown = cluster.rss_bytes(victim) - memory.before
-        print(f"RSS growth of {victim} with 4 frames held just under the limit: "
-              f"{grown / (1 << 20):.1f} MiB")
+        print(f"RSS growth of {victim} with {len(claims)} frames held just under the "
+              f"limit: {grown / (1 << 20):.1f} MiB")
         assert grown < ATTACK_SLACK, f"{victim} grew by {grown >> 20} MiB"
-        for sock in socks[4:]:
-            assert wait_dropped(sock, 10, trickle=b"z" * 20, interval=0.3) is not None
-        assert time.monotonic() - started < 8, "trickled frames outlived the frame deadline"
+        held = trickle_until_dropped(socks[4:], 11.0, interval=0.3)
+        print(f"trickled frames dropped {', '.join(f'{h - started:.1f}' for h in held)} s "
+              f"after they began (peer_frame_timeout 5 s)")
+        assert all(4.5 < h - started < 8 for h in held), (
+            f"trickled frames were dropped {[h - started for h in held]} s after they "
+            f"began: not by the 5 s frame deadline")
     finally:
         for sock in socks:
             sock.close()
+        for member in claims:
+            cluster.resume(member)
+    cluster.wait_for_leader()
     assert_serving(cluster)
     grown = cluster.rss_bytes(victim) - memory.before
+    print(f"RSS growth of {victim} over the whole attack: {grown / (1 << 20):.1f} MiB")
     assert grown < ATTACK_SLACK, f"{victim} grew by {grown >> 20} MiB"
 
 
