@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,26 @@ def _kill_leftovers() -> None:
     for proc in list(_LIVE):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM run the ``atexit`` functions (the one above stops every node
+    process this process started) before it ends the process, which by default
+    it does at once, leaving them running. Only while SIGTERM has its default
+    action and only from the main thread (where Python runs signal handlers): a
+    program that handles SIGTERM itself keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _clean_up_then_die)
+
+
+def _clean_up_then_die(signum: int, _frame: object) -> None:
+    # Not SystemExit: code that catches it (pytest fails the running test and
+    # goes on) would outlive the signal. The process still dies of SIGTERM.
+    atexit._run_exitfuncs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 _PICK_FLOOR = 10_000
@@ -273,6 +294,7 @@ class LocalCluster:
             node.paused = False
             node.starts += 1
             _LIVE.add(node.proc)
+            _exit_on_sigterm()
         if wait:
             for node_id in node_ids or tuple(self.nodes):
                 self.wait_api(node_id)
